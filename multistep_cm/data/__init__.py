@@ -1,0 +1,1 @@
+"""Datasets and input pipelines: embedded digits, the toy Gaussian mixture, TFDS ImageNet."""
