@@ -1,0 +1,250 @@
+"""Training objectives: the diffusion v-loss and the Multistep CM loss (spec §3, §10).
+
+Functions here are pure: they take the network as a function and the random
+draws (noise, times) as arrays, so tests can set every draw, and return
+per-example losses `[B]`; the trainer takes the batch mean.
+
+Network functions:
+  * `student_fn(z, t, rng) -> x̂`: the model being trained; `rng` is its dropout
+    key. The MCM loss passes the same key to both student calls (synchronised
+    dropout, §3.3).
+  * `teacher_fn(z, t) -> x̂`, or `-> (x̂_guided, x̂_conditional)` when the teacher
+    uses classifier-free guidance: the aDDIM step uses the guided output and
+    x_var the conditional one (§5.5).
+
+Choices where the paper is ambiguous (§13), with the defaults used here:
+  * T = N_per_segment * student_steps, so t tiles each segment exactly (§3.1).
+  * Pseudo-Huber `sqrt(mean(a^2) + c^2) - c` per example (`huber_reduction="mean"`):
+    with c = 1e-4 it is the RMS, a Euclidean norm; with c = 1 it is ~ mean(a^2)/2,
+    the paper's T2I remark (§3.6). "sum" (iCT) and "elementwise" are options.
+  * Weighting `"v_space"` by default: `d(x_diff / sigma_t)`. The paper uses "v-loss
+    (equivalent to SNR + 1 weighting)", but that equivalence holds for squared
+    norms; for the non-squared norm it uses, the v-space distance is
+    `||x_diff|| / sigma_t = sqrt(SNR + 1) ||x_diff||`. The literal reading
+    `(SNR + 1) d(x_diff)` (`"snr_plus_one"`) makes the gradient with respect to the
+    network's v-output grow as 1/sigma_t (about 1800x at t = 1/1280 under a
+    ±15-clipped cosine schedule) and so puts almost all weight on the first few
+    teacher steps; v-space keeps it O(1) at every t, like the v-loss does. The
+    toy experiment measures both (README).
+  * The target uses the online parameters under stop-gradient (the paper's
+    `nograd`), no EMA target network (§3.3).
+"""
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from multistep_cm.diffusion import schedules as schedules_lib
+from multistep_cm.diffusion import solvers
+
+Schedule = schedules_lib.Schedule
+MODES = ("ct", "cd", "direct")
+WEIGHTINGS = ("v_space", "snr_plus_one")
+HUBER_REDUCTIONS = ("mean", "sum", "elementwise")
+TEACHER_SOLVERS = ("addim", "ddim")
+DIRECT_X_VAR_RULES = ("data", "analytic")
+
+
+def _bcast(v, x):
+  return solvers._bcast(v, x)  # pylint: disable=protected-access
+
+
+# --- distances and weights --------------------------------------------------------------------
+
+
+def pseudo_huber(a, epsilon: float = 1e-4, reduction: str = "mean"):
+  """Per-example pseudo-Huber distance of `a` (`[B, ...]`) to zero, `[B]` (§3.6)."""
+  axes = solvers.data_axes(a)
+  c = jnp.float32(epsilon)
+  if reduction == "mean":
+    return jnp.sqrt(jnp.mean(jnp.square(a), axis=axes) + c * c) - c
+  if reduction == "sum":
+    return jnp.sqrt(jnp.sum(jnp.square(a), axis=axes) + c * c) - c
+  if reduction == "elementwise":
+    return jnp.mean(jnp.sqrt(jnp.square(a) + c * c) - c, axis=axes)
+  raise ValueError(f"huber_reduction must be one of {HUBER_REDUCTIONS}, got {reduction!r}")
+
+
+def weighted_distance(x_diff, t, schedule: Schedule, weighting: str, epsilon: float,
+                      reduction: str):
+  """`w(t) d(x_diff)` for the two readings of the paper's SNR + 1 weighting (§3.6)."""
+  _, sigma = solvers.alpha_sigma(schedule, t)
+  if weighting == "v_space":
+    return pseudo_huber(x_diff / _bcast(sigma, x_diff), epsilon, reduction)
+  if weighting == "snr_plus_one":
+    return pseudo_huber(x_diff, epsilon, reduction) / jnp.square(sigma)
+  raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+# --- diffusion pretraining --------------------------------------------------------------------
+
+
+def diffusion_loss(denoise_fn: Callable, x, eps, t, schedule: Schedule):
+  """The v-loss `(SNR(t) + 1) ||x - x̂||^2 / d = ||v - v̂||^2 / d` per example (§1.3).
+
+  Args:
+    denoise_fn: `denoise_fn(z, t) -> x̂`.
+    x: data `[B, ...]`; eps: noise of the same shape; t: `[B]` times in (0, 1].
+  """
+  alpha, sigma = schedule.alpha_sigma(t)
+  z_t = _bcast(alpha, x) * x + _bcast(sigma, x) * eps
+  x_hat = denoise_fn(z_t, t)
+  return solvers.batch_mean(jnp.square(x - x_hat), x) / jnp.square(sigma)
+
+
+def sample_diffusion_times(key, batch: int):
+  """t ~ U(0, 1], continuous, one per example."""
+  return 1.0 - jax.random.uniform(key, (batch,), jnp.float32)
+
+
+# --- the teacher-step schedule and segment times (§3.1, §3.2) ---------------------------------
+
+
+def teacher_steps(step, start: int = 64, end: int = 1280, anneal_steps: int = 100_000):
+  """N_teacher(i): log-linear from `start` to `end` over `anneal_steps`, then held (§3.2).
+
+  `anneal_steps = 0` (or start == end) gives a fixed N = `end`.
+  """
+  if anneal_steps <= 0 or start == end:
+    return jnp.float32(end)
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+  return jnp.exp(math.log(start) + frac * (math.log(end) - math.log(start)))
+
+
+def steps_per_segment(n_teacher, student_steps: int):
+  """N_per_segment = max(round(N_teacher / student_steps), 1), int32 (Algorithm 1, line 2)."""
+  return jnp.maximum(jnp.round(jnp.asarray(n_teacher, jnp.float32) / student_steps),
+                     1).astype(jnp.int32)
+
+
+def sample_segments(key, batch: int, student_steps, n_per_segment):
+  """Draws `step ~ U{0..S-1}` and `n_rel ~ U{1..N_per_segment}` per example (lines 3-4)."""
+  k_step, k_rel = jax.random.split(key)
+  segment = jax.random.randint(k_step, (batch,), 0, student_steps, jnp.int32)
+  n_rel = jax.random.randint(k_rel, (batch,), 1, n_per_segment + 1, jnp.int32)
+  return segment, n_rel
+
+
+def segment_times(segment, n_rel, student_steps, n_per_segment):
+  """`(t_step, t, s)` with T = N_per_segment * S: `t = t_step + n_rel / T`, `s = t - 1/T`.
+
+  Computed from integers over one denominator, so s == t_step exactly when n_rel = 1.
+  """
+  T = (jnp.asarray(n_per_segment, jnp.int32) * student_steps).astype(jnp.float32)
+  base = segment.astype(jnp.int32) * n_per_segment
+  t_step = base.astype(jnp.float32) / T
+  t = (base + n_rel).astype(jnp.float32) / T
+  s = (base + n_rel - 1).astype(jnp.float32) / T
+  return t_step, t, s
+
+
+# --- the Multistep CM objective (Algorithm 1, §3; Direct CM, §10) -----------------------------
+
+
+def _split_teacher_output(out):
+  if isinstance(out, tuple):
+    x_guided, x_cond = out
+    return x_guided, x_cond
+  return out, out
+
+
+def _teacher_solve(teacher_fn, x, z_t, segment, n_rel, student_steps, n_per_segment, schedule,
+                   solver, eta, x_var_rule):
+  """Direct CM target: the teacher's DDIM/aDDIM solve from t down to t_step.
+
+  Each example takes its own `n_rel` steps of size 1/T on the training grid; the
+  loop runs `max(n_rel)` times and leaves finished examples untouched (§10.2).
+  Grid positions are integers, so every step lands exactly on `segment_times`'s grid.
+  """
+  batch = x.shape[0]
+  n_rel = n_rel.astype(jnp.int32)
+  n_per_segment = jnp.asarray(n_per_segment, jnp.int32)
+  T = (n_per_segment * student_steps).astype(jnp.float32)
+  start = segment.astype(jnp.int32) * n_per_segment  # t_step * T
+
+  def body(j, z):
+    # Finished examples are clamped to the segment's first step; `active` discards them.
+    k = jnp.maximum(start + n_rel - j, start + 1)
+    tau, tau_next = k.astype(jnp.float32) / T, (k - 1).astype(jnp.float32) / T
+    x_guided, x_cond = _split_teacher_output(teacher_fn(z, tau))
+    if solver == "ddim":
+      z_next = solvers.ddim(x_guided, z, tau, tau_next, schedule)
+    else:
+      x_var = (solvers.training_x_var(x_cond, x, eta) if x_var_rule == "data"
+               else solvers.analytic_x_var(tau, schedule))
+      z_next = solvers.addim(x_guided, z, tau, tau_next, schedule, x_var)
+    active = (j < n_rel).reshape((batch,) + (1,) * (x.ndim - 1))
+    return jnp.where(active, z_next, z)
+
+  return jax.lax.fori_loop(0, jnp.max(n_rel), body, z_t)
+
+
+def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, schedule: Schedule,
+             mode: str, student_steps: int, n_per_segment, teacher_fn: Callable | None = None,
+             eta: float = 0.75, teacher_solver: str = "addim", huber_epsilon: float = 1e-4,
+             huber_reduction: str = "mean", weighting: str = "v_space",
+             direct_x_var: str = "data"):
+  """The Multistep CM loss per example (Algorithm 1), in modes "ct", "cd" and "direct".
+
+  Args:
+    student_fn: `student_fn(z, t, rng) -> x̂`, the model being trained.
+    x: data `[B, ...]`. eps: the noise of z_t, same shape.
+    segment: `[B]` int, the segment index `step` in {0..S-1}.
+    n_rel: `[B]` int in {1..N_per_segment}.
+    dropout_rng: one key used for both student calls (synchronised dropout).
+    schedule: the noise schedule.
+    mode: "ct" (x_teacher = x), "cd" (one teacher step) or "direct" (the teacher's
+      full solve from t to the segment start as the target, Direct CM §10).
+    student_steps: S.
+    n_per_segment: N_per_segment (`steps_per_segment(teacher_steps(i), S)`).
+    teacher_fn: `teacher_fn(z, t) -> x̂` or `(x̂_guided, x̂_cond)`; "cd"/"direct" only.
+    eta: xvar_frac for the aDDIM teacher step (0.75, §5.5).
+    teacher_solver: "addim" (the paper) or "ddim".
+    huber_epsilon, huber_reduction: the pseudo-Huber distance (§3.6).
+    weighting: "v_space" or "snr_plus_one" (module docstring).
+    direct_x_var: x_var of the aDDIM steps of the Direct solve: "data" (eta times the
+      squared error of each step's teacher prediction against the true x) or
+      "analytic" (0.1 / (2 + SNR)).
+
+  Returns:
+    `(loss [B], aux)`; aux holds `t`, `t_step`, `segment` and `x_target` per example
+    (unused outputs cost nothing under jit).
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if teacher_solver not in TEACHER_SOLVERS:
+    raise ValueError(f"teacher_solver must be one of {TEACHER_SOLVERS}, got {teacher_solver!r}")
+  if direct_x_var not in DIRECT_X_VAR_RULES:
+    raise ValueError(f"direct_x_var must be one of {DIRECT_X_VAR_RULES}, got {direct_x_var!r}")
+  if mode != "ct" and teacher_fn is None:
+    raise ValueError(f"mode {mode!r} needs a teacher_fn")
+
+  t_step, t, s = segment_times(segment, n_rel, student_steps, n_per_segment)
+  alpha_t, sigma_t = solvers.alpha_sigma(schedule, t)
+  z_t = _bcast(alpha_t, x) * x + _bcast(sigma_t, x) * eps  # line 9
+
+  if mode == "direct":
+    z_target = _teacher_solve(teacher_fn, x, z_t, segment, n_rel, student_steps, n_per_segment,
+                              schedule, teacher_solver, eta, direct_x_var)
+    x_target = solvers.inverse_ddim(z_target, z_t, t, t_step, schedule)
+  else:
+    if mode == "ct":  # lines 6-7: x_teacher = x, x_var = 0, so aDDIM is DDIM (§3.3)
+      z_s = solvers.ddim(x, z_t, t, s, schedule)
+    else:
+      x_guided, x_cond = _split_teacher_output(teacher_fn(z_t, t))
+      if teacher_solver == "ddim":
+        z_s = solvers.ddim(x_guided, z_t, t, s, schedule)
+      else:  # line 10, x_var from the conditional output and the true x (§5.5)
+        z_s = solvers.addim(x_guided, z_t, t, s, schedule,
+                            solvers.training_x_var(x_cond, x, eta))
+    z_s = jax.lax.stop_gradient(z_s)
+    x_ref = jax.lax.stop_gradient(student_fn(z_s, s, dropout_rng))  # line 11
+    z_ref = solvers.ddim(x_ref, z_s, s, t_step, schedule)  # line 13
+    x_target = solvers.inverse_ddim(z_ref, z_t, t, t_step, schedule)  # line 14 (eq. 7)
+
+  x_target = jax.lax.stop_gradient(x_target)
+  x_hat = student_fn(z_t, t, dropout_rng)  # line 12
+  loss = weighted_distance(x_target - x_hat, t, schedule, weighting, huber_epsilon,
+                           huber_reduction)
+  return loss, {"t": t, "t_step": t_step, "segment": segment, "x_target": x_target}
