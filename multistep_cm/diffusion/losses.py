@@ -35,6 +35,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from multistep_cm.diffusion import process
 from multistep_cm.diffusion import schedules as schedules_lib
 from multistep_cm.diffusion import solvers
 
@@ -44,10 +45,6 @@ WEIGHTINGS = ("v_space", "snr_plus_one")
 HUBER_REDUCTIONS = ("mean", "sum", "elementwise")
 TEACHER_SOLVERS = ("addim", "ddim")
 DIRECT_X_VAR_RULES = ("data", "analytic")
-
-
-def _bcast(v, x):
-  return solvers._bcast(v, x)  # pylint: disable=protected-access
 
 
 # --- distances and weights --------------------------------------------------------------------
@@ -71,7 +68,7 @@ def weighted_distance(x_diff, t, schedule: Schedule, weighting: str, epsilon: fl
   """`w(t) d(x_diff)` for the two readings of the paper's SNR + 1 weighting (§3.6)."""
   _, sigma = solvers.alpha_sigma(schedule, t)
   if weighting == "v_space":
-    return pseudo_huber(x_diff / _bcast(sigma, x_diff), epsilon, reduction)
+    return pseudo_huber(x_diff / solvers.bcast(sigma, x_diff), epsilon, reduction)
   if weighting == "snr_plus_one":
     return pseudo_huber(x_diff, epsilon, reduction) / jnp.square(sigma)
   raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -87,9 +84,8 @@ def diffusion_loss(denoise_fn: Callable, x, eps, t, schedule: Schedule):
     denoise_fn: `denoise_fn(z, t) -> x̂`.
     x: data `[B, ...]`; eps: noise of the same shape; t: `[B]` times in (0, 1].
   """
-  alpha, sigma = schedule.alpha_sigma(t)
-  z_t = _bcast(alpha, x) * x + _bcast(sigma, x) * eps
-  x_hat = denoise_fn(z_t, t)
+  x_hat = denoise_fn(process.diffuse(x, eps, t, schedule), t)
+  _, sigma = solvers.alpha_sigma(schedule, t)
   return solvers.batch_mean(jnp.square(x - x_hat), x) / jnp.square(sigma)
 
 
@@ -221,8 +217,7 @@ def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, sched
     raise ValueError(f"mode {mode!r} needs a teacher_fn")
 
   t_step, t, s = segment_times(segment, n_rel, student_steps, n_per_segment)
-  alpha_t, sigma_t = solvers.alpha_sigma(schedule, t)
-  z_t = _bcast(alpha_t, x) * x + _bcast(sigma_t, x) * eps  # line 9
+  z_t = process.diffuse(x, eps, t, schedule)  # line 9
 
   if mode == "direct":
     z_target = _teacher_solve(teacher_fn, x, z_t, segment, n_rel, student_steps, n_per_segment,

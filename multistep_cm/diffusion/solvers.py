@@ -33,7 +33,7 @@ def batch_mean(v, x):
   return jnp.mean(v, axis=data_axes(x))
 
 
-def _bcast(v, x):
+def bcast(v, x):
   """A scalar or `[B]` vector shaped to broadcast against `x` of shape `[B, ...]`."""
   v = jnp.asarray(v, jnp.float32)
   if v.ndim == 0:
@@ -52,7 +52,7 @@ def alpha_sigma(schedule: Schedule, t):
 def _coefficients(t, s, schedule, x):
   a_t, s_t = alpha_sigma(schedule, t)
   a_s, s_s = alpha_sigma(schedule, s)
-  a_t, s_t, a_s, s_s = (_bcast(v, x) for v in (a_t, s_t, a_s, s_s))
+  a_t, s_t, a_s, s_s = (bcast(v, x) for v in (a_t, s_t, a_s, s_s))
   # c(t, s) = alpha_s - alpha_t sigma_s / sigma_t: the weight of x in DDIM_{t->s} (eq. 4).
   # Written over one denominator so both products round once; it tends to 0 as s -> t.
   c = (a_s * s_t - a_t * s_s) / s_t
@@ -66,7 +66,7 @@ def ddim(x, z_t, t, s, schedule: Schedule):
   line 13 with n_rel = 1 in the first segment); the guard keeps gradients finite.
   """
   a_t, s_t, a_s, s_s, _ = _coefficients(t, s, schedule, x)
-  same = _bcast(jnp.asarray(t) == jnp.asarray(s), x)
+  same = bcast(jnp.asarray(t) == jnp.asarray(s), x)
   ratio = jnp.where(same, 1.0, s_s / jnp.where(same, 1.0, s_t))
   return a_s * x + ratio * (z_t - a_t * x)
 
@@ -96,8 +96,8 @@ def addim(x, z_t, t, s, schedule: Schedule, x_var):
   a_t, s_t, a_s, s_s, c = _coefficients(t, s, schedule, x)
   eps = (z_t - a_t * x) / s_t
   eps_ms = jnp.maximum(batch_mean(jnp.square(eps), x), _EPS_MS_FLOOR)
-  zs_var = jnp.square(c) * _bcast(x_var, x)
-  scale = jnp.sqrt(jnp.square(s_s) + zs_var / _bcast(eps_ms, x))
+  zs_var = jnp.square(c) * bcast(x_var, x)
+  scale = jnp.sqrt(jnp.square(s_s) + zs_var / bcast(eps_ms, x))
   return a_s * x + scale * eps
 
 
