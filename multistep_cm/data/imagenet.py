@@ -15,18 +15,20 @@ Preprocessing (`preprocess_image`), identical for every dataset:
      so every source pixel contributes. Skipped when the crop already has the
      target size (the downsampled variants at their native size).
   4. uint8 -> float32 in [-1, 1] by `x / 127.5 - 1`.
-This is the crop-then-resize of simple diffusion / big_vision's `central_crop`
-+ antialiased `resize`; ADM's `center_crop_arr` (box-halving, then bicubic, then
-crop) differs from it only at the level of resampling rounding.
+ADM's `center_crop_arr` (box-halving, bicubic resize of the shorter side, then an
+integer crop) selects the same region up to half an output pixel and filters a
+little differently.
 
 With `fast_decode=True` a JPEG is decoded by libjpeg at a reduced DCT scale (1/2,
 1/4 or 1/8) chosen so that the crop keeps at least 2x the target resolution,
 which then goes through step 3 as before. The crop geometry is unchanged; the
 first reduction becomes libjpeg's DCT-domain filter instead of the bicubic one,
-like ADM's box-halving. It is several times faster on full-size ImageNet.
+much like ADM's box-halving. It only helps when the shorter side is >= 4x the
+target (e.g. 64 px from typical ImageNet photos); see benchmarks/input_pipeline.py.
 """
 import importlib.resources.abc
 import io
+import re
 import sys
 
 import numpy as np
@@ -115,14 +117,15 @@ def _needs_manual_download(name: str) -> bool:
 def _how_to_prepare(name: str, data_dir: str | None) -> str:
   """Instructions that end every 'not prepared' message."""
   lines = [f"Prepare it once with:\n  {prepare_command(name, data_dir)}"]
+  manual = ""
   if _needs_manual_download(name):
+    manual = " --manual_dir=MANUAL_DIR"
     archives = " and ".join(IMAGENET_ARCHIVES) if name.startswith("imagenet2012") else "its files"
     lines.append(f"{name} needs a manual download first: put {archives} (from "
                  "https://image-net.org/download-images, registration needed) into MANUAL_DIR "
                  "(TFDS's default is <data_dir>/downloads/manual).")
-  manual = " --manual_dir=MANUAL_DIR" if _needs_manual_download(name) else ""
-  lines.append(f"(or `tfds build {name} --data_dir={data_dir}{manual} --file_format=array_record`, "
-               "where apache-beam is installed: tfds 4.9.10's CLI needs it to start)")
+  lines.append(f"(or `tfds build {name} --data_dir={data_dir}{manual} --file_format=array_record`"
+               ", where apache-beam is installed: tfds 4.9.10's CLI needs it to start)")
   return "\n".join(lines)
 
 
@@ -168,13 +171,10 @@ class TfdsSource(Source):
 
     shape = features["image"].shape
     self.channels = shape[-1] or 3
-    if image_size is None:
-      if shape[0] is None or shape[0] != shape[1]:
-        raise ValueError(f"image_size is required for {name!r}, whose images have shape {shape}")
-      image_size = shape[0]
-    self.image_size = image_size
-    self._has_label = "label" in features and isinstance(features["label"], tfds.features.ClassLabel)
-    self.num_classes = features["label"].num_classes if self._has_label else 0
+    self.image_size = image_size or _native_size(builder, shape)
+    label = features["label"] if "label" in features else None
+    self._has_label = isinstance(label, tfds.features.ClassLabel)
+    self.num_classes = label.num_classes if self._has_label else 0
     self._length = len(self._data)
 
   def __len__(self) -> int:
@@ -194,6 +194,17 @@ class TfdsSource(Source):
           f"dataset again, or check the files under its data_dir.") from e
     label = np.int32(record["label"]) if self._has_label else np.int32(self.num_classes)
     return {"image": image, "label": label}
+
+
+def _native_size(builder, shape) -> int:
+  """The side of a dataset of square images of one size (its shape, else its config name)."""
+  if shape[0] is not None and shape[0] == shape[1]:
+    return shape[0]
+  config = builder.builder_config.name if builder.builder_config else ""
+  match = re.fullmatch(r"(\d+)x\1", config)  # downsampled_imagenet/64x64 declares no shape
+  if match:
+    return int(match.group(1))
+  raise ValueError(f"image_size is required for {builder.name!r}, whose images have shape {shape}")
 
 
 def _open_error(builder, name, split, data_dir, where, error) -> DatasetError:
