@@ -4,9 +4,9 @@ The data order is a pure function of `(seed, step)`:
   - Positions `[k*B, (k+1)*B)` of an infinite stream make the global batch of step
     k (B = `global_batch_size`). Position `pos` belongs to epoch `pos // N` (N =
     `len(source)`) and reads example `perm(seed, epoch)[pos % N]`, where `perm` is
-    a keyed pseudo-random bijection of [0, N) (a Feistel network with cycle
-    walking, as in Grain's index shuffle). Every epoch visits every example once,
-    and each epoch has its own order.
+    a keyed pseudo-random bijection of [0, N) (a small Feistel block cipher with
+    cycle walking: the idea behind `tf.random_index_shuffle` and Grain's index
+    shuffle). Every epoch visits every example once, in its own order.
   - Process p of P reads only the contiguous positions
     `[k*B + p*B/P, k*B + (p+1)*B/P)`, so the process-local batches, concatenated
     in process order, are exactly the global batch a single process would read.
@@ -17,7 +17,7 @@ at step k, on any number of hosts, sees exactly what an uninterrupted run sees
 from step k. Nothing else needs saving. Batches carry `'index'` (the examples' ids
 in the source) so this can be checked on the data itself.
 
-Decoding runs in a thread pool (Pillow and NumPy release the GIL), `prefetch`
+Decoding runs in a thread pool (Pillow releases the GIL to decode and resample), `prefetch`
 steps ahead of the consumer. `to_global` assembles the process-local arrays into
 global `jax.Array`s with `jax.make_array_from_process_local_data`.
 
