@@ -1,0 +1,227 @@
+"""TFDS image datasets read by index: ImageNet 2012 and its downsampled variants.
+
+`TfdsSource` opens a prepared TFDS dataset through its array_record files
+(`builder.as_data_source`), so example `i` can be read without reading the ones
+before it: this is what lets every process read only its own examples, and a
+resumed run start at any step.
+
+Preprocessing (`preprocess_image`), identical for every dataset:
+  1. Decode the stored JPEG/PNG bytes with Pillow and convert to RGB (or L for
+     one-channel datasets).
+  2. Take the central square whose side is the shorter image side, at its exact
+     (possibly half-pixel) centre.
+  3. Resize that square to `image_size` x `image_size` with Pillow's bicubic
+     filter, which is antialiased: its support widens with the downscaling factor,
+     so every source pixel contributes. Skipped when the crop already has the
+     target size (the downsampled variants at their native size).
+  4. uint8 -> float32 in [-1, 1] by `x / 127.5 - 1`.
+ADM's `center_crop_arr` (box-halving, bicubic resize of the shorter side, then an
+integer crop) selects the same region up to half an output pixel and filters a
+little differently.
+
+With `fast_decode=True` a JPEG is decoded by libjpeg at a reduced DCT scale (1/2,
+1/4 or 1/8) chosen so that the crop keeps at least 2x the target resolution,
+which then goes through step 3 as before. The crop geometry is unchanged; the
+first reduction becomes libjpeg's DCT-domain filter instead of the bicubic one,
+much like ADM's box-halving. It only helps when the shorter side is >= 4x the
+target (e.g. 64 px from typical ImageNet photos); see benchmarks/input_pipeline.py.
+"""
+import importlib.resources.abc
+import io
+import re
+import sys
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from multistep_cm.data.sources import DatasetError
+from multistep_cm.data.sources import Source
+
+# The manual-download archives `tfds build imagenet2012` looks for in manual_dir.
+IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+def decode_center_square(data: bytes, channels: int = 3, min_size: int | None = None):
+  """Decodes JPEG/PNG bytes and locates the central square of the shorter side.
+
+  Args:
+    data: the encoded image.
+    channels: 3 (converted to RGB) or 1 (converted to L).
+    min_size: if given and the image is a JPEG, let libjpeg decode at the coarsest
+      DCT scale (1, 1/2, 1/4, 1/8) that keeps the shorter side >= `min_size`.
+
+  Returns:
+    `(image, box)`: the decoded Pillow image and the crop box (left, top, right,
+    bottom) in its pixel coordinates, possibly fractional, of the central square.
+
+  Raises:
+    OSError or ValueError (Pillow's errors) when the bytes are not a valid image.
+  """
+  image = Image.open(io.BytesIO(data))
+  width, height = image.size
+  scale = 1.0
+  if min_size is not None and image.format == "JPEG":
+    # Pillow reduces by the largest of 8, 4, 2, 1 not above min(W, H) // min_size.
+    drafted = image.draft(None, (min_size, min_size))
+    if drafted is not None:
+      scale = width / drafted[1][2]  # the full image spans (0, 0, W / scale, H / scale)
+  image = image.convert("RGB" if channels == 3 else "L")
+  side = min(width, height)
+  left, top = (width - side) / 2, (height - side) / 2
+  box = tuple(v / scale for v in (left, top, left + side, top + side))
+  return image, box
+
+
+def preprocess_image(data: bytes, image_size: int, channels: int = 3,
+                     fast_decode: bool = False) -> np.ndarray:
+  """Encoded bytes -> float32 [S, S, C] in [-1, 1]; the method is in the module docstring."""
+  image, box = decode_center_square(data, channels, 2 * image_size if fast_decode else None)
+  if image.size != (image_size, image_size) or box != (0, 0, image_size, image_size):
+    image = image.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
+  array = np.asarray(image, np.uint8)
+  if array.ndim == 2:
+    array = array[..., None]
+  return array.astype(np.float32) / 127.5 - 1.0
+
+
+def ensure_tfds_can_prepare():
+  """Works around tensorflow/datasets#11212 (open in tfds 4.9.10).
+
+  `DatasetBuilder.code_path` imports the `importlib_resources` backport, which
+  tfds declares only for Python < 3.9, so every `download_and_prepare` of a
+  builder that lives in a package fails with ModuleNotFoundError on 3.11. The
+  standard library's `importlib.resources` (with `.abc` since 3.11) has what it
+  uses; the backport wins where it is installed.
+  """
+  sys.modules.setdefault("importlib_resources", importlib.resources)
+
+
+def prepare_command(name: str, data_dir: str | None) -> str:
+  """The shell command that prepares TFDS dataset `name` for random access."""
+  command = f"python -m multistep_cm.data.prepare --dataset={name}"
+  if data_dir is not None:
+    command += f" --data_dir={data_dir}"
+  if _needs_manual_download(name):
+    command += " --manual_dir=MANUAL_DIR"
+  return command
+
+
+def _needs_manual_download(name: str) -> bool:
+  try:
+    return bool(tfds.builder_cls(name.split("/")[0].split(":")[0]).MANUAL_DOWNLOAD_INSTRUCTIONS)
+  except Exception:  # pylint: disable=broad-except
+    return False  # unknown names are reported by `tfds.builder` itself
+
+
+def _how_to_prepare(name: str, data_dir: str | None) -> str:
+  """Instructions that end every 'not prepared' message."""
+  lines = [f"Prepare it once with:\n  {prepare_command(name, data_dir)}"]
+  manual = ""
+  if _needs_manual_download(name):
+    manual = " --manual_dir=MANUAL_DIR"
+    archives = " and ".join(IMAGENET_ARCHIVES) if name.startswith("imagenet2012") else "its files"
+    lines.append(f"{name} needs a manual download first: put {archives} (from "
+                 "https://image-net.org/download-images, registration needed) into MANUAL_DIR "
+                 "(TFDS's default is <data_dir>/downloads/manual).")
+  lines.append(f"(or `tfds build {name} --data_dir={data_dir}{manual} --file_format=array_record`"
+               ", where apache-beam is installed: tfds 4.9.10's CLI needs it to start)")
+  return "\n".join(lines)
+
+
+class TfdsSource(Source):
+  """A prepared TFDS image dataset, read by index from its array_record files.
+
+  Examples are `{'image': float32 [S, S, C] in [-1, 1], 'label': int32}` (see the
+  module docstring for the preprocessing). Datasets without a `'label'` feature
+  (e.g. `downsampled_imagenet`) get the null class, `num_classes` = 0.
+  """
+
+  def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+               image_size: int | None = None, fast_decode: bool = False):
+    """Opens split `split` of `name` in `data_dir` (TFDS's default when None).
+
+    Args:
+      name: TFDS name with config, e.g. 'imagenet2012' or 'imagenet_resized/64x64'.
+      split: a TFDS split, slices allowed ('train', 'validation', 'train[:1%]').
+      data_dir: the TFDS data directory the dataset was prepared into.
+      image_size: output side; None keeps the native size of fixed-size datasets.
+      fast_decode: decode JPEGs at a reduced DCT scale (module docstring).
+
+    Raises:
+      DatasetError: the dataset is unknown, not prepared, not in array_record
+        format, or has no split `split`; the message says how to fix it.
+    """
+    self.name, self.split, self.fast_decode = name, split, fast_decode
+    where = f"in data_dir={data_dir}" if data_dir else "in TFDS's default data_dir"
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError as e:
+      raise DatasetError(f"TFDS has no dataset named {name!r} (tensorflow-datasets "
+                         f"{tfds.__version__}).") from e
+    features = builder.info.features
+    if "image" not in features:
+      raise DatasetError(f"TFDS dataset {name!r} has no 'image' feature "
+                         f"(it has {sorted(features)}), so it cannot feed an image model.")
+    try:
+      self._data = builder.as_data_source(split=split,
+                                          decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as e:  # pylint: disable=broad-except
+      raise _open_error(builder, name, split, data_dir, where, e) from e
+
+    shape = features["image"].shape
+    self.channels = shape[-1] or 3
+    self.image_size = image_size or _native_size(builder, shape)
+    label = features["label"] if "label" in features else None
+    self._has_label = isinstance(label, tfds.features.ClassLabel)
+    self.num_classes = label.num_classes if self._has_label else 0
+    self._length = len(self._data)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    if not 0 <= index < self._length:
+      raise IndexError(f"{self.name} {self.split}: index {index} not in [0, {self._length})")
+    try:
+      record = self._data[index]
+      image = preprocess_image(record["image"], self.image_size, self.channels, self.fast_decode)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DatasetError(
+          f"Corrupted record: TFDS dataset {self.name!r}, split {self.split!r}, example index "
+          f"{index} could not be read and decoded ({type(e).__name__}: {e}). Prepare the "
+          f"dataset again, or check the files under its data_dir.") from e
+    label = np.int32(record["label"]) if self._has_label else np.int32(self.num_classes)
+    return {"image": image, "label": label}
+
+
+def _native_size(builder, shape) -> int:
+  """The side of a dataset of square images of one size (its shape, else its config name)."""
+  if shape[0] is not None and shape[0] == shape[1]:
+    return shape[0]
+  config = builder.builder_config.name if builder.builder_config else ""
+  match = re.fullmatch(r"(\d+)x\1", config)  # downsampled_imagenet/64x64 declares no shape
+  if match:
+    return int(match.group(1))
+  raise ValueError(f"image_size is required for {builder.name!r}, whose images have shape {shape}")
+
+
+def _open_error(builder, name, split, data_dir, where, error) -> DatasetError:
+  """Explains why `builder.as_data_source` failed, with the command that fixes it."""
+  data_dir = data_dir or str(builder.data_dir_root)
+  if not builder.is_prepared():
+    return DatasetError(f"TFDS dataset {name!r} is not prepared {where} (nothing valid at "
+                        f"{builder.data_path}).\n{_how_to_prepare(name, data_dir)}")
+  formats = builder.info.available_file_formats()
+  if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+    found = ", ".join(sorted(f.value for f in formats)) or "unknown"
+    return DatasetError(
+        f"TFDS dataset {name!r} is prepared {where} as {found}, but the input pipeline reads "
+        f"examples by index, which needs the array_record format. Prepare it again into another "
+        f"data_dir (or delete {builder.data_path} first).\n{_how_to_prepare(name, data_dir)}")
+  splits = sorted(builder.info.splits)
+  if split.split("[")[0] not in splits:
+    return DatasetError(f"TFDS dataset {name!r} has no split {split!r}; it has {splits}.")
+  return DatasetError(f"TFDS dataset {name!r} split {split!r} {where} could not be opened "
+                      f"({type(error).__name__}: {error}).")
