@@ -23,6 +23,9 @@ _RUNTIME = [
     "scikit-learn>=1.5",  # ships the embedded 8x8 digits dataset
     "pillow>=10.0",  # PNG sample grids
     "tqdm>=4.66",  # progress bars on long sampling and evaluation runs
+    # tensorflow-datasets 4.9.10 imports it when preparing datasets but declares it only for
+    # Python < 3.9 (tensorflow/datasets#11212).
+    "importlib_resources>=6.0",
 ]
 
 setuptools.setup(
