@@ -6,6 +6,9 @@
 
 # Name used in error messages: the script that sourced this file.
 LAUNCH_SCRIPT_NAME="${LAUNCH_SCRIPT_NAME:-$(basename "$0")}"
+# The repository root: config paths (configs/<name>.py) are relative to it.
+# shellcheck disable=SC2034  # used by the scripts that source this file.
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Errors collected by `require`, reported together by `fail_if_errors`, so one
 # run names every missing setting (one line each) instead of one per attempt.
@@ -71,6 +74,64 @@ run() {
   fi
 }
 
+# parse_flags ARG...: the flag parser every launcher shares. The calling script
+# defines `flag_target FLAG`, printing what FLAG sets: VAR (takes a value),
+# VAR=1 (a switch) or +ARRAY (takes a value, appended; repeatable); it returns 1
+# for an unknown flag. Both `--flag value` and `--flag=value` are accepted.
+# `--config.*` arguments and everything after `--` go to OVERRIDE_ARGS (the
+# trainer's overrides), other words to POSITIONAL; -h/--help calls usage.
+parse_flags() {
+  local flag value target inline
+  POSITIONAL=()
+  while (($#)); do
+    flag="$1"
+    shift
+    case "$flag" in
+      --)
+        OVERRIDE_ARGS+=("$@")
+        return
+        ;;
+      --config.*)
+        OVERRIDE_ARGS+=("$flag")
+        continue
+        ;;
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      -*) ;;
+      *)
+        POSITIONAL+=("$flag")
+        continue
+        ;;
+    esac
+    inline=0
+    if [[ "$flag" == --*=* ]]; then
+      value="${flag#*=}"
+      flag="${flag%%=*}"
+      inline=1
+    fi
+    target="$(flag_target "$flag")" || die "unknown flag '${flag}' (see --help)"
+    if [[ "$target" == *=1 ]]; then
+      ((!inline)) || die "flag ${flag} takes no value"
+      printf -v "${target%=1}" '%s' 1
+      continue
+    fi
+    if ((!inline)); then
+      (($#)) || die "flag ${flag} needs a value"
+      value="$1"
+      shift
+    fi
+    if [[ "$target" == +* ]]; then
+      local -n list="${target#+}"
+      list+=("$value")
+      unset -n list
+    else
+      printf -v "$target" '%s' "$value"
+    fi
+  done
+}
+
 # split_words STRING: the whitespace-separated words of STRING, into WORDS.
 # For list-valued environment variables (OVERRIDES, SRUN_ARGS); values holding
 # spaces must be passed as arguments instead.
@@ -82,11 +143,48 @@ split_words() {
   fi
 }
 
-# check_config PATH: the trainer takes `configs/<name>.py`, optionally followed
-# by `:variant` (config-as-code variants chosen by an argument string).
-check_config() {
-  [[ -z "$1" || "${1%%:*}" == *.py ]] \
-    || add_error "config '$1' is not a Python config file (configs/<name>.py[:variant])"
+# trainer_flag_target FLAG: the flags every launcher takes for the trainer
+# itself (see parse_flags); scripts fall back to it from their flag_target.
+trainer_flag_target() {
+  case "$1" in
+    --config) echo CONFIG ;;
+    --workdir) echo WORKDIR ;;
+    --tfds-data-dir) echo TFDS_DATA_DIR ;;
+    --dry-run) echo DRY_RUN=1 ;;
+    *) return 1 ;;
+  esac
+}
+
+# check_trainer_settings WORKDIR_EXAMPLE: CONFIG and WORKDIR are set, and the
+# config is `configs/<name>.py`, optionally with `:variant` (config-as-code
+# variants chosen by an argument string).
+check_trainer_settings() {
+  require "$CONFIG" "missing config: pass --config configs/<name>.py or set CONFIG"
+  # shellcheck disable=SC2153  # CONFIG and WORKDIR are the sourcing script's settings.
+  require "$WORKDIR" "missing workdir: pass --workdir $1 or set WORKDIR"
+  [[ -z "$CONFIG" || "${CONFIG%%:*}" == *.py ]] \
+    || add_error "config '${CONFIG}' is not a Python config file (configs/<name>.py[:variant])"
+}
+
+# absolute_workdir DIR: DIR made absolute against the caller's working directory
+# (the launchers cd to the repository root); URLs such as gs:// stay as they are.
+absolute_workdir() {
+  if [[ -z "$1" || "$1" == /* || "$1" == *://* ]]; then
+    printf '%s\n' "$1"
+  else
+    printf '%s/%s\n' "$PWD" "$1"
+  fi
+}
+
+# gpu_env_command: the `env` prefix of the GPU launchers' trainer command, into
+# ENV_CMD. They decide the process layout themselves (one process, or SLURM's
+# tasks), so stray coordinator variables, which the trainer would obey, are
+# removed; TFDS_DATA_DIR is passed when set.
+gpu_env_command() {
+  ENV_CMD=(env -u JAX_COORDINATOR_ADDRESS -u JAX_NUM_PROCESSES -u JAX_PROCESS_ID)
+  if [[ -n "${TFDS_DATA_DIR:-}" ]]; then
+    ENV_CMD+=("TFDS_DATA_DIR=${TFDS_DATA_DIR}")
+  fi
 }
 
 # main_command PYTHON CONFIG WORKDIR OVERRIDE...: the trainer's command line,

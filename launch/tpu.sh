@@ -5,10 +5,8 @@
 # Usage: launch/tpu.sh COMMAND [flags] [--config.key=value ...]; see usage().
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_DIR="$(cd "${SCRIPT_DIR}/.." && pwd)"
 # shellcheck source-path=SCRIPTDIR source=common.sh
-source "${SCRIPT_DIR}/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -116,83 +114,33 @@ split_words "${EXTRA_ENV:-}"
 TRAIN_ENV=("${WORDS[@]}")
 split_words "${OVERRIDES:-}"
 OVERRIDE_ARGS=("${WORDS[@]}")
-COMMAND=""
 
-parse_args() {
-  local flag value var inline
-  while (($#)); do
-    flag="$1"
-    shift
-    case "$flag" in
-      --)
-        OVERRIDE_ARGS+=("$@")
-        return
-        ;;
-      --config.*)
-        OVERRIDE_ARGS+=("$flag")
-        continue
-        ;;
-    esac
-    inline=0
-    if [[ "$flag" == --*=* ]]; then
-      value="${flag#*=}"
-      flag="${flag%%=*}"
-      inline=1
-    fi
-    var=""
-    case "$flag" in
-      -h | --help)
-        usage
-        exit 0
-        ;;
-      --queued) QUEUED=1 ;;
-      --spot) SPOT=1 ;;
-      --preemptible) PREEMPTIBLE=1 ;;
-      --remote) TB_REMOTE=1 ;;
-      --yes) YES=1 ;;
-      --dry-run) DRY_RUN=1 ;;
-      --project) var=PROJECT_ID ;;
-      --zone) var=ZONE ;;
-      --tpu-name) var=TPU_NAME ;;
-      --accelerator-type) var=ACCELERATOR_TYPE ;;
-      --runtime-version) var=RUNTIME_VERSION ;;
-      --qr-name) var=QR_NAME ;;
-      --repo-url) var=REPO_URL ;;
-      --repo-commit) var=REPO_COMMIT ;;
-      --remote-dir) var=REMOTE_DIR ;;
-      --venv) var=VENV_DIR ;;
-      --python-version) var=PYTHON_VERSION ;;
-      --config) var=CONFIG ;;
-      --workdir) var=WORKDIR ;;
-      --tfds-data-dir) var=TFDS_DATA_DIR ;;
-      --env) var=ENV_ITEM ;;
-      --log-dir) var=LOG_DIR ;;
-      --worker) var=WORKER ;;
-      --lines) var=LOG_LINES ;;
-      --stop-timeout) var=STOP_TIMEOUT ;;
-      --port) var=TB_PORT ;;
-      -*) die "unknown flag '${flag}' (see --help)" ;;
-      *)
-        [[ -z "$COMMAND" ]] || die "unexpected argument '${flag}' (see --help)"
-        COMMAND="$flag"
-        continue
-        ;;
-    esac
-    if [[ -z "$var" ]]; then
-      ((!inline)) || die "flag ${flag} takes no value"
-      continue
-    fi
-    if ((!inline)); then
-      (($#)) || die "flag ${flag} needs a value"
-      value="$1"
-      shift
-    fi
-    if [[ "$var" == ENV_ITEM ]]; then
-      TRAIN_ENV+=("$value")
-    else
-      printf -v "$var" '%s' "$value"
-    fi
-  done
+flag_target() {
+  case "$1" in
+    --queued) echo QUEUED=1 ;;
+    --spot) echo SPOT=1 ;;
+    --preemptible) echo PREEMPTIBLE=1 ;;
+    --remote) echo TB_REMOTE=1 ;;
+    --yes) echo YES=1 ;;
+    --project) echo PROJECT_ID ;;
+    --zone) echo ZONE ;;
+    --tpu-name) echo TPU_NAME ;;
+    --accelerator-type) echo ACCELERATOR_TYPE ;;
+    --runtime-version) echo RUNTIME_VERSION ;;
+    --qr-name) echo QR_NAME ;;
+    --repo-url) echo REPO_URL ;;
+    --repo-commit) echo REPO_COMMIT ;;
+    --remote-dir) echo REMOTE_DIR ;;
+    --venv) echo VENV_DIR ;;
+    --python-version) echo PYTHON_VERSION ;;
+    --env) echo +TRAIN_ENV ;;
+    --log-dir) echo LOG_DIR ;;
+    --worker) echo WORKER ;;
+    --lines) echo LOG_LINES ;;
+    --stop-timeout) echo STOP_TIMEOUT ;;
+    --port) echo TB_PORT ;;
+    *) trainer_flag_target "$1" ;;
+  esac
 }
 
 # ----------------------------------------------------------------------------
@@ -257,9 +205,7 @@ validate() {
       ;;
     train)
       require_tpu
-      require "$CONFIG" "missing config: pass --config configs/<name>.py or set CONFIG"
-      require "$WORKDIR" "missing workdir: pass --workdir gs://BUCKET/PATH or set WORKDIR"
-      check_config "$CONFIG"
+      check_trainer_settings "gs://BUCKET/PATH"
       check_gs "workdir" "$WORKDIR"
       check_gs "TFDS data dir" "$TFDS_DATA_DIR"
       local item
@@ -331,16 +277,22 @@ remote_paths() {
   # One log per worker, named by the worker's hostname (which ends in -w-<index>
   # on TPU VMs), so logs copied off the workers stay apart.
   R_LOG="${R_LOGS}/worker-\"\$(hostname)\".log"
-  # alive PID: true when PID is a running trainer. Checking the command line
-  # guards against a pid reused after a reboot (Spot VMs come back).
+  # Shell functions for the worker: `running` is true when the pid file names a
+  # live trainer (its pid then in $pid); checking the command line guards
+  # against a pid reused after a reboot (Spot VMs come back).
   # shellcheck disable=SC2016  # expanded by the worker's shell.
-  R_ALIVE='alive() { kill -0 "$1" 2>/dev/null && grep -qa multistep_cm.main "/proc/$1/cmdline"; }'
+  R_FUNCS='alive() { kill -0 "$1" 2>/dev/null && grep -qa multistep_cm.main "/proc/$1/cmdline"; }; '
+  R_FUNCS+="running() { [ -f ${R_PIDFILE} ] && pid=\$(cat ${R_PIDFILE}) && alive \"\$pid\"; }"
+  # Installing or starting under a running trainer would change its code or
+  # start a second one on the same chips.
+  R_GUARD="if running; then echo \"\$(hostname): training is running (pid \$pid); stop it first\" >&2; exit 1; fi"
 }
 
-# All workers run the command at the same time (gcloud connects in parallel),
-# which multi-host JAX needs: every host must join before the slice starts.
+# ssh_all STEP...: runs the steps, as one command line, on every worker at the
+# same time (gcloud connects in parallel), which multi-host JAX needs: every
+# host must join before the slice starts.
 ssh_all() {
-  run "${TPU_VM[@]}" ssh "$TPU_NAME" --worker=all "${WHERE[@]}" "--command=$1"
+  run "${TPU_VM[@]}" ssh "$TPU_NAME" --worker=all "${WHERE[@]}" "--command=$(join_steps "$@")"
 }
 
 cmd_create() {
@@ -387,9 +339,8 @@ cmd_setup() {
   fi
   local steps=(
     "set -e"
-    "${R_ALIVE}"
-    # Reinstalling under a running trainer would change its code and venv.
-    "if [ -f ${R_PIDFILE} ] && alive \"\$(cat ${R_PIDFILE})\"; then echo \"\$(hostname): training is running; stop it first\" >&2; exit 1; fi"
+    "${R_FUNCS}"
+    "${R_GUARD}"
     # TPU runtime images ship Ubuntu's Python; constraints.txt was resolved for
     # PYTHON_VERSION, so install that interpreter where it is missing.
     "if ! command -v ${python} >/dev/null 2>&1; then ${apt} update && ${apt} install -y software-properties-common && sudo add-apt-repository -y ppa:deadsnakes/ppa && ${apt} install -y ${python} ${python}-venv; fi"
@@ -403,7 +354,7 @@ cmd_setup() {
     # everywhere when setup worked) and what JAX sees of the slice.
     "echo \"\$(hostname): revision \$(cat REVISION), packages \$(${R_VENV}/bin/python -m pip freeze --exclude-editable | sha256sum | cut -c1-12), jax process/processes local/global devices: \$(${R_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())')\""
   )
-  ssh_all "$(join_steps "${steps[@]}")"
+  ssh_all "${steps[@]}"
 }
 
 # join_steps STEP...: one command line for `ssh --command`, steps separated by
@@ -435,9 +386,9 @@ cmd_train() {
   fi
   local steps=(
     "set -e"
-    "${R_ALIVE}"
+    "${R_FUNCS}"
+    "${R_GUARD}"
     "mkdir -p ${R_LOGS}"
-    "if [ -f ${R_PIDFILE} ] && alive \"\$(cat ${R_PIDFILE})\"; then echo \"\$(hostname): training is already running (pid \$(cat ${R_PIDFILE})); stop it first\" >&2; exit 1; fi"
     # The config path is relative to the repository.
     "cd ${R_REPO}"
     # Append, so a resumed run (same workdir) keeps the earlier log.
@@ -448,7 +399,7 @@ cmd_train() {
     "echo \$! > ${R_PIDFILE}"
     "echo \"\$(hostname): started pid \$!, log ${R_LOG}\""
   )
-  ssh_all "$(join_steps "${steps[@]}")"
+  ssh_all "${steps[@]}"
 }
 
 cmd_logs() {
@@ -483,11 +434,11 @@ cmd_status() {
   fi
   run "${TPU_VM[@]}" describe "$TPU_NAME" "${WHERE[@]}"
   local steps=(
-    "${R_ALIVE}"
-    "if [ -f ${R_PIDFILE} ] && alive \"\$(cat ${R_PIDFILE})\"; then state=\"running (pid \$(cat ${R_PIDFILE}))\"; else state=\"not running\"; fi"
+    "${R_FUNCS}"
+    "if running; then state=\"running (pid \$pid)\"; else state=\"not running\"; fi"
     "echo \"\$(hostname): \${state}; last log line: \$(tail -n 1 ${R_LOG} 2>/dev/null)\""
   )
-  ssh_all "$(join_steps "${steps[@]}")"
+  ssh_all "${steps[@]}"
 }
 
 cmd_stop() {
@@ -497,12 +448,11 @@ cmd_stop() {
   # STOP_TIMEOUT seconds, when a save must have hung.
   local t="$STOP_TIMEOUT"
   local steps=(
-    "${R_ALIVE}"
-    "p=${R_PIDFILE}"
-    "if [ -f \"\$p\" ] && pid=\$(cat \"\$p\") && alive \"\$pid\"; then kill -s TERM -- \"-\$pid\" 2>/dev/null || kill -s TERM \"\$pid\"; i=0; while alive \"\$pid\" && [ \"\$i\" -lt ${t} ]; do sleep 1; i=\$((i + 1)); done; if alive \"\$pid\"; then echo \"\$(hostname): still running ${t} s after SIGTERM, sending SIGKILL\"; kill -s KILL -- \"-\$pid\" 2>/dev/null || kill -s KILL \"\$pid\"; else echo \"\$(hostname): stopped \$i s after SIGTERM\"; fi; else echo \"\$(hostname): not running\"; fi"
-    "rm -f \"\$p\""
+    "${R_FUNCS}"
+    "if running; then kill -s TERM -- \"-\$pid\" 2>/dev/null || kill -s TERM \"\$pid\"; i=0; while alive \"\$pid\" && [ \"\$i\" -lt ${t} ]; do sleep 1; i=\$((i + 1)); done; if alive \"\$pid\"; then echo \"\$(hostname): still running ${t} s after SIGTERM, sending SIGKILL\"; kill -s KILL -- \"-\$pid\" 2>/dev/null || kill -s KILL \"\$pid\"; else echo \"\$(hostname): stopped \$i s after SIGTERM\"; fi; else echo \"\$(hostname): not running\"; fi"
+    "rm -f ${R_PIDFILE}"
   )
-  ssh_all "$(join_steps "${steps[@]}")"
+  ssh_all "${steps[@]}"
 }
 
 cmd_delete() {
@@ -519,7 +469,9 @@ cmd_delete() {
 }
 
 main() {
-  parse_args "$@"
+  parse_flags "$@"
+  ((${#POSITIONAL[@]} <= 1)) || die "unexpected argument '${POSITIONAL[1]}' (see --help)"
+  COMMAND="${POSITIONAL[0]:-}"
   validate
   gcloud_setup
   remote_paths
