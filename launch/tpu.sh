@@ -110,8 +110,9 @@ YES="${YES:-0}"
 DRY_RUN="${DRY_RUN:-0}"
 GCLOUD="${GCLOUD:-gcloud}"
 TENSORBOARD="${TENSORBOARD:-tensorboard}"
+# EXTRA_ENV starts as the environment's string and becomes the list --env adds to.
 split_words "${EXTRA_ENV:-}"
-TRAIN_ENV=("${WORDS[@]}")
+EXTRA_ENV=("${WORDS[@]}")
 split_words "${OVERRIDES:-}"
 OVERRIDE_ARGS=("${WORDS[@]}")
 
@@ -133,7 +134,7 @@ flag_target() {
     --remote-dir) echo REMOTE_DIR ;;
     --venv) echo VENV_DIR ;;
     --python-version) echo PYTHON_VERSION ;;
-    --env) echo +TRAIN_ENV ;;
+    --env) echo +EXTRA_ENV ;;
     --log-dir) echo LOG_DIR ;;
     --worker) echo WORKER ;;
     --lines) echo LOG_LINES ;;
@@ -209,7 +210,7 @@ validate() {
       check_gs "workdir" "$WORKDIR"
       check_gs "TFDS data dir" "$TFDS_DATA_DIR"
       local item
-      for item in "${TRAIN_ENV[@]}"; do
+      for item in "${EXTRA_ENV[@]}"; do
         [[ "$item" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || add_error "--env '${item}' is not KEY=VALUE"
       done
       ;;
@@ -377,7 +378,7 @@ cmd_train() {
   if [[ -n "$TFDS_DATA_DIR" ]]; then
     env_words+=("TFDS_DATA_DIR=${TFDS_DATA_DIR}")
   fi
-  env_words+=("${TRAIN_ENV[@]}")
+  env_words+=("${EXTRA_ENV[@]}")
   main_command python "$CONFIG" "$WORKDIR" "${OVERRIDE_ARGS[@]}"
   # The interpreter path holds "$HOME", for the worker to expand; the rest is quoted.
   main="${R_VENV}/bin/python $(shell_quote "${MAIN_CMD[@]:1}")"
@@ -445,11 +446,12 @@ cmd_stop() {
   # The trainer saves a checkpoint when it receives SIGTERM and then exits (the
   # same path that handles a Spot/maintenance preemption). All workers get the
   # signal at once so they agree on the step to save. SIGKILL only after
-  # STOP_TIMEOUT seconds, when a save must have hung.
+  # STOP_TIMEOUT seconds, when a save must have hung; then wait for the exit, so
+  # that a `train` or `delete` right after finds the chips free.
   local t="$STOP_TIMEOUT"
   local steps=(
     "${R_FUNCS}"
-    "if running; then kill -s TERM -- \"-\$pid\" 2>/dev/null || kill -s TERM \"\$pid\"; i=0; while alive \"\$pid\" && [ \"\$i\" -lt ${t} ]; do sleep 1; i=\$((i + 1)); done; if alive \"\$pid\"; then echo \"\$(hostname): still running ${t} s after SIGTERM, sending SIGKILL\"; kill -s KILL -- \"-\$pid\" 2>/dev/null || kill -s KILL \"\$pid\"; else echo \"\$(hostname): stopped \$i s after SIGTERM\"; fi; else echo \"\$(hostname): not running\"; fi"
+    "if running; then kill -s TERM -- \"-\$pid\" 2>/dev/null || kill -s TERM \"\$pid\"; i=0; while alive \"\$pid\" && [ \"\$i\" -lt ${t} ]; do sleep 1; i=\$((i + 1)); done; if alive \"\$pid\"; then echo \"\$(hostname): still running ${t} s after SIGTERM, sending SIGKILL\"; kill -s KILL -- \"-\$pid\" 2>/dev/null || kill -s KILL \"\$pid\"; i=0; while alive \"\$pid\" && [ \"\$i\" -lt 10 ]; do sleep 1; i=\$((i + 1)); done; else echo \"\$(hostname): stopped \$i s after SIGTERM\"; fi; else echo \"\$(hostname): not running\"; fi"
     "rm -f ${R_PIDFILE}"
   )
   ssh_all "${steps[@]}"
