@@ -162,12 +162,12 @@ require_tpu() {
   require "$ZONE" "missing zone: pass --zone ZONE or set ZONE (e.g. us-west4-a)"
 }
 
-# Remote paths are interpolated unquoted-safe into the worker commands and
-# `setup` runs `rm -rf` on REMOTE_DIR, so only plain relative/absolute paths
-# that are not the home directory itself are accepted.
+# Remote paths go into the worker commands without quoting (so "$HOME" can
+# expand there) and `setup` runs `rm -rf` on REMOTE_DIR: only plain paths other
+# than ., .. and / are accepted.
 check_remote_path() {
   local name="$1" value="$2"
-  if [[ ! "$value" =~ ^[A-Za-z0-9._/-]+$ || "$value" =~ ^(\.|\./|\.\.|/|\.\./?)$ ]]; then
+  if [[ ! "$value" =~ ^[A-Za-z0-9._/-]+$ || "$value" =~ ^(\.\.?/?|/)$ ]]; then
     add_error "${name} '${value}' must be a plain path other than ., .. or / (letters, digits, . _ - /)"
   fi
 }
