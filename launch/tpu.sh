@@ -353,7 +353,8 @@ cmd_setup() {
     "${R_VENV}/bin/python -m pip install -q -c constraints.txt -e '.[tpu]'"
     # Every worker prints one line: a hash of its installed versions (equal
     # everywhere when setup worked) and what JAX sees of the slice.
-    "echo \"\$(hostname): revision \$(cat REVISION), packages \$(${R_VENV}/bin/python -m pip freeze --exclude-editable | sha256sum | cut -c1-12), jax process/processes local/global devices: \$(${R_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())')\""
+    # The JAX check needs every worker; `timeout` ends it where one failed.
+    "echo \"\$(hostname): revision \$(cat REVISION), packages \$(${R_VENV}/bin/python -m pip freeze --exclude-editable | sha256sum | cut -c1-12), jax process/processes local/global devices: \$(timeout 600 ${R_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())')\""
   )
   ssh_all "${steps[@]}"
 }
@@ -390,6 +391,7 @@ cmd_train() {
     "${R_FUNCS}"
     "${R_GUARD}"
     "mkdir -p ${R_LOGS}"
+    "if [ ! -x ${R_VENV}/bin/python ]; then echo \"\$(hostname): no ${R_VENV}/bin/python; run setup first\" >&2; exit 1; fi"
     # The config path is relative to the repository.
     "cd ${R_REPO}"
     # Append, so a resumed run (same workdir) keeps the earlier log.
