@@ -1,0 +1,182 @@
+"""Building blocks shared by the denoisers: named layers, conditioning, remat.
+
+Every parameter is created with logical axis names (see `partitioning.py` for
+the names and the rules that map them to mesh axes), so the train step can
+shard parameters and optimiser state FSDP-style without knowing the network.
+
+Precision policy (shared by all models): parameters are float32; matmuls and
+convolutions run in the module's `dtype` (bfloat16 when selected);
+normalisations, the logSNR/class conditioning and the FiLM modulation run in
+float32 because they rescale whole feature maps and are cheap.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def maybe_remat(module_cls, remat: bool, policy: str, in_scan: bool = False):
+  """`module_cls` wrapped in `nn.remat` with a named policy, or unchanged.
+
+  Args:
+    module_cls: a linen Module class whose `__call__` takes arrays only.
+    remat: whether to rematerialise the block's activations on the backward pass.
+    policy: a key of `REMAT_POLICIES`, or "none" (same as `remat=False`).
+    in_scan: inside `nn.scan` the loop already stops CSE across iterations,
+      so `prevent_cse` (costly on GPU) is switched off, as `jax.checkpoint` advises.
+  """
+  if policy != "none" and policy not in REMAT_POLICIES:
+    raise ValueError(
+        f"remat_policy must be one of {sorted(REMAT_POLICIES) + ['none']}, got {policy!r}")
+  if not remat or policy == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=not in_scan)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins the leading (batch) axis of an activation to the logical axis 'batch'.
+
+  A no-op unless the caller has set logical axis rules and a mesh.
+  """
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def dense(features: int, names: tuple[str | None, str | None], *, dtype: Dtype,
+          zero_init: bool = False, use_bias: bool = True, name: str | None = None):
+  """`nn.Dense` whose kernel is named `names` (in, out) and bias `names[1:]`."""
+  init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(init, names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
+      name=name)
+
+
+def conv3x3(features: int, names: tuple[str | None, str | None], *, dtype: Dtype,
+            zero_init: bool = False, name: str | None = None):
+  """A 3x3 'SAME' `nn.Conv`; the kernel's channel axes are named `names` (in, out)."""
+  init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return nn.Conv(
+      features, (3, 3), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(init, (None, None) + tuple(names)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
+      name=name)
+
+
+def group_norm(num_groups: int, name: str | None = None):
+  """GroupNorm computed and returned in float32, with replicated scale and bias."""
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+      name=name)
+
+
+def film(h: jax.Array, cond: jax.Array, name: str) -> jax.Array:
+  """Scale-shift modulation `h * (1 + scale) + shift`, in float32.
+
+  The projection from `cond` [B, E] is zero-initialised, so at initialisation
+  the modulated norm is the plain norm. `h` is float32 [B, ..., C].
+  """
+  width = h.shape[-1]
+  mod = dense(2 * width, ("cond", "modulation"), dtype=jnp.float32, zero_init=True,
+              name=name)(nn.swish(cond))
+  scale, shift = jnp.split(mod, 2, axis=-1)
+  expand = (slice(None),) + (None,) * (h.ndim - 2) + (slice(None),)
+  return h * (1.0 + scale[expand]) + shift[expand]
+
+
+def modulated_layer_norm(x: jax.Array, cond: jax.Array, name: str) -> jax.Array:
+  """Adaptive LayerNorm: LayerNorm without affine parameters, then `film`; float32.
+
+  Creates the submodules `{name}` (the norm) and `{name}_film`.
+  """
+  h = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32,
+                   name=name)(x)
+  return film(h, cond, name=f"{name}_film")
+
+
+def dropout(h: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+  """`nn.Dropout` (rng collection 'dropout'), or nothing at rate 0."""
+  if rate <= 0:
+    return h
+  return nn.Dropout(rate, deterministic=deterministic)(h)
+
+
+def logsnr_features(logsnr: jax.Array, num_features: int) -> jax.Array:
+  """Sinusoidal features of logSNR, float32 [B] -> [B, num_features].
+
+  Frequencies are geometric from 1/64 to 8 radians per unit of logSNR: the
+  slowest has a period (~400) far wider than the logSNR range used (about
+  [-20, 20]), so the embedding is injective; the fastest resolves changes of
+  ~0.1, finer than neighbouring sampler steps near the data end.
+  """
+  if num_features % 2:
+    raise ValueError(f"logsnr_features needs an even num_features, got {num_features}")
+  half = num_features // 2
+  freqs = jnp.asarray(np.geomspace(1.0 / 64.0, 8.0, half), dtype=jnp.float32)
+  angles = logsnr.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class Conditioning(nn.Module):
+  """logSNR (and class label) -> conditioning vector [B, emb_dim], float32.
+
+  The logSNR features go through a two-layer swish MLP; with `num_classes > 0`
+  a learned embedding of the label (index `num_classes` is the null class used
+  for classifier-free guidance) is added, as the class embedding of ADM /
+  simple diffusion is. Everything here runs in float32 (the time embedding is
+  the input whose precision matters most near t = 0).
+  """
+  emb_dim: int
+  num_classes: int = 0
+  num_features: int = 256
+
+  @nn.compact
+  def __call__(self, logsnr: jax.Array, labels: jax.Array | None) -> jax.Array:
+    h = logsnr_features(logsnr, self.num_features)
+    h = dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32, name="time_dense0")(h)
+    h = dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32,
+              name="time_dense1")(nn.swish(h))
+    if self.num_classes > 0:
+      if labels is None:
+        labels = jnp.full(logsnr.shape, self.num_classes, dtype=jnp.int32)
+      embed = nn.Embed(
+          self.num_classes + 1, self.emb_dim, dtype=jnp.float32, param_dtype=jnp.float32,
+          embedding_init=nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=1.0), ("vocab", "cond")),
+          name="class_embed")
+      h = h + embed(labels)
+    return h
+
+
+def sincos_2d(height: int, width: int, channels: int) -> np.ndarray:
+  """Fixed 2D sine-cosine position embedding [height * width, channels] (MAE-style).
+
+  Half the channels encode the row, half the column; parameter-free, so it does
+  not change parameter counts or need sharding.
+  """
+  if channels % 4:
+    raise ValueError(f"sincos_2d needs channels divisible by 4, got {channels}")
+  quarter = channels // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
+
+  def axis_embed(pos: Sequence[float]) -> np.ndarray:
+    angles = np.asarray(pos, dtype=np.float64)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  emb = np.concatenate([axis_embed(rows.ravel()), axis_embed(cols.ravel())], axis=1)
+  return emb.astype(np.float32)

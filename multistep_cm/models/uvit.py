@@ -1,0 +1,350 @@
+"""UViT: the U-Net with a transformer core of simple diffusion (Hoogeboom et al. 2023).
+
+Architecture facts from the MCM paper (spec §7.2): ResNet-block stages at high
+resolution with 2x2 average-pool downsampling, transformer stages
+(self-attention + MLP x4) at low resolution, a mid stack of transformer blocks,
+and a mirrored up path that starts each stage with nearest-neighbour
+upsampling. The network outputs v-hat (spec §1.3: x-hat = alpha z - sigma v-hat)
+and is conditioned on logSNR(t) and a class label with an extra null class.
+
+Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
+- Skip connections: U-Net style, every block of the down path stores its
+  output and the mirrored up block consumes it by channel concatenation (as in
+  DDPM/ADM and in simple diffusion's U-Net ancestry). ResBlocks fold the wider
+  input in through their first conv and a 1x1 shortcut; transformer blocks
+  project the concatenation back to the width with a dense layer (U-ViT,
+  Bao et al. 2023). Each up stage has as many blocks as its down stage.
+- ResBlocks: GroupNorm(32) -> swish -> conv3x3 -> GroupNorm -> FiLM
+  (scale-shift from the conditioning vector, ADM's "scale-shift norm") ->
+  swish -> dropout -> conv3x3 (zero-initialised), plus a 1x1 shortcut when the
+  width changes.
+- Transformer blocks: pre-LN; each of the two LayerNorms (without affine
+  parameters) is followed by the same FiLM scale-shift as the ResBlocks, so
+  every block sees the noise level (adaptive LayerNorm, as in DiT). Attention
+  head dimension 128 at ImageNet widths (8 heads at 1024), the size flash
+  attention kernels are fastest at; the output projections of attention and
+  MLP are zero-initialised so each block starts as the identity. MLP: dense
+  (4x) -> GELU -> dense. Dropout on the attention and MLP outputs, only at the
+  levels the preset names (spec §7.2 places dropout per level).
+- Position information: a fixed 2D sine-cosine embedding added where a
+  transformer level starts (down, mid and up), parameter-free.
+- Width changes at transformer levels: a dense projection at the stage entry,
+  applied at the lower resolution (after pooling on the way down, before
+  upsampling on the way up); nearest upsampling and average pooling commute
+  with a 1x1 projection, so this only saves FLOPs.
+- Conditioning: logSNR -> 256 sinusoidal features -> dense -> swish -> dense,
+  plus a learned class embedding (num_classes + 1 rows; the last is the null
+  class for classifier-free guidance), all float32. The conditioning width
+  `emb_dim` is fixed (2048) for all four ImageNet presets rather than scaled
+  with the channels: the paper's counts grow 394M -> 1.23B (x3.1) when every
+  channel count doubles, not x4, so a large block of parameters must grow only
+  linearly with width. Those are the FiLM projections from a fixed-width
+  conditioning vector, and 2048 is the width that lands all four counts
+  within 5% (ImageNet128 small/large then serve as checks; README table).
+- Output head: GroupNorm -> swish -> conv3x3 to the image channels,
+  zero-initialised (v-hat = 0 at initialisation), returned in float32.
+
+Mixed precision and performance: float32 parameters, convs and matmuls in
+`dtype`, norms, softmax (inside `jax.nn.dot_product_attention`) and
+conditioning in float32. Attention goes through `jax.nn.dot_product_attention`
+with `implementation=None` so cuDNN flash attention is used where available.
+The mid stack is an `nn.scan` over identical blocks with parameters stacked on
+a leading 'layers' axis (compile time flat in depth); `unstack_layers` and
+`stack_layers` map between the scanned and unrolled parameter trees. Blocks can
+be rematerialised with a named policy (`layers.REMAT_POLICIES`).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from multistep_cm.models import layers
+
+Dtype = Any
+BLOCK_TYPES = ("res", "attn")
+
+
+class ResBlock(nn.Module):
+  """Conv residual block with FiLM conditioning; input may be wider than `width`."""
+  width: int
+  num_groups: int = 32
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    x = layers.constrain_batch(x)
+    h = nn.swish(layers.group_norm(self.num_groups, name="norm0")(x))
+    h = layers.conv3x3(self.width, ("fan_in", "embed"), dtype=self.dtype,
+                       name="conv0")(h.astype(self.dtype))
+    h = layers.group_norm(self.num_groups, name="norm1")(h)
+    h = nn.swish(layers.film(h, cond, name="film1"))
+    h = layers.dropout(h, self.dropout, self.deterministic)
+    h = layers.conv3x3(self.width, ("fan_in", "embed"), dtype=self.dtype, zero_init=True,
+                       name="conv1")(h.astype(self.dtype))
+    if x.shape[-1] != self.width:
+      x = layers.dense(self.width, ("fan_in", "embed"), dtype=self.dtype,
+                       name="shortcut")(x)
+    return x + h
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN self-attention + MLP block on [B, H, W, C] with FiLM conditioning.
+
+  With a `skip` input the block first projects concat(x, skip) back to
+  `width` (the U-Net skip of the up path).
+  """
+  width: int
+  head_dim: int = 128
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array,
+               skip: jax.Array | None = None) -> jax.Array:
+    if skip is not None:
+      x = layers.dense(self.width, ("fan_in", "embed"), dtype=self.dtype, name="skip_proj")(
+          jnp.concatenate([x, skip], axis=-1))
+    x = layers.constrain_batch(x)
+    batch, height, width, _ = x.shape
+    num_heads = self.width // self.head_dim
+
+    h = layers.modulated_layer_norm(x, cond, name="norm0").astype(self.dtype)
+    qkv = layers.dense(3 * self.width, ("embed", "qkv"), dtype=self.dtype, name="qkv")(h)
+    qkv = qkv.reshape(batch, height * width, 3, num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # implementation=None: cuDNN flash attention on GPU, XLA elsewhere; the
+    # logits and softmax are float32 inside even for bfloat16 inputs.
+    h = jax.nn.dot_product_attention(q, k, v, implementation=None)
+    h = h.reshape(batch, height, width, self.width)
+    h = layers.dense(self.width, ("heads", "embed"), dtype=self.dtype, zero_init=True,
+                     name="attn_out")(h)
+    x = x + layers.dropout(h, self.dropout, self.deterministic)
+
+    h = layers.modulated_layer_norm(x, cond, name="norm1").astype(self.dtype)
+    h = layers.dense(self.mlp_ratio * self.width, ("embed", "mlp"), dtype=self.dtype,
+                     name="mlp_in")(h)
+    h = layers.dense(self.width, ("mlp", "embed"), dtype=self.dtype, zero_init=True,
+                     name="mlp_out")(nn.gelu(h))
+    return x + layers.dropout(h, self.dropout, self.deterministic)
+
+
+class TransformerStack(nn.Module):
+  """`num_layers` identical transformer blocks, scanned or unrolled.
+
+  Scanned: one `nn.scan` named 'layers' with parameters stacked on a leading
+  axis (logical name 'layers'). Unrolled: modules 'layers_0', 'layers_1', ...
+  `stack_layers` / `unstack_layers` convert between the two parameter trees.
+  """
+  num_layers: int
+  width: int
+  head_dim: int = 128
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  scan: bool = True
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    block_cls = layers.maybe_remat(TransformerBlock, self.remat, self.remat_policy,
+                                   in_scan=self.scan)
+    kwargs = dict(width=self.width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+                  dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype)
+    if not self.scan:
+      for i in range(self.num_layers):
+        x = block_cls(**kwargs, name=f"layers_{i}")(x, cond)
+      return x
+    scan = nn.scan(
+        lambda block, carry, c: (block(carry, c), None),
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},  # independent masks per layer
+        in_axes=nn.broadcast,
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scan(block_cls(**kwargs, name="layers"), x, cond)
+    return x
+
+
+def _pool(x: jax.Array) -> jax.Array:
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def _upsample(x: jax.Array) -> jax.Array:
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class UViT(nn.Module):
+  """The simple-diffusion UViT; `__call__(z, logsnr, labels, train)` returns v-hat.
+
+  Attributes:
+    image_size, num_channels: the input resolution and channels it is built for.
+    num_classes: class-conditional with a null class at index `num_classes`;
+      0 means unconditional (labels are ignored).
+    block_types: per down level, "res" (ResBlocks) or "attn" (transformer blocks).
+    channels: per down level, the width.
+    num_blocks: per down level, the number of blocks (mirrored on the way up).
+    mid_channels, mid_blocks: width and depth of the mid transformer stack,
+      which runs at image_size / 2**len(channels).
+    dropout: per level and then the mid stack (len(channels) + 1 rates).
+    emb_dim: width of the conditioning vector.
+    head_dim: attention head dimension (heads = width // head_dim).
+    mlp_ratio: MLP expansion of the transformer blocks.
+    num_groups: GroupNorm groups in the ResBlocks and output head.
+    dtype: compute dtype of convs and matmuls (parameters stay float32).
+    remat, remat_policy: rematerialise every block with a named policy.
+    scan_blocks: scan the mid stack instead of unrolling it.
+  """
+  image_size: int = 64
+  num_channels: int = 3
+  num_classes: int = 1000
+  block_types: tuple[str, ...] = ("res", "attn")
+  channels: tuple[int, ...] = (256, 512)
+  num_blocks: tuple[int, ...] = (3, 3)
+  mid_channels: int = 1024
+  mid_blocks: int = 16
+  dropout: tuple[float, ...] = (0.0, 0.0, 0.2)
+  emb_dim: int = 2048
+  head_dim: int = 128
+  mlp_ratio: int = 4
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_blocks: bool = True
+
+  def validate(self):
+    """Raises ValueError naming the first inconsistent attribute."""
+    levels = len(self.channels)
+    for key in ("block_types", "num_blocks"):
+      if len(getattr(self, key)) != levels:
+        raise ValueError(f"{key} must have one entry per level ({levels}, like channels), "
+                         f"got {getattr(self, key)}")
+    if len(self.dropout) != levels + 1:
+      raise ValueError(f"dropout must have {levels + 1} rates (one per level, then mid), "
+                       f"got {self.dropout}")
+    for kind in self.block_types:
+      if kind not in BLOCK_TYPES:
+        raise ValueError(f"block_types entries must be one of {BLOCK_TYPES}, got {kind!r}")
+    if self.image_size % 2**levels:
+      raise ValueError(f"image_size must be divisible by 2**{levels} (one pool per level), "
+                       f"got {self.image_size}")
+    attn_widths = [c for c, k in zip(self.channels, self.block_types) if k == "attn"]
+    for width in attn_widths + [self.mid_channels]:
+      if width % self.head_dim or width % 4:
+        raise ValueError(f"transformer widths must be divisible by head_dim={self.head_dim} "
+                         f"and by 4, got {width}")
+    for width in self.channels:
+      if width % self.num_groups:
+        raise ValueError(f"channels must be divisible by num_groups={self.num_groups}, "
+                         f"got {width}")
+    layers.maybe_remat(ResBlock, self.remat, self.remat_policy)  # checks the policy name
+
+  def _block(self, level: int, index: int, up: bool, train: bool):
+    kind, width = self.block_types[level], self.channels[level]
+    name = f"{'up' if up else 'down'}{level}_block{index}"
+    common = dict(dropout=self.dropout[level], deterministic=not train, dtype=self.dtype,
+                  name=name)
+    if kind == "res":
+      return layers.maybe_remat(ResBlock, self.remat, self.remat_policy)(
+          width, num_groups=self.num_groups, **common)
+    return layers.maybe_remat(TransformerBlock, self.remat, self.remat_policy)(
+        width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio, **common)
+
+  def _enter_transformer(self, x: jax.Array, width: int, name: str,
+                         upsample: bool = False) -> jax.Array:
+    """Projects to `width` (before upsampling: it commutes and is 4x cheaper), adds sin-cos."""
+    if x.shape[-1] != width:
+      x = layers.dense(width, ("fan_in", "embed"), dtype=self.dtype, name=name)(x)
+    if upsample:
+      x = _upsample(x)
+    pos = layers.sincos_2d(x.shape[1], x.shape[2], width).reshape(x.shape[1:])
+    return x + jnp.asarray(pos, dtype=x.dtype)
+
+  @nn.compact
+  def __call__(self, z: jax.Array, logsnr: jax.Array, labels: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    """v-hat [B, H, W, C] float32 from z [B, H, W, C], logsnr [B], labels [B] or None."""
+    self.validate()
+    cond = layers.Conditioning(self.emb_dim, self.num_classes, name="cond")(logsnr, labels)
+    x = layers.constrain_batch(z.astype(self.dtype))
+    x = layers.conv3x3(self.channels[0], ("fan_in", "embed"), dtype=self.dtype,
+                       name="conv_in")(x)
+
+    skips = []
+    for level, kind in enumerate(self.block_types):
+      if level > 0:
+        x = _pool(x)
+      if kind == "attn":
+        x = self._enter_transformer(x, self.channels[level], f"down{level}_proj")
+      for i in range(self.num_blocks[level]):
+        x = self._block(level, i, up=False, train=train)(x, cond)
+        skips.append(x)
+      self.sow("intermediates", f"down{level}_out", x)
+
+    x = self._enter_transformer(_pool(x), self.mid_channels, "mid_proj")
+    x = TransformerStack(
+        self.mid_blocks, self.mid_channels, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+        dropout=self.dropout[-1], deterministic=not train, dtype=self.dtype,
+        scan=self.scan_blocks, remat=self.remat, remat_policy=self.remat_policy,
+        name="mid")(x, cond)
+    self.sow("intermediates", "mid_out", x)
+
+    for level in reversed(range(len(self.channels))):
+      if self.block_types[level] == "attn":
+        x = self._enter_transformer(x, self.channels[level], f"up{level}_proj", upsample=True)
+        for i in range(self.num_blocks[level]):
+          x = self._block(level, i, up=True, train=train)(x, cond, skips.pop())
+      else:
+        x = _upsample(x)
+        for i in range(self.num_blocks[level]):
+          x = self._block(level, i, up=True, train=train)(
+              jnp.concatenate([x, skips.pop()], axis=-1), cond)
+      self.sow("intermediates", f"up{level}_out", x)
+
+    x = nn.swish(layers.group_norm(self.num_groups, name="norm_out")(x))
+    x = layers.conv3x3(self.num_channels, ("embed", "channels"), dtype=self.dtype,
+                       zero_init=True, name="conv_out")(x.astype(self.dtype))
+    return x.astype(jnp.float32)
+
+
+def _is_layer_key(key: str) -> bool:
+  return key.startswith("layers_") and key[len("layers_"):].isdigit()
+
+
+def unstack_layers(params: Any) -> Any:
+  """Scanned -> unrolled params: every 'layers' subtree [L, ...] becomes 'layers_i'.
+
+  Works on plain (unboxed) parameter dicts; see `partitioning.unbox`.
+  """
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == "layers":
+      num_layers = jax.tree.leaves(value)[0].shape[0]
+      for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[key] = unstack_layers(value)
+  return out
+
+
+def stack_layers(params: Any) -> Any:
+  """Unrolled -> scanned params: 'layers_0' ... 'layers_{L-1}' become 'layers' [L, ...]."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: stack_layers(v) for k, v in params.items() if not _is_layer_key(k)}
+  indices = sorted(int(k[len("layers_"):]) for k in params if _is_layer_key(k))
+  if indices:
+    if indices != list(range(len(indices))):
+      raise ValueError(f"layers_i keys must be numbered 0..L-1, got {indices}")
+    blocks = [params[f"layers_{i}"] for i in indices]
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
+  return out
