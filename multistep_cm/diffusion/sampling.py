@@ -87,21 +87,24 @@ def sample_mcm(denoise_fn: Callable, z, schedule: Schedule, student_steps: int,
 
 
 def classifier_free_guidance(denoise_fn: Callable, labels, null_label: int,
-                             guidance_scale: float) -> Callable:
+                             guidance_scale: float, return_conditional: bool = False) -> Callable:
   """Guided `denoise_fn(z, t)` from a conditional `denoise_fn(z, t, labels)`.
 
   `x̂ = x̂_c + w (x̂_c - x̂_u)` (Ho & Salimans; w = 0 is no guidance). x̂, eps-hat
   and v-hat are affine in each other for fixed z_t, so guiding x̂ equals guiding
-  eps or v. Conditional and unconditional halves run as one batch.
+  eps or v. Conditional and unconditional halves run as one batch. With
+  `return_conditional`, the guided function returns `(x̂_guided, x̂_c)`.
   """
   labels = jnp.asarray(labels, jnp.int32)
 
   def guided(z, t):
     if guidance_scale == 0:
-      return denoise_fn(z, t, labels)
+      x_c = denoise_fn(z, t, labels)
+      return (x_c, x_c) if return_conditional else x_c
     both = denoise_fn(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
                       jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
     x_c, x_u = jnp.split(both, 2)
-    return x_c + guidance_scale * (x_c - x_u)
+    x_g = x_c + guidance_scale * (x_c - x_u)
+    return (x_g, x_c) if return_conditional else x_g
 
   return guided

@@ -1,0 +1,14 @@
+"""Embedded 8x8 digits: Multistep Consistency Distillation of the teacher (no download needed).
+
+    python -m multistep_cm.main --config=configs/digits_cd.py:steps=4,teacher=/tmp/mcm_digits/teacher \
+        --workdir=/tmp/mcm_digits/cd4
+
+Variants: size=8|16, steps=S (student steps), teacher=PATH.
+Expected: see the README's digits table (evaluate with python -m multistep_cm.evaluate).
+"""
+from multistep_cm import config_base
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, size=8, steps=4, teacher="")
+  return config_base.digits_config("cd", a.steps, a.size, a.teacher)

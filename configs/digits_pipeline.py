@@ -1,0 +1,26 @@
+"""The embedded pipeline, end to end on a CPU: digits teacher -> MCM student -> sample grids.
+
+    python -m multistep_cm.main --config=configs/digits_pipeline.py --workdir=/tmp/mcm_digits
+
+Stage `teacher` trains the diffusion model in <workdir>/teacher; stage `cd4` then
+initialises a 4-step Multistep CD student from it and distils it, in <workdir>/cd4.
+Both write TensorBoard logs and sample grids (also as PNG files) into their
+directories: `tensorboard --logdir /tmp/mcm_digits`. Re-running resumes (finished
+stages are skipped).
+
+Variants: size=8|16, steps=S, mode=cd|ct.
+"""
+import ml_collections
+
+from multistep_cm import config_base
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, size=8, steps=4, mode="cd")
+  student = f"{a.mode}{a.steps}"
+  c = ml_collections.ConfigDict()
+  c.stage_order = ("teacher", student)
+  c.stages = ml_collections.ConfigDict()
+  c.stages.teacher = config_base.digits_config("diffusion", image_size=a.size)
+  c.stages[student] = config_base.digits_config(a.mode, a.steps, a.size, teacher="stage:teacher")
+  return c

@@ -1,0 +1,14 @@
+"""The toy Gaussian mixture (8-d, five modes, exact denoiser) through the main trainer: diffusion.
+
+    python -m multistep_cm.main --config=configs/mixture_diffusion.py \
+        --workdir=/tmp/mcm_mix/teacher
+
+The toy experiment with the exact teacher and the energy-distance table is
+`python -m multistep_cm.toy`; this config trains the same MLP with the full trainer.
+"""
+from multistep_cm import config_base
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, steps=8, teacher="", dim=8)
+  return config_base.mixture_config("diffusion", a.steps, a.teacher, a.dim)

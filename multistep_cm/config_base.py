@@ -1,0 +1,258 @@
+"""Defaults shared by every experiment config (configs/*.py), each key documented once.
+
+An experiment file calls `base_config()` and sets what differs; the command line
+overrides any key with `--config.key=value`.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- data (data/pipeline.py) ---
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "digits"  # 'digits', 'mixture', 'imagenet2012', 'imagenet_resized/64x64', ...
+  c.data.split = "train"
+  c.data.image_size = 8
+  c.data.num_channels = 1
+  c.data.num_classes = 10  # 0: unconditional; else index num_classes is the null class
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir
+  c.data.random_flip = False
+  c.data.data_dim = 8  # mixture only
+  c.data.mixture_size = 65536  # mixture only: points drawn once (fixed seed) for the source
+  c.data.num_threads = 0  # decode threads; 0 = the pipeline's default
+  c.data.prefetch = 2
+
+  c.batch_size = 128  # global, over all devices and hosts
+  c.num_train_steps = 2000
+
+  # --- model (models/presets.py): a preset plus any attribute overrides ---
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "digits8"
+
+  # --- noise schedule (diffusion/schedules.py) ---
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"
+  c.schedule.kwargs = ml_collections.ConfigDict()
+
+  # --- objective (diffusion/losses.py) ---
+  c.loss = ml_collections.ConfigDict()
+  c.loss.mode = "diffusion"  # 'diffusion', 'ct', 'cd', 'direct'
+  c.loss.label_dropout = 0.1  # diffusion: labels replaced by the null class (for guidance)
+  c.loss.student_steps = 8  # S
+  c.loss.teacher_steps_start = 64  # N_teacher anneal (§3.2): 64 -> 1280 over anneal_steps
+  c.loss.teacher_steps_end = 1280
+  c.loss.anneal_steps = 100_000  # 0: fixed N = teacher_steps_end
+  c.loss.eta = 0.75  # xvar_frac of the aDDIM teacher step (§5.5)
+  c.loss.teacher_solver = "addim"  # or 'ddim'
+  c.loss.guidance_scale = 0.0  # classifier-free guidance of the CD teacher
+  c.loss.huber_epsilon = 1e-4
+  c.loss.huber_reduction = "mean"  # 'mean', 'sum', 'elementwise'
+  c.loss.weighting = "v_space"  # or 'snr_plus_one' (diffusion/losses.py explains the default)
+  c.loss.direct_x_var = "analytic"  # Direct CM with aDDIM: 'analytic' or 'data'
+
+  # --- teacher and initialisation (checkpoints of a diffusion run) ---
+  c.teacher_checkpoint = ""  # workdir or checkpoint dir of the diffusion teacher (cd, direct)
+  c.teacher_weights = "ema0"  # 'params' or an EMA name
+  c.init_from = ""  # student initialisation (the paper starts from the teacher's weights)
+  c.init_weights = "ema0"
+
+  # --- optimiser (optim.py) ---
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.schedule = "constant"  # 'constant', 'cosine', 'linear'
+  c.optimizer.end_lr_fraction = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 1.0
+  c.ema_decays = (0.999,)
+  c.ema_warmup = True
+  c.nonfinite = "skip"  # non-finite loss or gradient: 'skip' the update, or 'stop' the run
+
+  # --- mesh (sharding.py): data x fsdp = all devices; -1 = the rest ---
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
+  # --- logging, checkpoints, samples ---
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.checkpoint_keep = 3
+  c.checkpoint_keep_period = 0  # also keep every k-th step's checkpoint (0: none)
+  c.async_checkpoints = True
+  c.sample_every_steps = 1000  # sample grids to TensorBoard (0: off)
+  c.sample_num = 64
+  c.sample_steps = 64  # diffusion models: sampler steps (MCM: student_steps)
+  c.sample_sampler = "addim"
+  c.profile_steps = 0  # > 0: profile this many steps after the first log step
+  c.evals = ml_collections.ConfigDict()  # in-training evaluation (evaluation/)
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config argument `"key=value,key2=value2"` into the typed `defaults`.
+
+  `get_config("steps=4,size=large")` style variants (big_vision's convention); an
+  unknown key or a value of the wrong type raises ValueError naming it.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; allowed: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if sep and value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key!r} takes true/false, got {value!r}")
+      out[key] = (not sep) or value.lower() in ("true", "1")
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config argument {key!r} takes a {type(default).__name__}, "
+                         f"got {value!r}") from None
+    else:
+      out[key] = value
+  return out
+
+
+def imagenet_config(resolution: int, mode: str, size: str = "small", student_steps: int = 8,
+                    teacher: str = "", guidance: float = 0.0) -> ml_collections.ConfigDict:
+  """The paper's ImageNet settings (spec §7.1, §1.2, §3.2, §5.5); our choices are marked.
+
+  Args:
+    resolution: 64 or 128.
+    mode: 'diffusion' (the teacher) or 'ct' / 'cd' / 'direct' (students).
+    size: 'small' or 'large' (the UViT presets of §7.2).
+    student_steps: S (1, 2, 4, 8 or 16 in the paper).
+    teacher: the diffusion run (workdir or checkpoint) the student starts from and,
+      for cd/direct, distils.
+    guidance: classifier-free guidance of the CD teacher (the paper used guidance for
+      small IN128 only, scale not stated; 0 = none).
+  """
+  if resolution not in (64, 128) or size not in ("small", "large"):
+    raise ValueError(f"imagenet config: resolution 64|128 and size small|large, got "
+                     f"{resolution}, {size!r}")
+  c = base_config()
+  c.data.dataset = "imagenet2012"
+  c.data.image_size = resolution
+  c.data.num_channels = 3
+  c.data.num_classes = 1000
+  c.data.random_flip = True
+  c.data.prefetch = 4
+  c.batch_size = 2048  # all runs, §7.1
+  c.model.preset = f"imagenet{resolution}_{size}"
+  c.model.dtype = "bfloat16"
+  # Interpolated cosine from noise resolution 32 to the image resolution (§1.2, App. A.1).
+  c.schedule.name = "interpolated_cosine"
+  c.schedule.kwargs = ml_collections.ConfigDict(
+      {"image_d": resolution, "noise_d_low": 32, "noise_d_high": resolution})
+  c.loss.mode = mode
+  c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every chip (README: the compile report)
+  c.ema_decays = (0.9999,)  # NOT FOUND in the paper: our choice
+  c.ema_warmup = False
+  c.optimizer.warmup_steps = 1000
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  c.checkpoint_keep = 3
+  c.checkpoint_keep_period = 50_000
+  c.sample_every_steps = 10_000
+  c.sample_num = 64
+  c.sample_steps = 512  # the paper's diffusion baseline: 512-step aDDIM (Table 1)
+  if mode == "diffusion":
+    # Base diffusion training hyperparameters are NOT FOUND (§7.1); simple-diffusion-like
+    # choices. The paper's IN128 teacher also used a 2x2-pooled multiscale loss, not
+    # implemented here.
+    c.num_train_steps = 500_000
+    c.optimizer.learning_rate = 1e-4
+    c.loss.label_dropout = 0.1
+  else:
+    c.num_train_steps = 200_000  # §7.1
+    c.loss.student_steps = student_steps
+    c.loss.teacher_steps_start, c.loss.teacher_steps_end = 64, 1280  # §3.2
+    c.loss.anneal_steps = 100_000
+    c.loss.eta = 0.75  # §5.5
+    c.loss.huber_epsilon = 1e-4  # §3.6
+    c.loss.guidance_scale = guidance
+    c.optimizer.learning_rate = 5e-5  # NOT FOUND: our choice for fine-tuning
+    c.init_from = teacher  # all MCM runs start from the diffusion weights (§7.1)
+    c.teacher_checkpoint = teacher if mode in ("cd", "direct") else ""
+  return c
+
+
+def digits_config(mode: str, student_steps: int = 4, image_size: int = 8,
+                  teacher: str = "") -> ml_collections.ConfigDict:
+  """The embedded digits (8x8 or 16x16, 10 classes): runs on a CPU in minutes."""
+  c = base_config()
+  c.data.dataset = "digits"
+  c.data.image_size = image_size
+  c.data.num_channels = 1
+  c.data.num_classes = 10
+  c.model.preset = f"digits{image_size}"
+  c.batch_size = 128
+  c.schedule.name = "cosine"
+  c.loss.mode = mode
+  c.ema_decays = (0.999,)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.sample_every_steps = 1000
+  c.sample_num = 100
+  c.sample_steps = 64
+  if mode == "diffusion":
+    c.num_train_steps = 6000
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.schedule = "cosine"
+    c.optimizer.end_lr_fraction = 0.05
+  else:
+    c.num_train_steps = 3000
+    c.loss.student_steps = student_steps
+    # The paper's anneal shape (64 -> 1280 over half the run, §3.2) on a short run.
+    c.loss.teacher_steps_start, c.loss.teacher_steps_end = 64, 1280
+    c.loss.anneal_steps = c.num_train_steps // 2
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.schedule = "cosine"
+    c.optimizer.end_lr_fraction = 0.05
+    c.init_from = teacher
+    c.teacher_checkpoint = teacher if mode in ("cd", "direct") else ""
+  return c
+
+
+def mixture_config(mode: str, student_steps: int = 8, teacher: str = "",
+                   data_dim: int = 8) -> ml_collections.ConfigDict:
+  """The toy Gaussian mixture (data/mixture.py) through the main trainer, with an MLP."""
+  c = base_config()
+  c.data.dataset = "mixture"
+  c.data.data_dim = data_dim
+  c.data.num_classes = 0
+  c.data.image_size = 0
+  c.model.preset = "mlp_toy"
+  c.model.width = 128
+  c.model.depth = 3
+  c.batch_size = 256
+  c.schedule.name = "cosine"
+  c.loss.mode = mode
+  c.sample_every_steps = 0
+  c.log_every_steps = 200
+  c.checkpoint_every_steps = 1000
+  c.optimizer.schedule = "cosine"
+  c.optimizer.end_lr_fraction = 0.05
+  if mode == "diffusion":
+    c.num_train_steps = 4000
+    c.optimizer.learning_rate = 1e-3
+  else:
+    c.num_train_steps = 3000
+    c.loss.student_steps = student_steps
+    c.loss.anneal_steps = c.num_train_steps // 2
+    c.optimizer.learning_rate = 3e-4
+    c.init_from = teacher
+    c.teacher_checkpoint = teacher if mode in ("cd", "direct") else ""
+  return c

@@ -1,0 +1,98 @@
+"""The main job: `python -m multistep_cm.main --config=configs/<name>.py --workdir=DIR`.
+
+Parses flags, starts `jax.distributed` on multi-host runs, logs the devices, and
+calls `train.train_and_evaluate(config, workdir)`. Re-running with the same workdir
+resumes from its latest checkpoint.
+
+Exit codes:
+  0   finished (num_train_steps reached)
+  2   bad config or command line (one line names the key and what is allowed)
+  3   dataset missing, unprepared or corrupt (the message names the fixing command)
+  4   checkpoint missing or incompatible (teacher, init_from, or the workdir's own)
+  5   stopped on a non-finite loss or gradient (config.nonfinite='stop')
+  6   the workdir cannot be written (read-only, full)
+  75  stopped by SIGTERM/SIGINT or a TPU preemption notice after saving a checkpoint:
+      run the same command again to resume (75 is EX_TEMPFAIL, "try again")
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_WORKDIR = 2, 3, 4, 5, 6
+EXIT_PREEMPTED = 75
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, config.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs without "
+    "cluster auto-detection (else JAX_COORDINATOR_ADDRESS, SLURM or a TPU pod are used).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multi_host_environment() -> bool:
+  """True where `jax.distributed.initialize()` can find its peers by itself."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return True
+  # Cloud TPU VMs of a multi-host slice list their workers here.
+  return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def initialize_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _multi_host_environment():
+    jax.distributed.initialize()
+
+
+def _fail(code: int, message: str):
+  logging.error("%s", message)
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_distributed()
+  # Imported after jax.distributed starts: nothing may touch a JAX backend before it.
+  import jax  # pylint: disable=g-import-not-at-top
+  from multistep_cm import checkpointing  # pylint: disable=g-import-not-at-top
+  from multistep_cm import config_checks  # pylint: disable=g-import-not-at-top
+  from multistep_cm import train  # pylint: disable=g-import-not-at-top
+  from multistep_cm.data import sources  # pylint: disable=g-import-not-at-top
+
+  logging.info("JAX %s, process %d of %d, %d local / %d global devices: %s", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].device_kind)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    result = train.run(config, workdir)
+  except config_checks.ConfigError as e:
+    _fail(EXIT_CONFIG, str(e))
+  except sources.DatasetError as e:
+    _fail(EXIT_DATA, str(e))
+  except checkpointing.CheckpointError as e:
+    _fail(EXIT_CHECKPOINT, str(e))
+  except train.NonFiniteError as e:
+    _fail(EXIT_NONFINITE, str(e))
+  except (PermissionError, OSError) as e:
+    if getattr(e, "errno", None) in (13, 28, 30):  # EACCES, ENOSPC, EROFS
+      _fail(EXIT_WORKDIR, f"cannot write to the workdir {workdir!r}: {e.strerror or e}")
+    raise
+  if result.preempted:
+    sys.exit(EXIT_PREEMPTED)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,212 @@
+"""The training system on 8 simulated CPU devices: main job, sharding, resume, CD from a teacher.
+
+Small configs (a tiny digits UViT, the mixture MLP) keep each run to seconds.
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from multistep_cm import checkpointing
+from multistep_cm import config_base
+from multistep_cm import config_checks
+from multistep_cm import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_digits(mode="diffusion", steps=40, **kw):
+  c = config_base.digits_config(mode, student_steps=kw.pop("student_steps", 2),
+                                teacher=kw.pop("teacher", ""))
+  c.num_train_steps = steps
+  c.batch_size = 16
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 20
+  c.sample_every_steps = 20
+  c.sample_num = 4
+  c.sample_steps = 4
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  c.optimizer.warmup_steps = 5
+  c.loss.teacher_steps_start, c.loss.teacher_steps_end = 8, 16
+  c.loss.anneal_steps = 10
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def tiny_mixture(mode="diffusion", steps=60, **kw):
+  c = config_base.mixture_config(mode, student_steps=kw.pop("student_steps", 2),
+                                 teacher=kw.pop("teacher", ""))
+  c.num_train_steps = steps
+  c.batch_size = 64
+  c.model.width, c.model.depth = 32, 2
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 30
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  c.optimizer.warmup_steps = 5
+  c.loss.teacher_steps_start, c.loss.teacher_steps_end = 8, 16
+  c.loss.anneal_steps = 20
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def read_scalars(workdir):
+  """Scalars `{tag: [(step, value)]}` and image tags from the event files (tensorboard's reader).
+
+  clu writes TF2 summaries: scalars are 0-d float tensors, images are string tensors.
+  """
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  scalars, images = {}, set()
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    for tag in acc.Tags()["tensors"]:
+      for event in acc.Tensors(tag):
+        value = tensor_util.make_ndarray(event.tensor_proto)
+        if value.dtype.kind in "fiu" and value.size == 1:
+          scalars.setdefault(tag, []).append((event.step, float(value)))
+        elif value.dtype.kind in "SO":
+          images.add(tag)
+  return scalars, images
+
+
+def abstract_params(config):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      train.partitioning.unbox(train.abstract_params(train.get_model(config))))
+
+
+def run_main(config_path, workdir, *overrides, check=True):
+  cmd = [sys.executable, "-m", "multistep_cm.main", f"--config={config_path}",
+         f"--workdir={workdir}", *overrides]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def test_main_trains_sharded_and_logs_to_tensorboard(tmp_path):
+  """The main job end to end on a 2x4 mesh: loss finite and falling, scalars and images logged."""
+  workdir = tmp_path / "digits"
+  run_main("configs/digits_diffusion.py", workdir, "--config.num_train_steps=60",
+           "--config.batch_size=32", "--config.log_every_steps=10", "--config.mesh.data=2",
+           "--config.mesh.fsdp=4", "--config.sample_every_steps=30", "--config.sample_num=4",
+           "--config.sample_steps=4", "--config.checkpoint_every_steps=30")
+  scalars, images = read_scalars(workdir)
+  for tag in ("loss", "grad_norm", "learning_rate", "steps_per_sec", "examples_per_sec",
+              "tflops_per_device"):
+    assert tag in scalars, (tag, sorted(scalars))
+  losses = [v for _, v in scalars["loss"]]
+  assert all(np.isfinite(losses)) and len(losses) == 6
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+  assert any("samples" in t for t in images), images
+  assert os.path.exists(workdir / "config.json")
+  assert json.load(open(workdir / "config.json"))["mesh"] == {"data": 2, "fsdp": 4}
+  assert glob.glob(str(workdir / "samples_step60.png"))
+  # Parameters really are sharded over the fsdp axis of the 2x4 mesh.
+  ckpt, step = checkpointing.resolve(str(workdir))
+  assert step == 60
+
+
+def test_parameters_are_sharded_over_fsdp():
+  config = tiny_digits()
+  mesh = train.sharding_lib.make_mesh(config.mesh)
+  model = train.get_model(config)
+  tx, _ = train.optim.make_optimizer(config.optimizer, config.num_train_steps)
+  layout = train.state_layout(model, tx, mesh, 1)
+  specs = [s.spec for s in jax.tree.leaves(layout.shardings.params)]
+  assert any("fsdp" in str(spec) for spec in specs)
+  # Adam's moments follow their parameters.
+  mu = layout.shardings.opt_state[1][0].mu
+  assert jax.tree.leaves(mu)[0] == jax.tree.leaves(layout.shardings.params)[0]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  """2k steps straight == k steps, restart, k more: identical parameters (CPU is deterministic)."""
+  straight = train.train_and_evaluate(tiny_mixture(steps=40), str(tmp_path / "straight"))
+  assert straight.step == 40
+  first = train.train_and_evaluate(tiny_mixture(steps=40), str(tmp_path / "resumed"),
+                                   stop_after=20)
+  assert first.step == 20
+  second = train.train_and_evaluate(tiny_mixture(steps=40), str(tmp_path / "resumed"))
+  assert second.step == 40
+  a_ckpt, a_step = checkpointing.resolve(str(tmp_path / "straight"))
+  b_ckpt, b_step = checkpointing.resolve(str(tmp_path / "resumed"))
+  assert a_step == b_step == 40
+  abstract = abstract_params(tiny_mixture())
+  pa = a_ckpt.restore_params(40, abstract, "params")
+  pb = b_ckpt.restore_params(40, abstract, "params")
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_cd_starts_from_a_diffusion_checkpoint(tmp_path):
+  teacher_dir = str(tmp_path / "teacher")
+  train.train_and_evaluate(tiny_mixture("diffusion", steps=30), teacher_dir)
+  config = tiny_mixture("cd", steps=20, teacher=teacher_dir)
+  assert config.init_from == teacher_dir and config.teacher_checkpoint == teacher_dir
+  result = train.train_and_evaluate(config, str(tmp_path / "cd"))
+  assert result.step == 20 and np.isfinite(result.final_metrics["loss"])
+  assert "teacher_steps" in result.final_metrics
+  assert "loss_per_segment/1" in result.final_metrics
+  # The student's checkpoint holds the student only: no teacher inside.
+  ckpt, step = checkpointing.resolve(str(tmp_path / "cd"))
+  assert set(ckpt.manager.item_metadata(step).keys()) == set(checkpointing.ITEMS)
+
+
+def test_student_initialised_from_teacher_weights(tmp_path):
+  """Before its first update the student equals the teacher's EMA weights (init_from)."""
+  teacher_dir = str(tmp_path / "teacher")
+  train.train_and_evaluate(tiny_mixture("diffusion", steps=20), teacher_dir)
+  config = tiny_mixture("ct", steps=1, teacher=teacher_dir)
+  config.optimizer.learning_rate = 0.0
+  train.train_and_evaluate(config, str(tmp_path / "ct"))
+  t_ckpt, t_step = checkpointing.resolve(teacher_dir)
+  s_ckpt, s_step = checkpointing.resolve(str(tmp_path / "ct"))
+  abstract = abstract_params(config)
+  teacher = t_ckpt.restore_params(t_step, abstract, "ema0")
+  student = s_ckpt.restore_params(s_step, abstract, "params")
+  for x, y in zip(jax.tree.leaves(teacher), jax.tree.leaves(student)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_staged_pipeline_config_wires_the_teacher(tmp_path):
+  from configs import digits_pipeline  # pylint: disable=g-import-not-at-top
+  config = digits_pipeline.get_config("steps=2")
+  assert tuple(config.stage_order) == ("teacher", "cd2")
+  stage = train.resolve_stage(config.stages.cd2, str(tmp_path))
+  assert stage.teacher_checkpoint == str(tmp_path / "teacher") == stage.init_from
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("batch_size", 12, "batch_size"),
+    ("loss.mode", "pd", "loss.mode"),
+    ("loss.student_steps", 3, "student_steps"),
+    ("model.preset", "nope", "model"),
+    ("schedule.name", "linear", "schedule.name"),
+    ("data.dataset", "cifar", "data.dataset"),
+])
+def test_config_validation_names_the_key(key, value, match):
+  config = tiny_digits("ct", teacher="x")
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.validate(config, num_devices=8, num_processes=1)
+
+
+def test_main_reports_config_errors_in_one_line(tmp_path):
+  proc = run_main("configs/digits_cd.py", tmp_path / "x", check=False)
+  assert proc.returncode == 2
+  assert "config.teacher_checkpoint" in proc.stderr
+  assert "Traceback" not in proc.stderr
