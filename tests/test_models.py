@@ -119,6 +119,10 @@ def test_config_dict_overrides_and_dropout_placement():
       dict(preset="imagenet64_large", dtype="bfloat16", dropout=0.3, scan_blocks=False))
   model = models.get_model(config, remat=True)
   assert model.dtype == jnp.bfloat16 and model.remat and not model.scan_blocks
+  out = jax.eval_shape(
+      lambda v, *x: model.apply(v, *x, train=True, rngs={"dropout": jax.random.key(0)}),
+      models.abstract_variables(model), *models.input_specs(model, 1))
+  assert out.dtype == jnp.float32
   # §7.2: large IN64 has dropout on all transformer levels, none on the 64x64 ResBlocks.
   assert model.dropout == (0.0, 0.3, 0.3)
   assert models.get_model("imagenet64_small").dropout == (0.0, 0.0, 0.2)
