@@ -6,6 +6,7 @@ zero-initialised, and a network that outputs exactly 0 would make every
 comparison below vacuous.
 """
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -187,7 +188,10 @@ def test_remat_changes_memory_not_gradients(scan_blocks, policy):
   rematted = models.get_model("digits8", scan_blocks=scan_blocks, remat=True,
                               remat_policy=policy)
   key = jax.random.key(1)
-  jaxpr = lambda m: str(jax.make_jaxpr(_grad(m))(params, inputs, key))  # pylint: disable=g-long-lambda
+
+  def jaxpr(m):
+    return str(jax.make_jaxpr(_grad(m))(params, inputs, key))
+
   assert "remat" in jaxpr(rematted) and "remat" not in jaxpr(model)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                _grad(rematted)(params, inputs, key), _grad(model)(params, inputs, key))
@@ -271,7 +275,8 @@ def test_summary_cli_preset_and_config(capsys):
   # Only the conditioning MLP is shared across a batch, so per-example FLOPs barely change.
   assert abs(result["flops_per_example"] / result["flops_batch1"] - 1) < 0.05
 
-  result = summary.main(["--config=tests/tiny_model_config.py"])
+  config_path = os.path.join(os.path.dirname(__file__), "tiny_model_config.py")
+  result = summary.main([f"--config={config_path}"])
   assert "bfloat16" in capsys.readouterr().out
   assert result["stage_shapes"]["up0"] == (1, 16, 16, 16)
 
