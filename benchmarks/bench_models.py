@@ -1,6 +1,6 @@
 """Forward and forward+backward speed of the small model presets, as a fraction of matmul peak.
 
-    python benchmarks/bench_models.py --out /tmp/bench_models.json
+    python -m benchmarks.bench_models --out /tmp/bench_models.json
 
 For each preset: the median wall time of a jitted forward pass and of a jitted
 forward+backward (gradient of a squared error w.r.t. the parameters) after

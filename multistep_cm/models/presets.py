@@ -80,7 +80,7 @@ def _module_fields(cls) -> list[str]:
   return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
 
 
-def _normalise(cls, key: str, value: Any) -> Any:
+def _normalise(key: str, value: Any) -> Any:
   """Turns config values (lists, dtype names, a scalar dropout) into module attributes."""
   if key == "dtype":
     if isinstance(value, str):
@@ -129,7 +129,7 @@ def get_model(preset_or_config: "str | Mapping[str, Any]", **overrides) -> nn.Mo
     if key not in allowed:
       raise ValueError(f"unknown model override {key!r} for preset {name!r}; "
                        f"allowed: {allowed}")
-    value = _normalise(cls, key, value)
+    value = _normalise(key, value)
     if key == "dropout" and cls is uvit.UViT and np.ndim(value) == 0:
       # Keep the paper's placement (§7.2) and change only the rate.
       value = tuple(float(value) if r > 0 else 0.0 for r in hparams["dropout"])

@@ -21,10 +21,11 @@ Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
 - Transformer blocks: pre-LN; each of the two LayerNorms (without affine
   parameters) is followed by the same FiLM scale-shift as the ResBlocks, so
   every block sees the noise level (adaptive LayerNorm, as in DiT). Attention
-  head dimension 128 at ImageNet widths (8 heads at 1024), the size flash
-  attention kernels are fastest at; the output projections of attention and
-  MLP are zero-initialised so each block starts as the identity. MLP: dense
-  (4x) -> GELU -> dense. Dropout on the attention and MLP outputs, only at the
+  head dimension 128 at ImageNet widths (4/8/16 heads at 512/1024/2048): ViTs
+  use 64-128, and 128 fills a TPU's 128-wide matrix unit and is a size cuDNN
+  flash attention supports. The output projections of attention and MLP are
+  zero-initialised so each block starts as the identity. MLP: dense (4x) ->
+  GELU -> dense. Dropout on the attention and MLP outputs, only at the
   levels the preset names (spec §7.2 places dropout per level).
 - Position information: a fixed 2D sine-cosine embedding added where a
   transformer level starts (down, mid and up), parameter-free.
