@@ -43,6 +43,7 @@ _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 4000, "Diffusion pretra
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3000, "Steps per student.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Batch size.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 10_000, "Samples per evaluation.")
+_HUBER = flags.DEFINE_float("huber_epsilon", 1e-4, "Pseudo-Huber epsilon (§3.6).")
 _WEIGHTING = flags.DEFINE_enum("weighting", "v_space", list(losses.WEIGHTINGS),
                                "Loss weighting (see diffusion/losses.py).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -217,7 +218,8 @@ def main(argv):
   del argv
   settings = ToySettings(pretrain_steps=_PRETRAIN_STEPS.value, train_steps=_TRAIN_STEPS.value,
                          batch=_BATCH.value, num_eval=_NUM_EVAL.value,
-                         weighting=_WEIGHTING.value, seed=_SEED.value)
+                         weighting=_WEIGHTING.value, huber_epsilon=_HUBER.value,
+                         seed=_SEED.value)
   for mode in _MODES.value:
     if mode not in losses.MODES:
       raise app.UsageError(f"--modes: {mode!r} is not one of {losses.MODES}")

@@ -23,6 +23,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -407,7 +408,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
                     donate_argnums=(0,))
   t0 = time.time()
-  compiled = step_fn.lower(layout.abstract, abstract_batch, teacher_params).compile()
+  # Under the mesh and the logical rules, the models' batch-axis constraints take effect.
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+    compiled = step_fn.lower(layout.abstract, abstract_batch, teacher_params).compile()
   flops_per_device = _cost_flops(compiled)
   peak = hardware.peak_flops_per_device()
   logging.info("Compiled the train step in %.1fs: %.3g FLOPs per device per step%s.",
