@@ -33,25 +33,35 @@ _COORDINATOR = flags.DEFINE_string(
     "cluster auto-detection (else JAX_COORDINATOR_ADDRESS, SLURM or a TPU pod are used).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Start jax.distributed: auto = on TPU VMs, under multi-task SLURM, or when "
+    "JAX_COORDINATOR_ADDRESS is set.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _multi_host_environment() -> bool:
-  """True where `jax.distributed.initialize()` can find its peers by itself."""
+  """True where `jax.distributed.initialize()` can find its peers by itself.
+
+  On a Cloud TPU VM JAX reads the slice's workers from the VM metadata; the device
+  files identify such a VM (initialising a single-host slice is harmless).
+  """
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS"):
     return True
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
     return True
-  # Cloud TPU VMs of a multi-host slice list their workers here.
-  return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+  if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+    return True
+  return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))
 
 
 def initialize_distributed():
   import jax  # pylint: disable=g-import-not-at-top
+  mode = _DISTRIBUTED.value
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _multi_host_environment():
+  elif mode == "on" or (mode == "auto" and _multi_host_environment()):
     jax.distributed.initialize()
 
 

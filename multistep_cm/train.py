@@ -206,6 +206,72 @@ def make_train_step(config, loss_fn, tx, lr_schedule):
   return train_step
 
 
+def example_shape(config) -> tuple[int, ...]:
+  """The shape of one training example, from the config: [H, W, C] images or [D] vectors."""
+  if config.data.dataset == "mixture":
+    return (int(config.data.data_dim),)
+  return (int(config.data.image_size), int(config.data.image_size),
+          int(config.data.num_channels))
+
+
+@dataclasses.dataclass
+class StepBuilder:
+  """Everything static about a run's train step, built from the config alone.
+
+  No data, no checkpoint and no parameter is touched, so the same object serves
+  the trainer, the TPU compile report (compile for a topology this host does not
+  have) and the benchmarks. `mesh` defaults to the config's mesh over `devices`.
+  """
+  config: ml_collections.ConfigDict
+  devices: Any = None
+
+  def __post_init__(self):
+    config = self.config
+    self.mesh = sharding_lib.make_mesh(config.mesh, self.devices)
+    self.model = get_model(config)
+    self.teacher_model = self.model  # the student has the teacher's architecture (§7.1)
+    self.schedule = get_schedule(config)
+    self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    self.layout = state_layout(self.model, self.tx, self.mesh, len(config.ema_decays))
+    # One leading-axis sharding serves every key (images, vectors, labels).
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, 1)
+    self.data_key = "x" if config.data.dataset == "mixture" else "image"
+    self.abstract_batch = {
+        self.data_key: jax.ShapeDtypeStruct((config.batch_size,) + example_shape(config),
+                                            jnp.float32, sharding=self.batch_sharding),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                      sharding=self.batch_sharding)}
+    self.teacher_abstract = None
+    if config.loss.mode in ("cd", "direct"):
+      boxed = abstract_params(self.teacher_model)
+      shardings = partitioning.param_shardings(boxed, self.mesh)
+      self.teacher_abstract = jax.tree.map(
+          lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+          partitioning.unbox(boxed), shardings)
+    teacher_shardings = (None if self.teacher_abstract is None
+                         else jax.tree.map(lambda a: a.sharding, self.teacher_abstract))
+    loss_fn = make_loss_fn(config, self.model, self.schedule, self.teacher_model)
+    self.step_fn = jax.jit(
+        make_train_step(config, loss_fn, self.tx, self.lr_schedule),
+        in_shardings=(self.layout.shardings, {k: self.batch_sharding
+                                              for k in self.abstract_batch},
+                      teacher_shardings),
+        out_shardings=(self.layout.shardings, sharding_lib.replicated(self.mesh)),
+        donate_argnums=(0,))
+
+  def lower(self):
+    """The lowered step; under the mesh and the logical rules, so the models' batch-axis
+    activation constraints take effect."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+      return self.step_fn.lower(self.layout.abstract, self.abstract_batch,
+                                self.teacher_abstract)
+
+  def compile(self):
+    """`(compiled step, FLOPs per device per step)`."""
+    compiled = self.lower().compile()
+    return compiled, cost_flops(compiled)
+
+
 # --- sampling for the logs ---------------------------------------------------------------------
 
 
@@ -273,7 +339,8 @@ def _checkpoint_meta(config, state_step: int) -> dict[str, Any]:
           "schedule": config.schedule.to_dict(), "dataset": config.data.dataset}
 
 
-def _cost_flops(compiled) -> float:
+def cost_flops(compiled) -> float:
+  """FLOPs per device of a compiled SPMD program (XLA's cost analysis is per partition)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -300,7 +367,7 @@ def _write_config(config, workdir: str):
       fh.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _initial_state(config, workdir, model, tx, layout, ckpt):
+def _initial_state(config, model, tx, layout, ckpt):
   """Resume from the workdir, else initialise from `config.init_from`, else from scratch."""
   latest = ckpt.latest_step()
   if latest is not None:
@@ -324,14 +391,8 @@ def _initial_state(config, workdir, model, tx, layout, ckpt):
   return jax.jit(init, out_shardings=layout.shardings)(init_rng)
 
 
-def _load_teacher(config, teacher_model, mesh):
-  if config.loss.mode not in ("cd", "direct"):
-    return None
-  boxed = abstract_params(teacher_model)
-  shardings = partitioning.param_shardings(boxed, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        partitioning.unbox(boxed), shardings)
-  params, meta = checkpointing.load_params(config.teacher_checkpoint, target,
+def _load_teacher(config, abstract):
+  params, meta = checkpointing.load_params(config.teacher_checkpoint, abstract,
                                            config.teacher_weights)
   if meta.get("mode") not in (None, "diffusion"):
     logging.warning("The teacher checkpoint %s was trained with mode %r, not diffusion.",
@@ -346,27 +407,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `stop_after` ends this invocation after that step with a checkpoint, as a
   preemption would; running again resumes exactly.
   """
-  # 1. Config, mesh, model.
+  # 1. Config, mesh, model, optimiser and the abstract step: nothing allocated yet.
   config_checks.validate(config, num_devices=jax.device_count(),
                          num_processes=jax.process_count())
-  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+  if "://" not in workdir:
+    os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
-  mesh = sharding_lib.make_mesh(config.mesh)
+  builder = StepBuilder(config)
+  mesh, model, schedule, layout = builder.mesh, builder.model, builder.schedule, builder.layout
   logging.info("Mesh %s over %d devices (%d processes): %s", dict(mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
-  model = get_model(config)
-  teacher_model = model
-  schedule = get_schedule(config)
-  tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 asynchronous=True)
 
   # 2. The train state, sharded.
-  layout = state_layout(model, tx, mesh, len(config.ema_decays))
   ckpt = checkpointing.Checkpointer(
       checkpointing.checkpoint_dir(workdir), max_to_keep=config.checkpoint_keep,
       keep_period=config.checkpoint_keep_period or None, async_save=config.async_checkpoints)
-  state = _initial_state(config, workdir, model, tx, layout, ckpt)
+  state = _initial_state(config, model, builder.tx, layout, ckpt)
   start_step = int(jax.device_get(state.step))
   if start_step >= config.num_train_steps:
     logging.info("%s is already trained to step %d.", workdir, start_step)
@@ -380,48 +438,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", config.model.preset,
                num_params / 1e6, start_step, config.num_train_steps)
 
-  # 3. The teacher.
-  teacher_params = _load_teacher(config, teacher_model, mesh)
-  teacher_shardings = (None if teacher_params is None
-                       else jax.tree.map(lambda a: a.sharding, teacher_params))
+  # 3. The teacher: an input of the step, sharded like the student.
+  teacher_params = None
+  if builder.teacher_abstract is not None:
+    teacher_params = _load_teacher(config, builder.teacher_abstract)
 
-  # 4. Input and the compiled step.
+  # 4. Input, and the step compiled once.
   source = make_source(config)
   probe = source.get([0])
-  key = data_key(probe)
-  example_shape = tuple(probe[key].shape[1:])
-  # One leading-axis sharding serves every key (images, vectors, labels).
-  batch_sharding = sharding_lib.batch_sharding(mesh, 1)
-  shard_index, shard_count = pipeline_lib.batch_shard(batch_sharding, config.batch_size)
+  key = builder.data_key
+  if key not in probe or tuple(probe[key].shape[1:]) != example_shape(config):
+    found = {k: tuple(v.shape[1:]) for k, v in probe.items()}
+    raise config_checks.ConfigError(
+        f"config.data: dataset {config.data.dataset!r} yields {found}, but the config "
+        f"describes {key!r} of shape {example_shape(config)} (check data.image_size, "
+        f"data.num_channels, data.data_dim)")
+  shard_index, shard_count = pipeline_lib.batch_shard(builder.batch_sharding, config.batch_size)
   data = pipeline_lib.Pipeline(
       source, config.batch_size, config.seed, shard_index, shard_count,
       random_flip=bool(config.data.random_flip), num_threads=config.data.num_threads or None,
       prefetch=config.data.prefetch)
-  abstract_batch = {
-      key: jax.ShapeDtypeStruct((config.batch_size,) + example_shape, jnp.float32,
-                                sharding=batch_sharding),
-      "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
-  batch_shardings = {k: batch_sharding for k in abstract_batch}
-  loss_fn = make_loss_fn(config, model, schedule, teacher_model)
-  step_fn = jax.jit(make_train_step(config, loss_fn, tx, lr_schedule),
-                    in_shardings=(layout.shardings, batch_shardings, teacher_shardings),
-                    out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
-                    donate_argnums=(0,))
   t0 = time.time()
-  # Under the mesh and the logical rules, the models' batch-axis constraints take effect.
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-    compiled = step_fn.lower(layout.abstract, abstract_batch, teacher_params).compile()
-  flops_per_device = _cost_flops(compiled)
+  compiled, flops_per_device = builder.compile()
   peak = hardware.peak_flops_per_device()
   logging.info("Compiled the train step in %.1fs: %.3g FLOPs per device per step%s.",
                time.time() - t0, flops_per_device,
                f" (peak {peak:.3g} FLOP/s per device)" if peak else "")
 
   sample_fn = None
-  if config.sample_every_steps and len(example_shape) == 3:
-    sample_fn = jax.jit(make_sample_fn(config, model, schedule))
+  if config.sample_every_steps and len(example_shape(config)) == 3:
+    # Replicated output: every process can read the grid, also when the batch spans hosts.
+    sample_fn = jax.jit(make_sample_fn(config, model, schedule),
+                        out_shardings=sharding_lib.replicated(mesh))
     k_z, k_l = jax.random.split(jax.random.PRNGKey(config.seed + 7))
-    sample_z = jax.random.normal(k_z, (config.sample_num,) + tuple(example_shape))
+    sample_z = jax.random.normal(k_z, (config.sample_num,) + example_shape(config))
     sample_labels = (jnp.arange(config.sample_num, dtype=jnp.int32) % model.num_classes
                      if model.num_classes else None)
 
@@ -443,8 +493,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_step = config.num_train_steps if stop_after is None else min(stop_after,
                                                                       config.num_train_steps)
     for step, local in zip(range(start_step + 1, last_step + 1), data.iterate(start_step)):
-      batch = pipeline_lib.to_global({k: local[k] for k in abstract_batch}, batch_sharding,
-                                     config.batch_size)
+      batch = pipeline_lib.to_global({k: local[k] for k in builder.abstract_batch},
+                                     builder.batch_sharding, config.batch_size)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = compiled(state, batch, teacher_params)
       pending.append(metrics)
