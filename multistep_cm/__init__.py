@@ -5,4 +5,10 @@ Subpackages: `diffusion` (schedules, solvers, samplers, losses: pure maths),
 and evaluation sit beside them, one module per concern.
 """
 
+import os as _os
+
+# TensorFlow only reads data and writes event files here; keep its C++ start-up chatter out
+# of the logs unless the user asks for it.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 __version__ = "0.1.0"

@@ -90,7 +90,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_steps = 64  # diffusion models: sampler steps (MCM: student_steps)
   c.sample_sampler = "addim"
   c.profile_steps = 0  # > 0: profile this many steps after the first log step
-  c.evals = ml_collections.ConfigDict()  # in-training evaluation (evaluation/)
+  # In-training evaluation (evaluation/in_training.py); every_steps = 0 turns it off.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.every_steps = 0
+  c.evals.num_samples = 1000
+  c.evals.batch_size = 500
+  c.evals.metric = "auto"  # 'digits', 'energy', 'fid', 'none'; auto picks by dataset
+  c.evals.ode_error = True  # students with a teacher: distance to the teacher's ODE solve
+  c.evals.ode_steps = 256
+  c.evals.inception_weights = ""  # FID: converted Inception weights (README)
+  c.evals.reference_stats = ""  # FID: reference statistics .npz
   return c
 
 

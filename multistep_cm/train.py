@@ -33,6 +33,7 @@ import optax
 from multistep_cm import checkpointing
 from multistep_cm import config_checks
 from multistep_cm import denoiser
+from multistep_cm import generation
 from multistep_cm import hardware
 from multistep_cm import models
 from multistep_cm import optim
@@ -41,8 +42,8 @@ from multistep_cm import train_state as train_state_lib
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.data import pipeline as pipeline_lib
 from multistep_cm.diffusion import losses
-from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import schedules
+from multistep_cm.evaluation import in_training
 from multistep_cm.models import partitioning
 
 TrainState = train_state_lib.TrainState
@@ -275,16 +276,6 @@ class StepBuilder:
 # --- sampling for the logs ---------------------------------------------------------------------
 
 
-def make_sample_fn(config, model, schedule):
-  """`sample(params, z, labels) -> x` with the student's sampler (MCM) or the diffusion one."""
-  def sample(params, z, labels):
-    f = denoiser.make_denoise_fn(model, params, schedule, labels)
-    if config.loss.mode == "diffusion":
-      return sampling.sample(f, z, schedule, config.sample_steps, config.sample_sampler)
-    return sampling.sample_mcm(f, z, schedule, config.loss.student_steps)
-  return sample
-
-
 def image_grid(images: np.ndarray) -> np.ndarray:
   """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H, cols*W, C] grid."""
   images = np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
@@ -468,12 +459,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sample_fn = None
   if config.sample_every_steps and len(example_shape(config)) == 3:
     # Replicated output: every process can read the grid, also when the batch spans hosts.
-    sample_fn = jax.jit(make_sample_fn(config, model, schedule),
+    sample_fn = jax.jit(generation.make_sample_fn(model, schedule,
+                                                  generation.spec_for_config(config)),
                         out_shardings=sharding_lib.replicated(mesh))
     k_z, k_l = jax.random.split(jax.random.PRNGKey(config.seed + 7))
     sample_z = jax.random.normal(k_z, (config.sample_num,) + example_shape(config))
     sample_labels = (jnp.arange(config.sample_num, dtype=jnp.int32) % model.num_classes
                      if model.num_classes else None)
+
+  evaluator = None
+  if in_training.enabled(config):
+    eval_teacher = teacher_params
+    if eval_teacher is None and config.loss.mode == "ct" and config.evals.ode_error:
+      # CT needs no teacher to train; its ODE error is measured against the diffusion run
+      # it started from.
+      path = config.teacher_checkpoint or config.init_from
+      if path:
+        eval_teacher = checkpointing.load_params(
+            path, builder.layout.abstract.params, config.teacher_weights)[0]
+    evaluator = in_training.TrainingEvaluator(config, model, schedule, mesh, eval_teacher)
 
   # 5. The loop.
   hooks = []
@@ -526,7 +530,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         grid = image_grid(jax.device_get(sample_fn(state.ema["ema0"], sample_z, sample_labels)))
         writer.write_images(step, {"samples": grid[None]})
         if jax.process_index() == 0 and step == config.num_train_steps:
-          _save_png(grid, os.path.join(workdir, f"samples_step{step}.png"))
+          save_png(grid, os.path.join(workdir, f"samples_step{step}.png"))
+
+      if evaluator is not None and (due(step, config.evals.every_steps)
+                                    or step == config.num_train_steps):
+        writer.write_scalars(step, evaluator(state.ema["ema0"]))
 
       preempted = stop.requested() or (jax.process_count() > 1 and
                                        ckpt.reached_preemption(step))
@@ -550,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return result
 
 
-def _save_png(grid: np.ndarray, path: str):
+def save_png(grid: np.ndarray, path: str):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with open(path, "wb") as fh:
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(fh, format="PNG")

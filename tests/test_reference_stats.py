@@ -55,21 +55,25 @@ def test_tfds_split_with_mock_data(tmp_path, weights):
 
 def test_unprepared_dataset_names_the_preparation_command(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(FileNotFoundError) as info:
+  from multistep_cm.data import sources  # pylint: disable=g-import-not-at-top
+  with pytest.raises(sources.DatasetError) as info:
     reference_stats.tfds_batches("imagenet2012", "validation", 64, 8, data_dir=str(tmp_path))
   message = str(info.value)
-  assert f"tfds build imagenet2012 --data_dir={tmp_path}" in message
-  assert "ILSVRC2012_img_val.tar" in message and "downloads/manual" in message
+  assert "python -m multistep_cm.data.prepare --dataset=imagenet2012" in message
+  assert "ILSVRC2012_img_val.tar" in message
 
 
-def test_center_crop_resize():
-  tf = pytest.importorskip("tensorflow")
-  # A 6x10 image whose central 6x6 square is 200 and the side bands 0.
-  image = np.zeros((6, 10, 3), np.uint8)
-  image[:, 2:8] = 200
-  out = reference_stats.center_crop_resize(tf.constant(image), 3).numpy()
-  assert out.shape == (3, 3, 3) and out.dtype == np.uint8
-  np.testing.assert_array_equal(out, 200)
+def test_tfds_images_are_the_training_pipelines(tmp_path):
+  """Reference images are exactly the training pipeline's, as uint8."""
+  from multistep_cm.data import imagenet  # pylint: disable=g-import-not-at-top
+  from multistep_cm.data import synthetic  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "tfds")
+  synthetic.build(data_dir, num_examples=5)
+  batches, num_batches = reference_stats.tfds_batches(synthetic.NAME, "train", 16, 4, data_dir)
+  got = np.concatenate(list(batches))
+  assert num_batches == 2 and got.shape == (5, 16, 16, 3) and got.dtype == np.uint8
+  source = imagenet.TfdsSource(synthetic.NAME, "train", data_dir, 16)
+  np.testing.assert_allclose(got / 127.5 - 1.0, source.get(np.arange(5))["image"], atol=1e-6)
 
 
 def test_missing_weights_fail_before_reading_data(tmp_path):

@@ -6,10 +6,11 @@
   python -m multistep_cm.evaluation.reference_stats --images_npz=images.npz \\
       --weights=inception_fid.npz --output=ref.npz
 
-TFDS images are centre-cropped to a square and downsampled to `image_size`
-with an antialiased (area) resize, then rounded to uint8, the form in which a
-model at that resolution sees its data; the FID network then upsamples them
-to 299x299 (`inception.preprocess`). An `--images_npz` file holds uint8
+TFDS images go through the training pipeline's own preprocessing
+(`data/imagenet.py`: central square crop, antialiased bicubic resize to
+`image_size`) and are rounded to uint8, exactly the images a model at that
+resolution is trained on; the FID network then upsamples them to 299x299
+(`inception.preprocess`). An `--images_npz` file holds uint8
 [N, H, W, C] under `images` (or `arr_0`, the ADM sample format), used as is.
 Run the same command on every host of a multi-host job: each process reads
 its share of the split and the statistics are reduced over all devices.
@@ -29,62 +30,37 @@ import numpy as np
 from multistep_cm.evaluation import fid
 from multistep_cm.evaluation import inception
 
-RESIZE_METHODS = ("area", "bilinear", "bicubic", "lanczos3")
-
-
-def center_crop_resize(image, image_size: int, method: str = "area"):
-  """A tf uint8 [H, W, C] image -> uint8 [S, S, C]: central square, antialiased resize."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  shape = tf.shape(image)
-  h, w = shape[0], shape[1]
-  side = tf.minimum(h, w)
-  image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-  image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), method=method,
-                          antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def _not_prepared_message(dataset: str, data_dir: str | None) -> str:
-  where = data_dir or "~/tensorflow_datasets"
-  message = (f"TFDS dataset {dataset!r} is not prepared in {where}. Prepare it once with: "
-             f"tfds build {dataset} --data_dir={where}")
-  if dataset.split("/")[0].split(":")[0] == "imagenet2012":
-    message += (". ImageNet cannot be downloaded automatically: first put "
-                "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in "
-                f"{os.path.join(where, 'downloads', 'manual')}/ (TFDS's manual_dir)")
-  return message
-
-
 def tfds_batches(dataset: str, split: str, image_size: int, batch_size: int,
-                 data_dir: str | None = None, method: str = "area",
-                 num_examples: int | None = None) -> tuple[Iterator[np.ndarray], int | None]:
+                 data_dir: str | None = None,
+                 num_examples: int | None = None) -> tuple[Iterator[np.ndarray], int]:
   """This process's share of a TFDS split as uint8 batches, and the global step count.
 
-  The step count is None where TFDS does not know the split's size (mock data),
-  which only a single-process job can live with.
+  Reads by index through the training pipeline's `TfdsSource`, so the preprocessing
+  is the one the model trains on. Every process runs the same number of steps; the
+  short ones yield empty batches at the end, which `compute_stats` masks.
+
+  Raises:
+    DatasetError: the dataset is not prepared; the message names the command.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")  # the accelerators belong to JAX
-  if num_examples is not None:
-    split = f"{split}[:{num_examples}]"
-  process_split = tfds.split_for_jax_process(split, drop_remainder=False)
-  try:
-    ds, info = tfds.load(dataset, split=process_split, data_dir=data_dir, download=False,
-                         with_info=True, shuffle_files=False)
-  except (AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
-    raise FileNotFoundError(_not_prepared_message(dataset, data_dir)) from e
-  num_batches = None
-  try:
-    # Every process must run the same number of steps: the one with the most examples decides.
-    per_process = math.ceil(info.splits[split].num_examples / jax.process_count())
-    num_batches = math.ceil(per_process / batch_size)
-  except KeyError:
-    pass
-  ds = ds.map(lambda ex: center_crop_resize(ex["image"], image_size, method),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size).prefetch(2)
-  return iter(tfds.as_numpy(ds)), num_batches
+  from multistep_cm.data import imagenet  # pylint: disable=g-import-not-at-top
+  source = imagenet.TfdsSource(dataset, split, data_dir, image_size)
+  total = len(source) if num_examples is None else min(num_examples, len(source))
+  per_process = math.ceil(total / jax.process_count())
+  start = min(total, jax.process_index() * per_process)
+  stop = min(total, start + per_process)
+  num_batches = max(1, math.ceil(per_process / batch_size))
+
+  def batches():
+    for b in range(num_batches):
+      lo, hi = min(stop, start + b * batch_size), min(stop, start + (b + 1) * batch_size)
+      if hi <= lo:
+        yield np.zeros((0, image_size, image_size, 3), np.uint8)
+        continue
+      images = source.get(np.arange(lo, hi))["image"]
+      # The pipeline maps uint8 u to u / 127.5 - 1; this inverts it exactly.
+      yield np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+  return batches(), num_batches
 
 
 def load_images_npz(path: str) -> np.ndarray:
@@ -111,8 +87,11 @@ def npz_batches(images: np.ndarray, batch_size: int) -> tuple[Iterator[np.ndarra
 
 def compute_reference_stats(batches, num_batches: int | None, variables, *, batch_size: int,
                             resize: str = "tf1", metadata: dict[str, Any] | None = None,
-                            progress: bool = True) -> fid.FeatureStats:
-  """FID statistics of uint8 image batches with the given Inception variables."""
+                            progress: bool = True, keep_logits: bool = False):
+  """FID statistics of uint8 image batches with the given Inception variables.
+
+  Returns the `FeatureStats`, or `(stats, logits)` with `keep_logits` (for the IS).
+  """
   meta = {
       "network": inception.NETWORK_NAME,
       "weights_sha256": inception.variables_digest(variables),
@@ -123,9 +102,10 @@ def compute_reference_stats(batches, num_batches: int | None, variables, *, batc
   def apply_fn(variables, images):
     return inception.features_and_logits(variables, images, resize=resize)
 
-  stats, _ = fid.compute_stats(apply_fn, variables, batches, batch_size=batch_size,
-                               num_batches=num_batches, metadata=meta, progress=progress)
-  return stats
+  stats, logits = fid.compute_stats(apply_fn, variables, batches, batch_size=batch_size,
+                                    num_batches=num_batches, metadata=meta, progress=progress,
+                                    keep_logits=keep_logits)
+  return (stats, logits) if keep_logits else stats
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -136,8 +116,6 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument("--split", default="validation", help="TFDS split")
   parser.add_argument("--image_size", type=int, help="TFDS: crop and resize to this size")
   parser.add_argument("--data_dir", default=None, help="TFDS data_dir")
-  parser.add_argument("--resize_method", default="area", choices=RESIZE_METHODS,
-                      help="TFDS: downsampling filter (antialiased)")
   parser.add_argument("--num_examples", type=int, default=None,
                       help="only the first N examples (debugging; a FID needs them all)")
   parser.add_argument("--weights", required=True, help="converted FID Inception .npz")
@@ -162,10 +140,10 @@ def main(argv: Sequence[str] | None = None) -> fid.FeatureStats:
   metadata = {"weights_file": os.path.basename(args.weights), "command": command}
   if args.dataset:
     batches, num_batches = tfds_batches(args.dataset, args.split, args.image_size, batch_size,
-                                        args.data_dir, args.resize_method, args.num_examples)
+                                        args.data_dir, args.num_examples)
     metadata.update(data=f"tfds:{args.dataset}/{args.split}", image_size=args.image_size,
-                    preprocessing=f"center crop, {args.resize_method} resize (antialiased), "
-                    "uint8")
+                    preprocessing="training pipeline: center crop, bicubic antialiased "
+                    "resize (data/imagenet.py), uint8")
   else:
     images = load_images_npz(args.images_npz)
     if args.num_examples is not None:

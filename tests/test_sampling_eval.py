@@ -1,0 +1,121 @@
+"""Sampling and evaluation: the sample CLI, sharded generation, the evaluate report, evals.
+
+One tiny digits teacher and CD student are trained once for the module.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from multistep_cm import generation
+from multistep_cm import runs
+from multistep_cm import train
+from multistep_cm.evaluation import report
+
+from helpers import read_scalars
+from helpers import run_module
+from helpers import tiny_digits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  teacher = str(root / "teacher")
+  train.train_and_evaluate(tiny_digits("diffusion", steps=20), teacher)
+  student = str(root / "cd2")
+  config = tiny_digits("cd", steps=20, student_steps=2, teacher=teacher)
+  config.evals.every_steps = 10
+  config.evals.num_samples = 64
+  config.evals.batch_size = 32
+  config.evals.ode_steps = 8
+  train.train_and_evaluate(config, student)
+  return root, teacher, student
+
+
+def test_generation_does_not_depend_on_the_device_count(trained):
+  _, teacher, _ = trained
+  run = runs.load_run(teacher)
+  spec = generation.SamplerSpec("addim", 3)
+  labels = np.arange(24) % 10
+  on_8, _ = generation.generate(run.model, run.params, run.schedule, spec, 24, seed=3,
+                                batch_size=16, labels=labels)
+  mesh_1 = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+  params_1 = jax.device_put(run.params, jax.sharding.NamedSharding(
+      mesh_1, jax.sharding.PartitionSpec()))
+  on_1, _ = generation.generate(run.model, params_1, run.schedule, spec, 24, seed=3,
+                                batch_size=16, labels=labels, mesh=mesh_1)
+  assert on_8.shape == (24, 8, 8, 1)
+  np.testing.assert_allclose(on_8, on_1, rtol=1e-5, atol=1e-5)
+  other, _ = generation.generate(run.model, run.params, run.schedule, spec, 24, seed=4,
+                                 batch_size=16, labels=labels)
+  assert not np.allclose(other, on_8)
+
+
+def test_sample_cli_writes_images_labels_metadata_and_grid(trained, tmp_path):
+  _, _, student = trained
+  out = tmp_path / "s.npz"
+  proc = run_module("multistep_cm.sample", f"--workdir={student}", "--num_samples=20",
+                         "--labels=3,4", f"--output={out}", "--batch_size=16")
+  assert "wrote" in proc.stdout
+  with np.load(out) as f:
+    images, labels, meta = f["images"], f["labels"], json.loads(str(f["metadata"]))
+  assert images.shape == (20, 8, 8, 1) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, [3, 4] * 10)
+  assert meta["sampler"].startswith("Multistep CM, 2 steps") and "EMA" in meta["weights"]
+  assert meta["checkpoint_step"] == 20
+  assert os.path.exists(tmp_path / "s.png")
+
+
+def test_sample_cli_rejects_a_step_count_the_student_was_not_trained_for(trained, tmp_path):
+  _, _, student = trained
+  proc = run_module("multistep_cm.sample", f"--workdir={student}", "--steps=4",
+                         f"--output={tmp_path / 'x.npz'}", check=False)
+  assert proc.returncode != 0 and "2-step Multistep CM" in proc.stderr
+
+
+def test_sampler_spec_for_diffusion_runs(trained):
+  _, teacher, student = trained
+  t_run, s_run = runs.load_run(teacher), runs.load_run(student)
+  assert generation.sampler_spec(t_run, 16, "addim", "table", 0.0) == generation.SamplerSpec(
+      "addim", 16, "table")
+  assert generation.sampler_spec(s_run, 0, None, "analytic", 0.0).steps == 2
+  with pytest.raises(ValueError, match="--sampler applies to diffusion"):
+    generation.sampler_spec(s_run, 0, "ddim", "analytic", 0.0)
+
+
+def test_addim_table_from_data_runs(trained):
+  _, teacher, _ = trained
+  run = runs.load_run(teacher)
+  data, labels = generation.table_data(run, 64, 0)
+  table = generation.estimate_table(run.model, run.params, run.schedule, data, labels,
+                                    num_points=8)
+  values = np.asarray(table.values)
+  assert values[0] == 0 and np.all(values >= 0) and np.all(np.isfinite(values))
+  out, _ = generation.generate(run.model, run.params, run.schedule,
+                               generation.SamplerSpec("addim", 4, "table"), 16,
+                               x_var_table=table)
+  assert np.all(np.isfinite(out))
+
+
+def test_evaluate_reports_every_run_with_its_provenance(trained, tmp_path):
+  root, _, _ = trained
+  rows, header = report.evaluate_runs(str(root), ["2", "4"], ["ddim", "addim"], 40, 0,
+                                        "ema0", batch_size=40)
+  kinds = [(r["run"], r["sampler"].split(",")[0], r["nfe"]) for r in rows]
+  assert kinds == [("cd2", "Multistep CM", 2), ("teacher", "DDIM", 2), ("teacher", "DDIM", 4),
+                   ("teacher", "aDDIM", 2), ("teacher", "aDDIM", 4)]
+  for r in rows:
+    assert np.isfinite(r["fd"]) and 0 <= r["accuracy"] <= 1 and "EMA" in r["weights"]
+  markdown = report.to_markdown(rows, header)
+  assert "40 samples per row" in markdown and "digits classifier" in markdown
+  assert "held-out test split" in markdown and "`ema0`" in markdown
+
+
+def test_in_training_evals_reach_tensorboard(trained):
+  _, _, student = trained
+  scalars, _ = read_scalars(student)
+  for tag in ("eval/fd", "eval/accuracy", "eval/label_entropy", "eval/ode_error"):
+    assert tag in scalars and len(scalars[tag]) == 2, (tag, sorted(scalars))
+    assert all(np.isfinite(v) for _, v in scalars[tag])
