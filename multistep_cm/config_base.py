@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.guidance_scale = 0.0  # classifier-free guidance of the CD teacher
   c.loss.huber_epsilon = 1e-4
   c.loss.huber_reduction = "mean"  # 'mean', 'sum', 'elementwise'
-  c.loss.weighting = "v_space"  # or 'snr_plus_one' (diffusion/losses.py explains the default)
+  c.loss.weighting = "snr_plus_one"  # or 'v_space' (diffusion/losses.py explains the default)
   c.loss.direct_x_var = "analytic"  # Direct CM with aDDIM: 'analytic' or 'data'
 
   # --- teacher and initialisation (checkpoints of a diffusion run) ---

@@ -44,7 +44,7 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3000, "Steps per student.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Batch size.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 10_000, "Samples per evaluation.")
 _HUBER = flags.DEFINE_float("huber_epsilon", 1e-4, "Pseudo-Huber epsilon (§3.6).")
-_WEIGHTING = flags.DEFINE_enum("weighting", "v_space", list(losses.WEIGHTINGS),
+_WEIGHTING = flags.DEFINE_enum("weighting", "snr_plus_one", list(losses.WEIGHTINGS),
                                "Loss weighting (see diffusion/losses.py).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON here.")
@@ -69,7 +69,7 @@ class ToySettings:
   teacher_steps_end: int = 1280
   eta: float = 0.75
   huber_epsilon: float = 1e-4
-  weighting: str = "v_space"
+  weighting: str = "snr_plus_one"
   direct_solver: str = "ddim"  # the Direct-CM paper's solver (§10.2)
   num_eval: int = 10_000
   seed: int = 0

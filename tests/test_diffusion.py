@@ -359,7 +359,7 @@ def test_one_student_step_is_the_classic_consistency_loss(mix):
   segment, n_rel = losses.sample_segments(jax.random.PRNGKey(4), 64, 1, 50)
   f = _student(mix, COSINE)
   loss, aux = losses.mcm_loss(f, x, eps, segment, n_rel, None, schedule=COSINE, mode="ct",
-                              student_steps=1, n_per_segment=50)
+                              student_steps=1, n_per_segment=50, weighting="v_space")
   t = np.asarray(n_rel) / 50
   s = t - 1 / 50
   np.testing.assert_allclose(aux["t"], t, rtol=1e-6)
@@ -432,7 +432,7 @@ def test_gradient_flows_only_through_the_online_prediction(mix):
   """Stop-gradient targets: d loss / d theta treats x_target as a constant."""
   x, eps = _draws(mix, batch=16, seed=10)
   segment, n_rel = losses.sample_segments(jax.random.PRNGKey(11), 16, 2, 8)
-  kw = dict(schedule=COSINE, mode="ct", student_steps=2, n_per_segment=8)
+  kw = dict(schedule=COSINE, mode="ct", student_steps=2, n_per_segment=8, weighting="v_space")
 
   def loss_fn(theta):
     f = lambda z, t, rng: theta * z
