@@ -1,0 +1,30 @@
+"""The digits study behind the README table: one teacher, CD and CT students at S = 1, 2, 4, 8.
+
+    python -m multistep_cm.main --config=configs/digits_study.py --workdir=/tmp/digits_study
+    python -m multistep_cm.evaluate --workdir=/tmp/digits_study --steps=1,2,4,8,16,64,512
+
+Stage `teacher` is the digits diffusion model; stages `cd<S>` and `ct<S>` start from its
+EMA weights (as the paper's students start from the teacher, §7.1), and the CD stages
+distil it. Every stage trains for the same number of steps. Variants: size=8|16,
+steps=1/2/4/8 (the student step counts, '/'-separated), student_train_steps=N.
+"""
+import ml_collections
+
+from multistep_cm import config_base
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, size=8, steps="1/2/4/8", student_train_steps=3000)
+  c = ml_collections.ConfigDict()
+  c.stages = ml_collections.ConfigDict()
+  c.stages.teacher = config_base.digits_config("diffusion", image_size=a.size)
+  order = ["teacher"]
+  for mode in ("cd", "ct"):
+    for s in (int(v) for v in a.steps.split("/")):
+      stage = config_base.digits_config(mode, s, a.size, teacher="stage:teacher")
+      stage.num_train_steps = a.student_train_steps
+      stage.loss.anneal_steps = a.student_train_steps // 2
+      c.stages[f"{mode}{s}"] = stage
+      order.append(f"{mode}{s}")
+  c.stage_order = tuple(order)
+  return c
