@@ -84,8 +84,7 @@ def load_run(workdir: str, weights: str = "ema0", step: int | None = None, mesh=
   if mesh is None:
     mesh = jax.sharding.Mesh(jax.devices(), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  boxed = jax.eval_shape(lambda k: model.init({"params": k}, *models.dummy_inputs(model, 1),
-                                              train=False)["params"], jax.random.PRNGKey(0))
+  boxed = models.abstract_variables(model)["params"]
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                           partitioning.unbox(boxed))
   path = workdir if step is None else os.path.join(checkpointing.checkpoint_dir(workdir),

@@ -46,7 +46,6 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from multistep_cm import generation  # pylint: disable=g-import-not-at-top
   from multistep_cm import runs  # pylint: disable=g-import-not-at-top
-  from multistep_cm import train  # pylint: disable=g-import-not-at-top
 
   run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
   spec = generation.sampler_spec(run, _STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value)
@@ -76,7 +75,7 @@ def main(argv):
   np.savez(_OUTPUT.value, **out)
   if samples.ndim == 4:
     png = os.path.splitext(_OUTPUT.value)[0] + ".png"
-    train.save_png(train.image_grid(samples[:100]), png)
+    generation.save_png(generation.image_grid(samples[:100]), png)
   print(f"wrote {_OUTPUT.value}: {len(samples)} samples from {run.workdir} "
         f"({run.describe_weights()}; {spec.describe()}; seed {_SEED.value})")
 

@@ -13,7 +13,6 @@
    checkpoints, SIGTERM/preemption handling at their intervals.
 """
 import dataclasses
-import functools
 import os
 import signal
 import threading
@@ -86,17 +85,12 @@ def data_key(batch: dict[str, Any]) -> str:
 
 
 def _init_params(model, rng):
-  z, logsnr, labels = models.input_specs(model, 1)
-  variables = model.init({"params": rng}, jnp.zeros(z.shape, z.dtype),
-                         jnp.zeros(logsnr.shape, logsnr.dtype),
-                         jnp.zeros(labels.shape, labels.dtype) if model.num_classes else None,
-                         train=False)
-  return variables["params"]
+  return model.init({"params": rng}, *models.dummy_inputs(model, 1), train=False)["params"]
 
 
 def abstract_params(model):
-  """Boxed abstract parameters (with logical axis names) from `jax.eval_shape`."""
-  return jax.eval_shape(functools.partial(_init_params, model), jax.random.PRNGKey(0))
+  """Boxed abstract parameters (with logical axis names): nothing allocated."""
+  return models.abstract_variables(model)["params"]
 
 
 @dataclasses.dataclass
@@ -271,22 +265,6 @@ class StepBuilder:
     """`(compiled step, FLOPs per device per step)`."""
     compiled = self.lower().compile()
     return compiled, cost_flops(compiled)
-
-
-# --- sampling for the logs ---------------------------------------------------------------------
-
-
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H, cols*W, C] grid."""
-  images = np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-  n, h, w, c = images.shape
-  cols = int(np.ceil(np.sqrt(n)))
-  rows = int(np.ceil(n / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i, img in enumerate(images):
-    r, q = divmod(i, cols)
-    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-  return grid
 
 
 # --- preemption --------------------------------------------------------------------------------
@@ -527,10 +505,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       if sample_fn is not None and (due(step, config.sample_every_steps)
                                     or step == config.num_train_steps):
-        grid = image_grid(jax.device_get(sample_fn(state.ema["ema0"], sample_z, sample_labels)))
+        images = jax.device_get(sample_fn(state.ema["ema0"], sample_z, sample_labels))
+        grid = generation.image_grid(images)
         writer.write_images(step, {"samples": grid[None]})
         if jax.process_index() == 0 and step == config.num_train_steps:
-          save_png(grid, os.path.join(workdir, f"samples_step{step}.png"))
+          generation.save_png(grid, os.path.join(workdir, f"samples_step{step}.png"))
 
       if evaluator is not None and (due(step, config.evals.every_steps)
                                     or step == config.num_train_steps):
@@ -556,13 +535,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("Finished at step %d%s. TensorBoard: tensorboard --logdir %s", result.step,
                " (preempted)" if result.preempted else "", workdir)
   return result
-
-
-def save_png(grid: np.ndarray, path: str):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with open(path, "wb") as fh:
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(fh, format="PNG")
-  logging.info("Wrote %s", path)
 
 
 def resolve_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
