@@ -180,11 +180,11 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
         x = mix.sample(kx, batch)[0]
         n_teacher = losses.teacher_steps(step, settings.teacher_steps_start,
                                          settings.teacher_steps_end, settings.train_steps // 2)
-        nps = losses.steps_per_segment(n_teacher, S)
-        segment, n_rel = losses.sample_segments(kseg, batch, S, nps)
+        grid = losses.make_grid(n_teacher, S)
+        segment, n_rel = losses.sample_segments(kseg, batch, grid)
         loss, _ = losses.mcm_loss(
             lambda z, t, rng: f(params, z, t, rng), x, jax.random.normal(ke, x.shape), segment,
-            n_rel, kd, schedule=schedule, mode=mode, student_steps=S, n_per_segment=nps,
+            n_rel, kd, schedule=schedule, mode=mode, grid=grid,
             teacher_fn=teacher, eta=settings.eta, huber_epsilon=settings.huber_epsilon,
             weighting=settings.weighting,
             teacher_solver=settings.direct_solver if mode == "direct" else "addim",

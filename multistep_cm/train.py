@@ -143,8 +143,8 @@ def make_loss_fn(config, model, schedule, teacher_model=None):
     else:
       n_teacher = losses.teacher_steps(step, lc.teacher_steps_start, lc.teacher_steps_end,
                                        lc.anneal_steps)
-      nps = losses.steps_per_segment(n_teacher, lc.student_steps)
-      segment, n_rel = losses.sample_segments(k_time, x.shape[0], lc.student_steps, nps)
+      grid = losses.make_grid(n_teacher, lc.student_steps)
+      segment, n_rel = losses.sample_segments(k_time, x.shape[0], grid)
       teacher_fn = None
       if mode in ("cd", "direct"):
         teacher_fn = denoiser.make_denoise_fn(
@@ -153,7 +153,7 @@ def make_loss_fn(config, model, schedule, teacher_model=None):
       student = lambda z, t, r: denoiser.apply_x(model, params, z, t, schedule, labels, r)
       per_example, aux = losses.mcm_loss(
           student, x, eps, segment, n_rel, k_drop, schedule=schedule, mode=mode,
-          student_steps=lc.student_steps, n_per_segment=nps, teacher_fn=teacher_fn,
+          grid=grid, teacher_fn=teacher_fn,
           eta=lc.eta, teacher_solver=lc.teacher_solver, huber_epsilon=lc.huber_epsilon,
           huber_reduction=lc.huber_reduction, weighting=lc.weighting,
           direct_x_var=lc.direct_x_var)

@@ -311,6 +311,11 @@ def test_sample_mcm_is_ddim_on_segment_boundaries(mix):
 # --- losses (§3) --------------------------------------------------------------------------------
 
 
+def grid(student_steps, n_per_segment):
+  """Equal segments of n_per_segment teacher steps (N_teacher = S * n_per_segment)."""
+  return losses.make_grid(student_steps * n_per_segment, student_steps)
+
+
 def np_pseudo_huber(a, c):
   a = np.asarray(a, np.float64).reshape(len(a), -1)
   return np.sqrt((a ** 2).mean(-1) + c * c) - c
@@ -336,10 +341,10 @@ def test_ct_with_one_step_per_segment_is_the_diffusion_x_loss(mix, weighting):
   """§3.7, eq. (9): S = T gives w(t) ||x - f(z_t, t)||, the non-squared diffusion loss."""
   x, eps = _draws(mix)
   S = 64
-  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(1), 64, S, 1)
+  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(1), 64, grid(S, 1))
   f = _student(mix, IN64)
   loss, aux = losses.mcm_loss(f, x, eps, segment, n_rel, jax.random.PRNGKey(2), schedule=IN64,
-                              mode="ct", student_steps=S, n_per_segment=1, weighting=weighting)
+                              mode="ct", grid=grid(S, 1), weighting=weighting)
   t = (np.asarray(segment) + 1) / S
   np.testing.assert_allclose(aux["t"], t, rtol=1e-6)
   a, s = np_alpha_sigma(IN64, t)
@@ -356,10 +361,10 @@ def test_ct_with_one_step_per_segment_is_the_diffusion_x_loss(mix, weighting):
 def test_one_student_step_is_the_classic_consistency_loss(mix):
   """S = 1: t_step = 0, so the target is nograd f(z_s, s) itself (§3.7, §2)."""
   x, eps = _draws(mix, seed=3)
-  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(4), 64, 1, 50)
+  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(4), 64, grid(1, 50))
   f = _student(mix, COSINE)
   loss, aux = losses.mcm_loss(f, x, eps, segment, n_rel, None, schedule=COSINE, mode="ct",
-                              student_steps=1, n_per_segment=50, weighting="v_space")
+                              grid=grid(1, 50), weighting="v_space")
   t = np.asarray(n_rel) / 50
   s = t - 1 / 50
   np.testing.assert_allclose(aux["t"], t, rtol=1e-6)
@@ -378,7 +383,7 @@ def test_one_student_step_is_the_classic_consistency_loss(mix):
 def aux_target(f, x, eps, segment, n_rel, S, nps, mode="ct", teacher_fn=None, **kw):
   _, aux = losses.mcm_loss(f, x, eps, segment, n_rel, jax.random.PRNGKey(0), schedule=COSINE,
                            mode=mode,
-                           student_steps=S, n_per_segment=nps, teacher_fn=teacher_fn, **kw)
+                           grid=grid(S, nps), teacher_fn=teacher_fn, **kw)
   return np.asarray(aux["x_target"])
 
 
@@ -415,7 +420,7 @@ def test_synchronised_dropout(mix):
   x, eps = _draws(mix, seed=8)
   segment = jnp.zeros((64,), jnp.int32)
   n_rel = jax.random.randint(jax.random.PRNGKey(9), (64,), 2, 51)
-  kw = dict(schedule=COSINE, mode="ct", student_steps=1, n_per_segment=50)
+  kw = dict(schedule=COSINE, mode="ct", grid=grid(1, 50))
   clean, _ = losses.mcm_loss(_student(mix, COSINE), x, eps, segment, n_rel, None, **kw)
   noisy = _student(mix, COSINE, scale=0.3)
   synced, _ = losses.mcm_loss(noisy, x, eps, segment, n_rel, jax.random.PRNGKey(0), **kw)
@@ -431,8 +436,8 @@ def test_synchronised_dropout(mix):
 def test_gradient_flows_only_through_the_online_prediction(mix):
   """Stop-gradient targets: d loss / d theta treats x_target as a constant."""
   x, eps = _draws(mix, batch=16, seed=10)
-  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(11), 16, 2, 8)
-  kw = dict(schedule=COSINE, mode="ct", student_steps=2, n_per_segment=8, weighting="v_space")
+  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(11), 16, grid(2, 8))
+  kw = dict(schedule=COSINE, mode="ct", grid=grid(2, 8), weighting="v_space")
 
   def loss_fn(theta):
     f = lambda z, t, rng: theta * z
@@ -451,14 +456,14 @@ def test_gradient_flows_only_through_the_online_prediction(mix):
 
 def test_guided_teacher_uses_conditional_output_for_x_var(mix):
   x, eps = _draws(mix, seed=12)
-  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(13), 64, 2, 8)
+  segment, n_rel = losses.sample_segments(jax.random.PRNGKey(13), 64, grid(2, 8))
   guided = lambda z, t: mix.denoise(z, t, COSINE) * 1.1
   cond = lambda z, t: mix.denoise(z, t, COSINE)
   f = _student(mix, COSINE)
   got = aux_target(f, x, eps, segment, n_rel, 2, 8, "cd", lambda z, t: (guided(z, t), cond(z, t)))
   # The same x_var computed from the guided output gives a different target.
   wrong = aux_target(f, x, eps, segment, n_rel, 2, 8, "cd", guided)
-  t_step, t, s = losses.segment_times(segment, n_rel, 2, 8)
+  t_step, t, s = losses.segment_times(segment, n_rel, grid(2, 8))
   a, sg = solvers.alpha_sigma(COSINE, t)
   z_t = a[:, None] * x + sg[:, None] * eps
   z_s = solvers.addim(guided(z_t, t), z_t, t, s, COSINE,
@@ -522,7 +527,8 @@ def test_teacher_step_anneal():
 def test_segment_times_tile_each_segment():
   S, nps = 4, 5
   seg, rel = np.meshgrid(np.arange(S), np.arange(1, nps + 1), indexing="ij")
-  t_step, t, s = losses.segment_times(jnp.asarray(seg.ravel()), jnp.asarray(rel.ravel()), S, nps)
+  t_step, t, s = losses.segment_times(jnp.asarray(seg.ravel()), jnp.asarray(rel.ravel()),
+                                         grid(S, nps))
   np.testing.assert_allclose(np.sort(np.asarray(t)), np.arange(1, S * nps + 1) / (S * nps),
                              rtol=1e-6)
   assert np.all(np.asarray(s) >= np.asarray(t_step)) and np.all(np.asarray(t) > np.asarray(s))
@@ -533,7 +539,7 @@ def test_segment_times_tile_each_segment():
 def test_losses_reject_unknown_options(mix):
   x, eps = _draws(mix, batch=4)
   seg, rel = jnp.zeros((4,), jnp.int32), jnp.ones((4,), jnp.int32)
-  base = dict(schedule=COSINE, student_steps=1, n_per_segment=1)
+  base = dict(schedule=COSINE, grid=grid(1, 1))
   with pytest.raises(ValueError, match="mode"):
     losses.mcm_loss(_student(mix, COSINE), x, eps, seg, rel, None, mode="pd", **base)
   with pytest.raises(ValueError, match="teacher_fn"):

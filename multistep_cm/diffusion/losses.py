@@ -30,13 +30,14 @@ Choices where the paper is ambiguous (§13), with the defaults used here:
     `nograd`), no EMA target network (§3.3).
 """
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from multistep_cm.diffusion import process
 from multistep_cm.diffusion import schedules as schedules_lib
+from multistep_cm.diffusion import segments
 from multistep_cm.diffusion import solvers
 
 Schedule = schedules_lib.Schedule
@@ -114,24 +115,96 @@ def steps_per_segment(n_teacher, student_steps: int):
                      1).astype(jnp.int32)
 
 
-def sample_segments(key, batch: int, student_steps, n_per_segment):
-  """Draws `step ~ U{0..S-1}` and `n_rel ~ U{1..N_per_segment}` per example (lines 3-4)."""
+class SegmentGrid(NamedTuple):
+  """Where the student's segments lie on the teacher's grid of T steps of 1/T (§3.1).
+
+  Segment k of an example holds the grid points `bounds[k] < t T <= bounds[k + 1]`.
+  `bounds` is int32 `[S + 1]` shared by the batch, or `[B, S_max + 1]` per example
+  (any-step training; a row with S < S_max repeats T after its last boundary), and
+  `student_steps` is S: a scalar, or `[B]`.
+  """
+  bounds: jax.Array
+  num_steps: jax.Array  # T
+  student_steps: jax.Array
+
+
+def make_grid(n_teacher, student_steps: int, boundaries=None) -> SegmentGrid:
+  """The grid of one step count: T = N_per_segment * S (Algorithm 1, line 2).
+
+  `boundaries` are S + 1 times from 0 to 1 (segments.boundaries; default uniform, the
+  paper's equal segments), snapped to the 1/T grid.
+  """
+  nps = steps_per_segment(n_teacher, student_steps)
+  num_steps = nps * student_steps
+  if boundaries is None:
+    bounds = jnp.arange(student_steps + 1, dtype=jnp.int32) * nps
+  else:
+    bounds = segments.grid_bounds(boundaries, num_steps)
+  return SegmentGrid(bounds, num_steps, jnp.int32(student_steps))
+
+
+def make_anystep_grid(n_teacher, step_counts, boundaries, choice) -> SegmentGrid:
+  """Per-example grids for any-step training: example b uses `step_counts[choice[b]]`.
+
+  One T serves every step count: T = N_per_segment(S_max) * S_max, so with the
+  nested boundaries of `segments.boundaries` every S in {1, 2, 4, ...} up to S_max
+  puts its boundaries on the same teacher grid.
+
+  Args:
+    n_teacher: N_teacher(i).
+    step_counts: the static tuple of step counts.
+    boundaries: one array of S + 1 times per step count (None: uniform).
+    choice: int `[B]` index into `step_counts`.
+  """
+  s_max = max(step_counts)
+  num_steps = steps_per_segment(n_teacher, s_max) * s_max
+  rows = []
+  for s, b in zip(step_counts, boundaries):
+    b = jnp.arange(s + 1, dtype=jnp.float32) / s if b is None else b
+    row = segments.grid_bounds(b, num_steps)
+    rows.append(jnp.concatenate([row, jnp.full((s_max - s,), num_steps, jnp.int32)]))
+  table = jnp.stack(rows)
+  counts = jnp.asarray(step_counts, jnp.int32)
+  return SegmentGrid(table[choice], num_steps, counts[choice])
+
+
+def _example_bounds(grid: SegmentGrid, batch: int):
+  bounds = jnp.asarray(grid.bounds, jnp.int32)
+  return jnp.broadcast_to(bounds, (batch,) + bounds.shape[-1:])
+
+
+def sample_segments(key, batch: int, grid: SegmentGrid):
+  """Draws `step ~ U{0..S-1}` and `n_rel ~ U{1..n_k}` per example (Algorithm 1, lines 3-4).
+
+  Every segment is equally likely, as in the paper, whatever its length; `n_k` is the
+  number of grid steps in the drawn segment (N_per_segment for equal segments).
+  """
   k_step, k_rel = jax.random.split(key)
-  segment = jax.random.randint(k_step, (batch,), 0, student_steps, jnp.int32)
-  n_rel = jax.random.randint(k_rel, (batch,), 1, n_per_segment + 1, jnp.int32)
+  s = jnp.broadcast_to(jnp.asarray(grid.student_steps, jnp.int32), (batch,))
+  segment = jax.random.randint(k_step, (batch,), 0, s, jnp.int32)
+  bounds = _example_bounds(grid, batch)
+  start = jnp.take_along_axis(bounds, segment[:, None], 1)[:, 0]
+  end = jnp.take_along_axis(bounds, segment[:, None] + 1, 1)[:, 0]
+  n_rel = jax.random.randint(k_rel, (batch,), 1, end - start + 1, jnp.int32)
   return segment, n_rel
 
 
-def segment_times(segment, n_rel, student_steps, n_per_segment):
-  """`(t_step, t, s)` with T = N_per_segment * S: `t = t_step + n_rel / T`, `s = t - 1/T`.
+def segment_start(segment, grid: SegmentGrid):
+  """The grid index of each example's segment start, `t_step * T` (int32 `[B]`)."""
+  bounds = _example_bounds(grid, segment.shape[0])
+  return jnp.take_along_axis(bounds, segment.astype(jnp.int32)[:, None], 1)[:, 0]
+
+
+def segment_times(segment, n_rel, grid: SegmentGrid):
+  """`(t_step, t, s)`: `t = t_step + n_rel / T` and `s = t - 1 / T`.
 
   Computed from integers over one denominator, so s == t_step exactly when n_rel = 1.
   """
-  T = (jnp.asarray(n_per_segment, jnp.int32) * student_steps).astype(jnp.float32)
-  base = segment.astype(jnp.int32) * n_per_segment
-  t_step = base.astype(jnp.float32) / T
-  t = (base + n_rel).astype(jnp.float32) / T
-  s = (base + n_rel - 1).astype(jnp.float32) / T
+  T = jnp.asarray(grid.num_steps, jnp.float32)
+  start = segment_start(segment, grid)
+  t_step = start.astype(jnp.float32) / T
+  t = (start + n_rel).astype(jnp.float32) / T
+  s = (start + n_rel - 1).astype(jnp.float32) / T
   return t_step, t, s
 
 
@@ -145,8 +218,8 @@ def _split_teacher_output(out):
   return out, out
 
 
-def _teacher_solve(teacher_fn, x, z_t, segment, n_rel, student_steps, n_per_segment, schedule,
-                   solver, eta, x_var_rule):
+def _teacher_solve(teacher_fn, x, z_t, segment, n_rel, grid, schedule, solver, eta,
+                   x_var_rule):
   """Direct CM target: the teacher's DDIM/aDDIM solve from t down to t_step.
 
   Each example takes its own `n_rel` steps of size 1/T on the training grid; the
@@ -155,9 +228,8 @@ def _teacher_solve(teacher_fn, x, z_t, segment, n_rel, student_steps, n_per_segm
   """
   batch = x.shape[0]
   n_rel = n_rel.astype(jnp.int32)
-  n_per_segment = jnp.asarray(n_per_segment, jnp.int32)
-  T = (n_per_segment * student_steps).astype(jnp.float32)
-  start = segment.astype(jnp.int32) * n_per_segment  # t_step * T
+  T = jnp.asarray(grid.num_steps, jnp.float32)
+  start = segment_start(segment, grid)
 
   def body(j, z):
     # Finished examples are clamped to the segment's first step; `active` discards them.
@@ -177,7 +249,7 @@ def _teacher_solve(teacher_fn, x, z_t, segment, n_rel, student_steps, n_per_segm
 
 
 def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, schedule: Schedule,
-             mode: str, student_steps: int, n_per_segment, teacher_fn: Callable | None = None,
+             mode: str, grid: SegmentGrid, teacher_fn: Callable | None = None,
              eta: float = 0.75, teacher_solver: str = "addim", huber_epsilon: float = 1e-4,
              huber_reduction: str = "mean", weighting: str = "snr_plus_one",
              direct_x_var: str = "data"):
@@ -187,13 +259,12 @@ def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, sched
     student_fn: `student_fn(z, t, rng) -> x̂`, the model being trained.
     x: data `[B, ...]`. eps: the noise of z_t, same shape.
     segment: `[B]` int, the segment index `step` in {0..S-1}.
-    n_rel: `[B]` int in {1..N_per_segment}.
+    n_rel: `[B]` int, the grid steps above the segment start, in {1..n_k}.
     dropout_rng: one key used for both student calls (synchronised dropout).
     schedule: the noise schedule.
     mode: "ct" (x_teacher = x), "cd" (one teacher step) or "direct" (the teacher's
       full solve from t to the segment start as the target, Direct CM §10).
-    student_steps: S.
-    n_per_segment: N_per_segment (`steps_per_segment(teacher_steps(i), S)`).
+    grid: the segments on the teacher grid (`make_grid(teacher_steps(i), S)`).
     teacher_fn: `teacher_fn(z, t) -> x̂` or `(x̂_guided, x̂_cond)`; "cd"/"direct" only.
     eta: xvar_frac for the aDDIM teacher step (0.75, §5.5).
     teacher_solver: "addim" (the paper) or "ddim".
@@ -216,12 +287,12 @@ def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, sched
   if mode != "ct" and teacher_fn is None:
     raise ValueError(f"mode {mode!r} needs a teacher_fn")
 
-  t_step, t, s = segment_times(segment, n_rel, student_steps, n_per_segment)
+  t_step, t, s = segment_times(segment, n_rel, grid)
   z_t = process.diffuse(x, eps, t, schedule)  # line 9
 
   if mode == "direct":
-    z_target = _teacher_solve(teacher_fn, x, z_t, segment, n_rel, student_steps, n_per_segment,
-                              schedule, teacher_solver, eta, direct_x_var)
+    z_target = _teacher_solve(teacher_fn, x, z_t, segment, n_rel, grid, schedule,
+                              teacher_solver, eta, direct_x_var)
     x_target = solvers.inverse_ddim(z_target, z_t, t, t_step, schedule)
   else:
     if mode == "ct":  # lines 6-7: x_teacher = x, x_var = 0, so aDDIM is DDIM (§3.3)
