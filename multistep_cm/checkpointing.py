@@ -22,7 +22,9 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from flax import traverse_util
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "ema", "opt_state", "train", "meta")
@@ -46,10 +48,11 @@ class Checkpointer:
   read_only: bool = False
 
   def __post_init__(self):
+    ro = self.read_only  # a reader keeps and saves nothing (and says so to orbax)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.max_to_keep, keep_period=self.keep_period,
-        enable_async_checkpointing=self.async_save and not self.read_only,
-        read_only=self.read_only, create=not self.read_only)
+        max_to_keep=None if ro else self.max_to_keep, keep_period=self.keep_period,
+        save_interval_steps=0 if ro else 1,
+        enable_async_checkpointing=self.async_save and not ro, read_only=ro, create=not ro)
     handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS if name != "meta"}
     handlers["meta"] = ocp.JsonCheckpointHandler()
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -128,22 +131,55 @@ def resolve(path: str) -> tuple[Checkpointer, int]:
                         f"{checkpoint_dir(path)!r} and {path!r})")
 
 
-def load_params(path: str, abstract_params, which: str = "ema0"):
+def saved_param_shapes(ckpt: "Checkpointer", step: int, which: str) -> dict[tuple, tuple]:
+  """`{path: shape}` of one saved parameter tree, read from the checkpoint's metadata."""
+  item = "params" if which == "params" else "ema"
+  tree = ckpt.manager.item_metadata(step)[item]
+  tree = getattr(tree, "tree", tree)  # orbax wraps the metadata tree
+  if which != "params":
+    if which not in tree:
+      raise CheckpointError(f"checkpoint has no {which!r} weights (it has {sorted(tree)})")
+    tree = tree[which]
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def load_params(path: str, abstract_params, which: str = "ema0", allow_missing: bool = False):
   """Parameters from another run's checkpoint (teacher, or a student's initialisation).
 
-  Raises CheckpointError when the checkpoint is missing or its parameter shapes do
-  not match `abstract_params` (e.g. a different model preset).
+  Returns `(params, meta)`, or with `allow_missing` `(params, meta, missing)`: the
+  arrays of `abstract_params` that the checkpoint lacks are left out of `params`
+  and named in `missing` (an any-step student's new conditioning, initialised
+  from a diffusion checkpoint). Arrays the model does not have, or of another
+  shape, are an error either way.
+
+  Raises CheckpointError when the checkpoint is missing or does not fit
+  `abstract_params` (e.g. a different model preset), naming the arrays.
   """
   ckpt, step = resolve(path)
   meta = ckpt.restore_meta(step)
-  try:
-    params = ckpt.restore_params(step, abstract_params, which)
-  except (ValueError, KeyError, TypeError) as e:
+  want = traverse_util.flatten_dict(abstract_params)
+  saved = saved_param_shapes(ckpt, step, which)
+  extra = sorted("/".join(k) for k in saved if k not in want)
+  wrong = sorted(f"{'/'.join(k)} {saved[k]} vs {tuple(v.shape)}" for k, v in want.items()
+                 if k in saved and saved[k] != tuple(v.shape))
+  missing = sorted("/".join(k) for k in want if k not in saved)
+  if extra or wrong or (missing and not allow_missing):
+    problems = [f"{name}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+                for name, items in (("not in the model", extra), ("shape mismatch", wrong),
+                                    ("missing from the checkpoint", missing)) if items]
     raise CheckpointError(
         f"checkpoint {path!r} (step {step}, model {meta.get('model')!r}) does not fit the "
-        f"configured model: {str(e).splitlines()[0][:300]}") from None
-  logging.info("Loaded %s parameters of step %d from %s", which, step, path)
-  return params, meta
+        f"configured model ({config_model_hint(abstract_params)}): " + "; ".join(problems))
+  target = traverse_util.unflatten_dict({k: v for k, v in want.items() if k in saved})
+  params = ckpt.restore_params(step, target, which)
+  logging.info("Loaded %s parameters of step %d from %s%s", which, step, path,
+               f" (not in it, left as initialised: {missing})" if missing else "")
+  return (params, meta, missing) if allow_missing else (params, meta)
+
+
+def config_model_hint(abstract_params) -> str:
+  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract_params))
+  return f"{count / 1e6:.2f}M parameters"
 
 
 def tree_shapes_match(a, b) -> bool:

@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --- model (models/presets.py): a preset plus any attribute overrides ---
   c.model = ml_collections.ConfigDict()
   c.model.preset = "digits8"
+  c.model.segment_cond = "none"  # any-step students: 'steps' or 'segment_start' (set_anystep)
+  c.model.num_step_values = 0
 
   # --- noise schedule (diffusion/schedules.py) ---
   c.schedule = ml_collections.ConfigDict()
@@ -51,6 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.huber_reduction = "mean"  # 'mean', 'sum', 'elementwise'
   c.loss.weighting = "snr_plus_one"  # or 'v_space' (diffusion/losses.py explains the default)
   c.loss.direct_x_var = "analytic"  # Direct CM with aDDIM: 'analytic' or 'data'
+  # Segment boundaries (diffusion/segments.py): 'uniform' (the paper), 'logsnr', 'karras',
+  # or S + 1 explicit times from 0 to 1.
+  c.loss.boundaries = "uniform"
+  # Any-step training: one model for several step counts, S drawn per example from this
+  # tuple (empty: the single student_steps). Needs model.segment_cond (set_anystep).
+  c.loss.anystep_counts = ()
 
   # --- teacher and initialisation (checkpoints of a diffusion run) ---
   c.teacher_checkpoint = ""  # workdir or checkpoint dir of the diffusion teacher (cd, direct)
@@ -265,3 +273,14 @@ def mixture_config(mode: str, student_steps: int = 8, teacher: str = "",
     c.init_from = teacher
     c.teacher_checkpoint = teacher if mode in ("cd", "direct") else ""
   return c
+
+
+def set_anystep(config: ml_collections.ConfigDict, counts, segment_cond: str = "segment_start"):
+  """Makes `config` an any-step run over `counts`, the model told its segment layout by
+  `segment_cond` ('steps': which step count; 'segment_start': the segment start's logSNR)."""
+  counts = tuple(sorted(int(s) for s in counts))
+  config.loss.anystep_counts = counts
+  config.loss.student_steps = max(counts)
+  config.model.segment_cond = segment_cond
+  config.model.num_step_values = len(counts)
+  return config

@@ -32,6 +32,8 @@ class SamplerSpec:
   steps: int
   x_var: str = "analytic"  # aDDIM: 'analytic' (0.1 / (2 + SNR)) or 'table' (from data)
   guidance: float = 0.0
+  boundaries: tuple[float, ...] | None = None  # MCM: segment boundaries (None: equal)
+  step_index: int | None = None  # any-step students told their step count: its index
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -44,6 +46,9 @@ class SamplerSpec:
   def describe(self) -> str:
     if self.kind == "mcm":
       text = f"Multistep CM, {self.steps} step{'s' * (self.steps > 1)} (DDIM, Algorithm 2)"
+      equal = tuple(k / self.steps for k in range(self.steps + 1))
+      if self.boundaries is not None and not np.allclose(self.boundaries, equal):
+        text += ", boundaries " + "/".join(f"{b:.3g}" for b in self.boundaries)
     else:
       text = f"{self.kind.upper() if self.kind == 'ddim' else 'aDDIM'}, {self.steps} steps"
       if self.kind == "addim":
@@ -53,11 +58,17 @@ class SamplerSpec:
     return text
 
 
-def spec_for_config(config) -> SamplerSpec:
-  """The sampler a run uses for its own grids: the student's S, or the configured sampler."""
+def spec_for_config(config, student_steps: int | None = None) -> SamplerSpec:
+  """The sampler a run uses for its own grids and evals: the student's S (or, for any-step
+  runs, `student_steps`, default the largest), or the configured diffusion sampler."""
   if config.loss.mode == "diffusion":
     return SamplerSpec(config.sample_sampler, int(config.sample_steps))
-  return SamplerSpec("mcm", int(config.loss.student_steps))
+  from multistep_cm import train  # pylint: disable=g-import-not-at-top
+  counts = tuple(config.loss.anystep_counts) or (int(config.loss.student_steps),)
+  s = max(counts) if student_steps is None else int(student_steps)
+  bounds = tuple(train.trained_boundaries(config, train.get_schedule(config))[str(s)])
+  return SamplerSpec("mcm", s, boundaries=bounds,
+                     step_index=counts.index(s) if len(counts) > 1 else 0)
 
 
 def make_sample_fn(model, schedule, spec: SamplerSpec, x_var_table=None) -> Callable:
@@ -67,8 +78,15 @@ def make_sample_fn(model, schedule, spec: SamplerSpec, x_var_table=None) -> Call
 
   def sample(params, z, labels):
     f = denoiser.make_denoise_fn(model, params, schedule, labels, guidance_scale=spec.guidance)
+    if spec.kind == "mcm" and getattr(model, "segment_cond", "none") != "none":
+      def told_its_segment(z, t, t_step):  # the start of the segment this step lands on
+        segment = denoiser.segment_input(model, schedule, t_step[0], spec.step_index)
+        return denoiser.make_denoise_fn(model, params, schedule, labels, spec.guidance,
+                                        segment=segment)(z, t)
+      return sampling.sample_mcm(told_its_segment, z, schedule, spec.steps, spec.boundaries,
+                                 segment_aware=True)
     if spec.kind == "mcm":
-      return sampling.sample_mcm(f, z, schedule, spec.steps)
+      return sampling.sample_mcm(f, z, schedule, spec.steps, spec.boundaries)
     x_var = x_var_table if spec.x_var == "table" else None
     return sampling.sample(f, z, schedule, spec.steps, spec.kind, x_var)
 
@@ -190,13 +208,19 @@ def save_png(grid: np.ndarray, path: str):
 def sampler_spec(run, steps: int, sampler: str | None, x_var: str, guidance: float):
   """The SamplerSpec for a run and the command line; ValueError on a mismatch."""
   if run.student_steps is not None:
-    if steps and steps != run.student_steps:
-      raise ValueError(f"{run.workdir} is a {run.student_steps}-step Multistep CM; --steps="
+    counts = run.step_counts
+    if len(counts) > 1 and steps not in counts:
+      raise ValueError(f"{run.workdir} is an any-step Multistep CM for {counts} steps; pass "
+                       f"--steps with one of them")
+    if len(counts) == 1 and steps and steps != counts[0]:
+      raise ValueError(f"{run.workdir} is a {counts[0]}-step Multistep CM; --steps="
                        f"{steps} does not match it (omit --steps)")
     if sampler:
       raise ValueError("--sampler applies to diffusion runs; a Multistep CM samples with DDIM "
                        "between its segment boundaries (Algorithm 2)")
-    return SamplerSpec("mcm", run.student_steps, guidance=guidance)
+    s = steps or counts[0]
+    return SamplerSpec("mcm", s, guidance=guidance, boundaries=run.boundaries(s),
+                       step_index=counts.index(s))
   return SamplerSpec(sampler or run.config.sample_sampler,
                                 steps or int(run.config.sample_steps), x_var, guidance)
 

@@ -27,6 +27,7 @@ class Run:
   params: object
   step: int
   weights: str  # 'params' (raw) or an EMA name ('ema0', ...)
+  meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata
 
   @property
   def mode(self) -> str:
@@ -34,8 +35,23 @@ class Run:
 
   @property
   def student_steps(self) -> int | None:
-    """S for a Multistep CM run, None for a diffusion model."""
+    """S for a Multistep CM run (the largest for an any-step run), None for diffusion."""
     return None if self.mode == "diffusion" else int(self.config.loss.student_steps)
+
+  @property
+  def step_counts(self) -> tuple[int, ...]:
+    """The step counts the student can sample with: its S, or an any-step run's set."""
+    if self.mode == "diffusion":
+      return ()
+    return tuple(int(s) for s in self.config.loss.get("anystep_counts", ())) or (
+        self.student_steps,)
+
+  def boundaries(self, student_steps: int) -> tuple[float, ...]:
+    """The segment boundaries S was trained with, as stored in the checkpoint."""
+    stored = (self.meta.get("segment_boundaries") or {}).get(str(student_steps))
+    if stored is None:  # checkpoints written before boundaries were stored: equal segments
+      return tuple(float(k) / student_steps for k in range(student_steps + 1))
+    return tuple(stored)
 
   @property
   def name(self) -> str:
@@ -90,7 +106,7 @@ def load_run(workdir: str, weights: str = "ema0", step: int | None = None, mesh=
   path = workdir if step is None else os.path.join(checkpointing.checkpoint_dir(workdir),
                                                    str(step))
   ckpt, found_step = checkpointing.resolve(path)
-  params, _ = checkpointing.load_params(path, abstract, weights)
+  params, meta = checkpointing.load_params(path, abstract, weights)
   ckpt.close()
   return Run(workdir=workdir, config=config, model=model, schedule=schedule, params=params,
-             step=found_step, weights=weights)
+             step=found_step, weights=weights, meta=meta)

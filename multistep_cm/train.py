@@ -22,6 +22,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.data import pipeline as pipeline_lib
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import schedules
+from multistep_cm.diffusion import segments
 from multistep_cm.evaluation import in_training
 from multistep_cm.models import partitioning
 
@@ -85,7 +87,8 @@ def data_key(batch: dict[str, Any]) -> str:
 
 
 def _init_params(model, rng):
-  return model.init({"params": rng}, *models.dummy_inputs(model, 1), train=False)["params"]
+  return model.init({"params": rng}, *models.dummy_inputs(model, 1), train=False,
+                    **models.init_kwargs(model, 1))["params"]
 
 
 def abstract_params(model):
@@ -121,11 +124,50 @@ def state_layout(model, tx, mesh, num_ema: int) -> StateLayout:
 # --- the train step ----------------------------------------------------------------------------
 
 
+def segment_boundaries(config, schedule, student_steps: int):
+  """The configured boundaries of S segments (diffusion/segments.py), as floats."""
+  kind = config.loss.boundaries
+  kind = kind if isinstance(kind, str) else tuple(kind)
+  return segments.boundaries(kind, student_steps, schedule)
+
+
+def segment_grid_fn(config, schedule):
+  """`grid_fn(n_teacher, key, batch) -> (grid, step-count index per example or None)`.
+
+  The boundaries are static: computed here, once, outside the traced step.
+  """
+  lc = config.loss
+  if lc.anystep_counts:
+    counts = tuple(lc.anystep_counts)
+    bounds = [segment_boundaries(config, schedule, s) for s in counts]
+
+    def anystep(n_teacher, key, batch):
+      choice = jax.random.randint(key, (batch,), 0, len(counts), jnp.int32)
+      return losses.make_anystep_grid(n_teacher, counts, bounds, choice), choice
+
+    return anystep
+  bounds = (None if lc.boundaries == "uniform"
+            else segment_boundaries(config, schedule, lc.student_steps))
+  return lambda n_teacher, key, batch: (losses.make_grid(n_teacher, lc.student_steps, bounds),
+                                        None)
+
+
+def trained_boundaries(config, schedule) -> dict[str, list[float]]:
+  """`{str(S): boundaries}` on the final teacher grid: what sampling must use."""
+  lc = config.loss
+  counts = tuple(lc.anystep_counts) or (lc.student_steps,)
+  s_max = max(counts)
+  num_steps = int(losses.steps_per_segment(lc.teacher_steps_end, s_max)) * s_max
+  kind = lc.boundaries if isinstance(lc.boundaries, str) else tuple(lc.boundaries)
+  return {str(s): segments.trained_boundaries(kind, s, schedule, num_steps) for s in counts}
+
+
 def make_loss_fn(config, model, schedule, teacher_model=None):
   """`loss_fn(params, teacher_params, batch, step, rng) -> (loss, metrics)` for config.loss.mode."""
   lc = config.loss
   mode = lc.mode
   num_classes = model.num_classes
+  grid_fn = segment_grid_fn(config, schedule) if mode != "diffusion" else None
 
   def loss_fn(params, teacher_params, batch, step, rng):
     x = batch[data_key(batch)]
@@ -143,24 +185,32 @@ def make_loss_fn(config, model, schedule, teacher_model=None):
     else:
       n_teacher = losses.teacher_steps(step, lc.teacher_steps_start, lc.teacher_steps_end,
                                        lc.anneal_steps)
-      grid = losses.make_grid(n_teacher, lc.student_steps)
+      k_time, k_count = jax.random.split(k_time)
+      grid, count_index = grid_fn(n_teacher, k_count, x.shape[0])
       segment, n_rel = losses.sample_segments(k_time, x.shape[0], grid)
       teacher_fn = None
       if mode in ("cd", "direct"):
         teacher_fn = denoiser.make_denoise_fn(
             teacher_model, teacher_params, schedule, labels, guidance_scale=lc.guidance_scale,
             return_conditional=True)
-      student = lambda z, t, r: denoiser.apply_x(model, params, z, t, schedule, labels, r)
+      # Any-step students are told their segment layout; both student calls share it.
+      t_step = losses.segment_times(segment, n_rel, grid)[0]
+      seg_input = denoiser.segment_input(model, schedule, t_step, count_index)
+      student = lambda z, t, r: denoiser.apply_x(model, params, z, t, schedule, labels, r,
+                                                 segment=seg_input)
       per_example, aux = losses.mcm_loss(
           student, x, eps, segment, n_rel, k_drop, schedule=schedule, mode=mode,
           grid=grid, teacher_fn=teacher_fn,
           eta=lc.eta, teacher_solver=lc.teacher_solver, huber_epsilon=lc.huber_epsilon,
           huber_reduction=lc.huber_reduction, weighting=lc.weighting,
           direct_x_var=lc.direct_x_var)
-      seg_sum = jax.ops.segment_sum(per_example, aux["segment"], lc.student_steps)
-      seg_count = jax.ops.segment_sum(jnp.ones_like(per_example), aux["segment"],
-                                      lc.student_steps)
-      metrics["loss_per_segment"] = seg_sum / jnp.maximum(seg_count, 1.0)
+      # Loss per segment; for any-step runs, per step count instead.
+      groups, num_groups, name = aux["segment"], lc.student_steps, "loss_per_segment"
+      if lc.anystep_counts:
+        groups, num_groups, name = count_index, len(lc.anystep_counts), "loss_per_step_count"
+      group_sum = jax.ops.segment_sum(per_example, groups, num_groups)
+      group_count = jax.ops.segment_sum(jnp.ones_like(per_example), groups, num_groups)
+      metrics[name] = group_sum / jnp.maximum(group_count, 1.0)
       metrics["teacher_steps"] = n_teacher
     loss = jnp.mean(per_example)
     metrics["loss"] = loss
@@ -305,6 +355,9 @@ def _checkpoint_meta(config, state_step: int) -> dict[str, Any]:
           "seed": config.seed, "ema_decays": list(config.ema_decays),
           "model": config.model.preset, "mode": config.loss.mode,
           "student_steps": config.loss.student_steps if config.loss.mode != "diffusion" else None,
+          "anystep_counts": list(config.loss.anystep_counts),
+          "segment_boundaries": (trained_boundaries(config, get_schedule(config))
+                                 if config.loss.mode != "diffusion" else None),
           "schedule": config.schedule.to_dict(), "dataset": config.data.dataset}
 
 
@@ -352,10 +405,18 @@ def _initial_state(config, model, tx, layout, ckpt):
   create = lambda p: train_state_lib.create(p, tx, jax.random.fold_in(init_rng, 1),
                                             len(config.ema_decays))
   if config.init_from:
-    params, _ = checkpointing.load_params(config.init_from, layout.abstract.params,
-                                          config.init_weights)
+    # Arrays the diffusion checkpoint lacks (an any-step student's zero-initialised
+    # segment conditioning) keep their fresh initialisation.
+    loaded, _, missing = checkpointing.load_params(
+        config.init_from, layout.abstract.params, config.init_weights, allow_missing=True)
+    if missing:
+      fresh = jax.jit(lambda rng: partitioning.unbox(_init_params(model, rng)),
+                      out_shardings=layout.param_shardings)(init_rng)
+      flat = traverse_util.flatten_dict(fresh)
+      flat.update(traverse_util.flatten_dict(loaded))
+      loaded = traverse_util.unflatten_dict(flat)
     logging.info("Student initialised from %s (%s).", config.init_from, config.init_weights)
-    return jax.jit(create, out_shardings=layout.shardings)(params)
+    return jax.jit(create, out_shardings=layout.shardings)(loaded)
   init = lambda rng: create(partitioning.unbox(_init_params(model, rng)))
   return jax.jit(init, out_shardings=layout.shardings)(init_rng)
 

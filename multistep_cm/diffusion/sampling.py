@@ -24,7 +24,7 @@ def uniform_grid(num_steps: int):
 
 
 def sample_on_grid(denoise_fn: Callable, z, schedule: Schedule, times, sampler: str = "ddim",
-                   x_var=None):
+                   x_var=None, pass_next_time: bool = False):
   """Integrates from `times[0]` to `times[-1]` (descending) with DDIM or aDDIM steps.
 
   Args:
@@ -35,6 +35,8 @@ def sample_on_grid(denoise_fn: Callable, z, schedule: Schedule, times, sampler: 
     sampler: "ddim" or "addim".
     x_var: for aDDIM: None for the analytic rule 0.1 / (2 + SNR), a callable
       `x_var(t)` (e.g. `solvers.XVarTable`), or a constant.
+    pass_next_time: call `denoise_fn(z, t, s)` with the step's target time s too
+      (students conditioned on their segment start).
 
   Returns:
     The latent at `times[-1]`; at t = 0 that is the sample.
@@ -53,7 +55,10 @@ def sample_on_grid(denoise_fn: Callable, z, schedule: Schedule, times, sampler: 
 
   def body(i, z):
     t, s = times[i], times[i + 1]
-    x_hat = denoise_fn(z, jnp.full((batch,), t))
+    if pass_next_time:
+      x_hat = denoise_fn(z, jnp.full((batch,), t), jnp.full((batch,), s))
+    else:
+      x_hat = denoise_fn(z, jnp.full((batch,), t))
     if sampler == "ddim":
       return solvers.ddim(x_hat, z, t, s, schedule)
     return solvers.addim(x_hat, z, t, s, schedule, x_var_at(t))
@@ -72,18 +77,23 @@ def sample(denoise_fn: Callable, z, schedule: Schedule, num_steps: int, sampler:
 
 
 def sample_mcm(denoise_fn: Callable, z, schedule: Schedule, student_steps: int,
-               boundaries=None):
+               boundaries=None, segment_aware: bool = False):
   """Algorithm 2: `student_steps` deterministic DDIM steps between segment boundaries.
 
   No aDDIM and no noise re-injection at sampling time for the student (§4).
-  `boundaries` (descending, from 1 to 0, `student_steps + 1` points) defaults to
-  the paper's equal segments.
+  `boundaries` (S + 1 times, ascending or descending, from 0 to 1) default to the
+  paper's equal segments; a model trained with other boundaries must sample with
+  them (segments.py). `segment_aware` calls `denoise_fn(z, t, t_step)` with each
+  segment's start, for students conditioned on it.
   """
-  times = uniform_grid(student_steps) if boundaries is None else boundaries
-  if boundaries is not None and jnp.shape(boundaries)[0] != student_steps + 1:
-    raise ValueError(f"boundaries need student_steps + 1 = {student_steps + 1} points, got "
-                     f"{jnp.shape(boundaries)[0]}")
-  return sample_on_grid(denoise_fn, z, schedule, times, "ddim")
+  if boundaries is None:
+    times = uniform_grid(student_steps)
+  else:
+    times = jnp.sort(jnp.asarray(boundaries, jnp.float32))[::-1]
+    if times.shape[0] != student_steps + 1:
+      raise ValueError(f"boundaries need student_steps + 1 = {student_steps + 1} points, got "
+                       f"{times.shape[0]}")
+  return sample_on_grid(denoise_fn, z, schedule, times, "ddim", pass_next_time=segment_aware)
 
 
 def classifier_free_guidance(denoise_fn: Callable, labels, null_label: int,

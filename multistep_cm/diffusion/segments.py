@@ -97,3 +97,14 @@ def grid_bounds(bounds, num_steps):
   # [0, T - S]: a running maximum raises the squeezed ones, a cap lowers the top ones.
   rising = jax.lax.cummax(snapped - k, axis=snapped.ndim - 1)
   return jnp.minimum(rising, t - s) + k
+
+
+def trained_boundaries(kind, student_steps: int, schedule: schedules_lib.Schedule,
+                       num_steps: int) -> list[float]:
+  """The boundaries a model trained on a T-step grid actually used: snapped, as times.
+
+  Sampling with exactly these (rather than the unsnapped ones) keeps sampling and
+  training consistent; checkpoints store them.
+  """
+  b = boundaries(kind, student_steps, schedule)
+  return [float(v) / num_steps for v in np.asarray(grid_bounds(b, num_steps))]

@@ -25,7 +25,10 @@ class TrainingEvaluator:
     self.num_samples = int(ec.get("num_samples", 1000))
     self.batch_size = int(ec.get("batch_size", 500))
     self.seed = int(config.seed) + 2**16
-    self.spec = generation.spec_for_config(config)
+    # An any-step run is evaluated at each of its step counts.
+    counts = tuple(config.loss.get("anystep_counts", ()))
+    self.specs = ([generation.spec_for_config(config, s) for s in counts] if counts
+                  else [generation.spec_for_config(config)])
     self.metric = sample_metrics.make_metric(
         config, ec.get("metric", "auto"), ec.get("inception_weights", ""),
         ec.get("reference_stats", ""))
@@ -45,12 +48,16 @@ class TrainingEvaluator:
                                mesh=self.mesh)
 
   def __call__(self, params) -> dict[str, float]:
-    samples, labels = self._generate(params, self.spec)
     out = {}
-    if self.metric is not None:
-      out.update({f"eval/{k}": float(v) for k, v in self.metric(samples, labels).items()})
-    if self.teacher_samples is not None:
-      out["eval/ode_error"] = float(np.sqrt(np.mean(np.square(samples - self.teacher_samples))))
+    for spec in self.specs:
+      suffix = f"/S{spec.steps}" if len(self.specs) > 1 else ""
+      samples, labels = self._generate(params, spec)
+      if self.metric is not None:
+        out.update({f"eval/{k}{suffix}": float(v)
+                    for k, v in self.metric(samples, labels).items()})
+      if self.teacher_samples is not None:
+        out[f"eval/ode_error{suffix}"] = float(
+            np.sqrt(np.mean(np.square(samples - self.teacher_samples))))
     return out
 
 

@@ -28,10 +28,9 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
                                           reference_stats)
     if run.student_steps is None:
       specs = [generation.SamplerSpec(s, k) for s in samplers for k in steps]
-    elif not steps or run.student_steps in steps:
-      specs = [generation.SamplerSpec("mcm", run.student_steps)]
     else:
-      specs = []
+      specs = [generation.sampler_spec(run, s, None, "analytic", 0.0) for s in run.step_counts
+               if not steps or s in steps]
     for spec in specs:
       samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
                                             num_samples, seed=seed, batch_size=batch_size)

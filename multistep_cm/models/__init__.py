@@ -11,6 +11,7 @@ from multistep_cm.models.presets import abstract_variables
 from multistep_cm.models.presets import dummy_inputs
 from multistep_cm.models.presets import get_model
 from multistep_cm.models.presets import get_model_for_config
+from multistep_cm.models.presets import init_kwargs
 from multistep_cm.models.presets import input_specs
 from multistep_cm.models.presets import PAPER_PARAMS
 from multistep_cm.models.presets import param_count

@@ -138,21 +138,41 @@ def logsnr_features(logsnr: jax.Array, num_features: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+SEGMENT_CONDITIONS = ("none", "steps", "segment_start")
+
+
+def validate_segment_cond(segment_cond: str, num_step_values: int):
+  if segment_cond not in SEGMENT_CONDITIONS:
+    raise ValueError(f"segment_cond must be one of {SEGMENT_CONDITIONS}, got {segment_cond!r}")
+  if segment_cond == "steps" and num_step_values < 1:
+    raise ValueError(f"segment_cond='steps' needs num_step_values >= 1, got {num_step_values}")
+
+
 class Conditioning(nn.Module):
-  """logSNR (and class label) -> conditioning vector [B, emb_dim], float32.
+  """logSNR (and class label, and segment layout) -> conditioning vector [B, emb_dim], float32.
 
   The logSNR features go through a two-layer swish MLP; with `num_classes > 0`
   a learned embedding of the label (index `num_classes` is the null class used
   for classifier-free guidance) is added, as the class embedding of ADM /
   simple diffusion is. Everything here runs in float32 (the time embedding is
   the input whose precision matters most near t = 0).
+
+  Any-step Multistep CMs also tell the network which segment layout it serves
+  (`segment_cond`): "steps" adds a learned embedding of the step-count index
+  (`segment` int [B] in [0, num_step_values)); "segment_start" adds a projection of
+  the logSNR features of the segment start t_step (`segment` float [B], the logSNR at
+  t_step; the data end t_step = 0 is the schedule's maximum logSNR). Both start at
+  zero, so a student initialised from a diffusion checkpoint starts as the teacher.
   """
   emb_dim: int
   num_classes: int = 0
   num_features: int = 256
+  segment_cond: str = "none"
+  num_step_values: int = 0
 
   @nn.compact
-  def __call__(self, logsnr: jax.Array, labels: jax.Array | None) -> jax.Array:
+  def __call__(self, logsnr: jax.Array, labels: jax.Array | None,
+               segment: jax.Array | None = None) -> jax.Array:
     h = logsnr_features(logsnr, self.num_features)
     h = dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32, name="time_dense0")(h)
     h = dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32,
@@ -166,6 +186,19 @@ class Conditioning(nn.Module):
               nn.initializers.normal(stddev=1.0), ("vocab", "cond")),
           name="class_embed")
       h = h + embed(labels)
+    if self.segment_cond != "none":
+      if segment is None:
+        raise ValueError(f"a model with segment_cond={self.segment_cond!r} needs `segment`")
+      if self.segment_cond == "steps":
+        h = h + nn.Embed(
+            self.num_step_values, self.emb_dim, dtype=jnp.float32, param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                        ("vocab", "cond")),
+            name="steps_embed")(segment.astype(jnp.int32))
+      else:
+        f = logsnr_features(segment.astype(jnp.float32), self.num_features)
+        h = h + dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32, zero_init=True,
+                      name="segment_dense")(f)
     return h
 
 

@@ -53,6 +53,8 @@ class MLPDenoiser(nn.Module):
     dropout: dropout rate inside every block.
     dtype: compute dtype of the dense layers (parameters stay float32).
     remat, remat_policy: rematerialise every block with a named policy.
+    segment_cond, num_step_values: the segment-layout conditioning of any-step
+      Multistep CMs (`layers.Conditioning`): "none", "steps" or "segment_start".
   """
   data_dim: int = 8
   num_classes: int = 0
@@ -64,6 +66,8 @@ class MLPDenoiser(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  segment_cond: str = "none"
+  num_step_values: int = 0
 
   def validate(self):
     """Raises ValueError naming the first inconsistent attribute."""
@@ -71,13 +75,16 @@ class MLPDenoiser(nn.Module):
       if getattr(self, key) < 1:
         raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
     layers.maybe_remat(MLPBlock, self.remat, self.remat_policy)  # checks the policy name
+    layers.validate_segment_cond(self.segment_cond, self.num_step_values)
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, labels: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, segment: jax.Array | None = None) -> jax.Array:
     """v-hat [B, data_dim] float32 from z [B, data_dim], logsnr [B], labels [B] or None."""
     self.validate()
-    cond = layers.Conditioning(self.emb_dim, self.num_classes, name="cond")(logsnr, labels)
+    cond = layers.Conditioning(self.emb_dim, self.num_classes, segment_cond=self.segment_cond,
+                               num_step_values=self.num_step_values,
+                               name="cond")(logsnr, labels, segment)
     x = layers.constrain_batch(z.astype(self.dtype))
     x = layers.dense(self.width, ("fan_in", "embed"), dtype=self.dtype, name="dense_in")(x)
     block_cls = layers.maybe_remat(MLPBlock, self.remat, self.remat_policy)

@@ -176,10 +176,21 @@ def dummy_inputs(model_or_preset: "nn.Module | str", batch: int):
           jnp.full(labels.shape, model.num_classes, labels.dtype))
 
 
+def init_kwargs(model: nn.Module, batch: int) -> dict[str, Any]:
+  """Keyword inputs beyond (z, logsnr, labels) that `model.init` needs: a dummy segment
+  for models conditioned on the segment layout (layers.Conditioning)."""
+  kind = getattr(model, "segment_cond", "none")
+  if kind == "none":
+    return {}
+  dtype = jnp.int32 if kind == "steps" else jnp.float32
+  return {"segment": jnp.zeros((batch,), dtype)}
+
+
 def abstract_variables(model: nn.Module, batch: int = 1) -> Any:
   """`jax.eval_shape` of `model.init`: boxed ShapeDtypeStructs, nothing allocated."""
   return jax.eval_shape(
-      lambda key, *inputs: model.init({"params": key}, *inputs, train=False),
+      lambda key, *inputs: model.init({"params": key}, *inputs, train=False,
+                                      **init_kwargs(model, batch)),
       jax.random.key(0), *input_specs(model, batch))
 
 

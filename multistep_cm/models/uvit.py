@@ -201,6 +201,8 @@ class UViT(nn.Module):
     dtype: compute dtype of convs and matmuls (parameters stay float32).
     remat, remat_policy: rematerialise every block with a named policy.
     scan_blocks: scan the mid stack instead of unrolling it.
+    segment_cond, num_step_values: the segment-layout conditioning of any-step
+      Multistep CMs (`layers.Conditioning`): "none", "steps" or "segment_start".
   """
   image_size: int = 64
   num_channels: int = 3
@@ -219,8 +221,11 @@ class UViT(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_blocks: bool = True
+  segment_cond: str = "none"
+  num_step_values: int = 0
 
   def validate(self):
+    layers.validate_segment_cond(self.segment_cond, self.num_step_values)
     """Raises ValueError naming the first inconsistent attribute."""
     levels = len(self.channels)
     for key in ("block_types", "num_blocks"):
@@ -270,10 +275,12 @@ class UViT(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, labels: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, segment: jax.Array | None = None) -> jax.Array:
     """v-hat [B, H, W, C] float32 from z [B, H, W, C], logsnr [B], labels [B] or None."""
     self.validate()
-    cond = layers.Conditioning(self.emb_dim, self.num_classes, name="cond")(logsnr, labels)
+    cond = layers.Conditioning(self.emb_dim, self.num_classes, segment_cond=self.segment_cond,
+                               num_step_values=self.num_step_values,
+                               name="cond")(logsnr, labels, segment)
     x = layers.constrain_batch(z.astype(self.dtype))
     x = layers.conv3x3(self.channels[0], ("fan_in", "embed"), dtype=self.dtype,
                        name="conv_in")(x)
