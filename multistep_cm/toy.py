@@ -13,9 +13,16 @@
    mixture and to the teacher's 512-step aDDIM sampler, and the ODE error: the RMS
    distance to the teacher's 512-step DDIM solve (the probability-flow ODE) from the
    same noise. Reference rows give the teacher's own samplers and the noise floor
-   (two independent true samples).
+   (independent true samples).
 
-Everything runs on the CPU in a few minutes; the README table comes from the default command.
+Every model is trained with the main trainer's loss and step (`train.make_loss_fn`,
+`train.make_train_step`) from a mixture config (`config_base.mixture_config`), with
+fresh mixture samples drawn inside each compiled chunk of steps. Beyond the paper
+(issue #9): `--anystep=segment_start|steps` also trains one any-step model per mode
+over all the S values (as many steps in total as the separate models together) and
+samples it at each S; `--boundaries=logsnr|karras` moves the segment boundaries.
+
+Everything runs on the CPU in a few minutes; the README tables come from these commands.
 """
 import dataclasses
 import json
@@ -27,14 +34,17 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from multistep_cm import models
+from multistep_cm import config_base
+from multistep_cm import denoiser
+from multistep_cm import generation
+from multistep_cm import optim
+from multistep_cm import train
+from multistep_cm import train_state
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.diffusion import losses
-from multistep_cm.diffusion import process
 from multistep_cm.diffusion import sampling
-from multistep_cm.diffusion import schedules
+from multistep_cm.diffusion import segments
 from multistep_cm.evaluation import energy
 
 _STUDENT_STEPS = flags.DEFINE_list("student_steps", ["1", "2", "4", "8"], "Student step counts S.")
@@ -46,6 +56,13 @@ _NUM_EVAL = flags.DEFINE_integer("num_eval", 10_000, "Samples per evaluation.")
 _HUBER = flags.DEFINE_float("huber_epsilon", 1e-4, "Pseudo-Huber epsilon (§3.6).")
 _WEIGHTING = flags.DEFINE_enum("weighting", "snr_plus_one", list(losses.WEIGHTINGS),
                                "Loss weighting (see diffusion/losses.py).")
+_BOUNDARIES = flags.DEFINE_enum("boundaries", "uniform", list(segments.KINDS),
+                                "Segment boundaries (diffusion/segments.py).")
+_ANYSTEP = flags.DEFINE_enum("anystep", "", ["", "steps", "segment_start"],
+                             "Also train one any-step model per mode, told its segment layout "
+                             "this way.")
+_SKIP_SEPARATE = flags.DEFINE_bool("skip_separate", False, "With --anystep: only the any-step "
+                                   "models.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON here.")
 
@@ -70,89 +87,95 @@ class ToySettings:
   eta: float = 0.75
   huber_epsilon: float = 1e-4
   weighting: str = "snr_plus_one"
+  boundaries: str = "uniform"
   direct_solver: str = "ddim"  # the Direct-CM paper's solver (§10.2)
   num_eval: int = 10_000
   seed: int = 0
   chunk: int = 250  # train steps per compiled call (lax.scan): no per-step host syncs
 
 
-def _denoiser(model, schedule):
-  """`f(params, z, t, rng) -> x̂` from the v-predicting network."""
-  def f(params, z, t, rng=None):
-    rngs = None if rng is None else {"dropout": rng}
-    v = model.apply({"params": params}, z, schedule.logsnr(t), None, train=rng is not None,
-                    rngs=rngs)
-    return process.x_from_v(v, z, t, schedule)
-  return f
+def toy_config(settings: ToySettings, mode: str, student_steps: int = 1):
+  """The mixture config of one toy model (config_base.mixture_config plus the settings)."""
+  c = config_base.mixture_config(mode, student_steps, data_dim=settings.data_dim)
+  c.seed = settings.seed
+  c.model.width, c.model.depth = settings.width, settings.depth
+  c.batch_size = settings.batch
+  c.num_train_steps = settings.pretrain_steps if mode == "diffusion" else settings.train_steps
+  c.optimizer.learning_rate = (settings.learning_rate if mode == "diffusion"
+                               else settings.mcm_learning_rate)
+  c.optimizer.warmup_steps = settings.warmup
+  c.ema_decays = (settings.ema_decay,)
+  c.loss.teacher_steps_start = settings.teacher_steps_start
+  c.loss.teacher_steps_end = settings.teacher_steps_end
+  c.loss.anneal_steps = c.num_train_steps // 2
+  c.loss.eta = settings.eta
+  c.loss.huber_epsilon = settings.huber_epsilon
+  c.loss.weighting = settings.weighting
+  c.loss.boundaries = settings.boundaries
+  if mode == "direct":
+    c.loss.teacher_solver = settings.direct_solver
+  return c
 
 
-def _optimizer(lr: float, steps: int, warmup: int):
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
-                                                end_value=lr * 0.05)
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-
-
-def _train(loss_fn, params, steps: int, lr: float, settings: ToySettings, key):
-  """Adam with EMA; `loss_fn(params, step, key) -> scalar`. Returns the EMA params."""
-  opt = _optimizer(lr, steps, settings.warmup)
-  state = (jnp.int32(0), params, opt.init(params), params)
+def _train(config, model, schedule, params, mix, key, teacher_fn_factory=None, chunk=250):
+  """Trains with the trainer's own loss and step; returns the EMA parameters and losses."""
+  tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  loss_fn = train.make_loss_fn(config, model, schedule, teacher_fn_factory=teacher_fn_factory)
+  step_fn = train.make_train_step(config, loss_fn, tx, lr_schedule)
+  k_state, k_data = jax.random.split(key)
+  state = train_state.create(params, tx, k_state, len(config.ema_decays))
+  batch_size = config.batch_size
 
   def one_step(state, _):
-    step, params, opt_state, ema = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, step, jax.random.fold_in(key, step))
-    updates, opt_state = opt.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    ema = optax.incremental_update(params, ema, 1.0 - settings.ema_decay)
-    return (step + 1, params, opt_state, ema), loss
+    x = mix.sample(jax.random.fold_in(k_data, state.step), batch_size)[0]
+    state, metrics = step_fn(state, {"x": x, "label": jnp.zeros((batch_size,), jnp.int32)},
+                             None)
+    return state, metrics["loss"]
 
-  run_chunk = jax.jit(lambda s: jax.lax.scan(one_step, s, None, length=settings.chunk))
-  loss_trace = []
-  for _ in range(max(1, steps // settings.chunk)):
+  run_chunk = jax.jit(lambda s: jax.lax.scan(one_step, s, None, length=chunk))
+  trace = []
+  for _ in range(max(1, config.num_train_steps // chunk)):
     state, chunk_losses = run_chunk(state)
-    loss_trace.append(float(jnp.mean(chunk_losses)))
-  if not np.all(np.isfinite(loss_trace)):
-    raise FloatingPointError(f"non-finite training loss: {loss_trace}")
-  return state[3], loss_trace
+    trace.append(float(jnp.mean(chunk_losses)))
+  if not np.all(np.isfinite(trace)):
+    raise FloatingPointError(f"non-finite training loss: {trace}")
+  return state.ema["ema0"], trace
 
 
 def _rms(a, b):
   return float(jnp.sqrt(jnp.mean(jnp.square(jnp.asarray(a) - jnp.asarray(b)))))
 
 
-def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str], log=print):
+def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str], log=print,
+        anystep: str = "", separate: bool = True):
   """Runs the whole experiment and returns the result rows (dicts)."""
   start_time = time.time()
   key = jax.random.PRNGKey(settings.seed)
   k_init, k_pre, k_train, k_noise, k_ref, k_null = jax.random.split(key, 6)
   mix = mixture_lib.default_mixture(dim=settings.data_dim, seed=settings.seed)
-  schedule = schedules.cosine()
-  model = models.get_model("mlp_toy", data_dim=settings.data_dim, width=settings.width,
-                           depth=settings.depth)
-  f = _denoiser(model, schedule)
-  teacher = lambda z, t: mix.denoise(z, t, schedule)
-  dim, batch = settings.data_dim, settings.batch
+  base = toy_config(settings, "diffusion")
+  model, schedule = train.get_model(base), train.get_schedule(base)
+  exact = lambda z, t: mix.denoise(z, t, schedule)
+  exact_factory = lambda teacher_params, labels: exact
 
-  params = model.init({"params": k_init}, jnp.zeros((1, dim)), jnp.zeros((1,)), None)["params"]
-
-  def diffusion_loss(params, step, key):
-    kx, ke, kt = jax.random.split(key, 3)
-    x = mix.sample(kx, batch)[0]
-    t = losses.sample_diffusion_times(kt, batch)
-    return jnp.mean(losses.diffusion_loss(lambda z, t: f(params, z, t), x,
-                                          jax.random.normal(ke, x.shape), t, schedule))
-
-  init_params, trace = _train(diffusion_loss, params, settings.pretrain_steps,
-                              settings.learning_rate, settings, k_pre)
+  params = train.partitioning.unbox(train.init_params(model, k_init))
+  pretrained, trace = _train(base, model, schedule, params, mix, k_pre, chunk=settings.chunk)
   log(f"[{time.time() - start_time:6.1f}s] diffusion pretraining: loss {trace[0]:.4f} -> "
       f"{trace[-1]:.4f}")
 
   # Evaluation: shared noise for every sampler, a true reference sample, the noise floor.
-  z1 = jax.random.normal(k_noise, (settings.num_eval, dim))
+  z1 = jax.random.normal(k_noise, (settings.num_eval, settings.data_dim))
   truth = mix.sample(k_ref, settings.num_eval)[0]
-  sample_teacher = jax.jit(lambda z, k, smp: sampling.sample(teacher, z, schedule, k, smp),
+  sample_teacher = jax.jit(lambda z, k, smp: sampling.sample(exact, z, schedule, k, smp),
                            static_argnums=(1, 2))
   teacher_addim = sample_teacher(z1, 512, "addim")
   ode_solution = sample_teacher(z1, 512, "ddim")
+
+  def row(name, steps, x, **extra):
+    return {"model": name, "steps": steps, "ed_truth": energy.energy_distance(x, truth),
+            "ed_teacher": energy.energy_distance(x, teacher_addim),
+            "ode_error": _rms(x, ode_solution), **extra}
+
   # The noise floor: energy distances of independent true samples to the reference.
   null = [energy.energy_distance(mix.sample(k, settings.num_eval)[0], truth)
           for k in jax.random.split(k_null, 5)]
@@ -160,50 +183,46 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
            "ed_truth": float(np.mean(null)), "ed_truth_max": float(np.max(null))}]
   for smp in ("ddim", "addim"):
     for k in (8, 16, 512):
-      x = sample_teacher(z1, k, smp)
-      rows.append({"model": f"teacher {smp}", "steps": k,
-                   "ed_truth": energy.energy_distance(x, truth),
-                   "ed_teacher": energy.energy_distance(x, teacher_addim),
-                   "ode_error": _rms(x, ode_solution)})
-  pre = jax.jit(lambda p, z: sampling.sample(lambda z, t: f(p, z, t), z, schedule, 64, "addim"))
-  x = pre(init_params, z1)
-  rows.append({"model": "pretrained MLP (diffusion, aDDIM)", "steps": 64,
-               "ed_truth": energy.energy_distance(x, truth),
-               "ed_teacher": energy.energy_distance(x, teacher_addim),
-               "ode_error": _rms(x, ode_solution)})
+      rows.append(row(f"teacher {smp}", k, sample_teacher(z1, k, smp)))
+  pretrained_sampler = jax.jit(lambda p, z: sampling.sample(
+      denoiser.make_denoise_fn(model, p, schedule), z, schedule, 64, "addim"))
+  rows.append(row("pretrained MLP (diffusion, aDDIM)", 64, pretrained_sampler(pretrained, z1)))
   log(f"[{time.time() - start_time:6.1f}s] teacher and reference rows done")
 
-  for mode in modes:
-    for S in student_steps:
-      def mcm_loss(params, step, key, S=S, mode=mode):
-        kx, ke, kseg, kd = jax.random.split(key, 4)
-        x = mix.sample(kx, batch)[0]
-        n_teacher = losses.teacher_steps(step, settings.teacher_steps_start,
-                                         settings.teacher_steps_end, settings.train_steps // 2)
-        grid = losses.make_grid(n_teacher, S)
-        segment, n_rel = losses.sample_segments(kseg, batch, grid)
-        loss, _ = losses.mcm_loss(
-            lambda z, t, rng: f(params, z, t, rng), x, jax.random.normal(ke, x.shape), segment,
-            n_rel, kd, schedule=schedule, mode=mode, grid=grid,
-            teacher_fn=teacher, eta=settings.eta, huber_epsilon=settings.huber_epsilon,
-            weighting=settings.weighting,
-            teacher_solver=settings.direct_solver if mode == "direct" else "addim",
-            direct_x_var="analytic")
-        return jnp.mean(loss)
+  def student_rows(config, label, counts, params):
+    model = train.get_model(config)
+    out = []
+    for s in counts:
+      spec = generation.spec_for_config(config, s)
+      x = jax.jit(generation.make_sample_fn(model, schedule, spec))(params, z1, None)
+      r = row(label, s, x)
+      out.append(r)
+      log(f"[{time.time() - start_time:6.1f}s] {label} S={s}: ED truth {r['ed_truth']:.4f}, "
+          f"ED teacher {r['ed_teacher']:.4f}, ODE error {r['ode_error']:.4f}")
+    return out
 
-      params, trace = _train(mcm_loss, init_params, settings.train_steps,
-                             settings.mcm_learning_rate, settings,
-                             jax.random.fold_in(k_train, S * 10 + len(mode)))
-      x = jax.jit(lambda p, z, S=S: sampling.sample_mcm(lambda z, t: f(p, z, t), z, schedule,
-                                                         S))(params, z1)
-      row = {"model": f"MCM-{mode.upper()}", "steps": S,
-             "ed_truth": energy.energy_distance(x, truth),
-             "ed_teacher": energy.energy_distance(x, teacher_addim),
-             "ode_error": _rms(x, ode_solution), "final_loss": trace[-1]}
-      rows.append(row)
-      log(f"[{time.time() - start_time:6.1f}s] {row['model']} S={S}: ED truth "
-          f"{row['ed_truth']:.4f}, ED teacher {row['ed_teacher']:.4f}, "
-          f"ODE error {row['ode_error']:.4f}")
+  for mode in modes:
+    factory = exact_factory if mode in ("cd", "direct") else None
+    if separate:
+      for s in student_steps:
+        config = toy_config(settings, mode, s)
+        params, _ = _train(config, train.get_model(config), schedule, pretrained, mix,
+                           jax.random.fold_in(k_train, s * 10 + len(mode)), factory,
+                           settings.chunk)
+        rows += student_rows(config, f"MCM-{mode.upper()}", [s], params)
+    if anystep:
+      # One model for every S, trained as long as the separate models together.
+      config = config_base.set_anystep(toy_config(settings, mode), student_steps, anystep)
+      config.num_train_steps = settings.train_steps * len(student_steps)
+      config.loss.anneal_steps = config.num_train_steps // 2
+      model = train.get_model(config)
+      # The pretrained weights, plus the zero-initialised segment conditioning.
+      start = train.merge_params(train.partitioning.unbox(train.init_params(model, k_init)),
+                                 pretrained)
+      params, _ = _train(config, model, schedule, start, mix,
+                         jax.random.fold_in(k_train, 7 + len(mode)), factory, settings.chunk)
+      rows += student_rows(config, f"MCM-{mode.upper()} any-step ({anystep})",
+                           sorted(student_steps), params)
   return rows
 
 
@@ -223,15 +242,17 @@ def main(argv):
   settings = ToySettings(pretrain_steps=_PRETRAIN_STEPS.value, train_steps=_TRAIN_STEPS.value,
                          batch=_BATCH.value, num_eval=_NUM_EVAL.value,
                          weighting=_WEIGHTING.value, huber_epsilon=_HUBER.value,
-                         seed=_SEED.value)
+                         boundaries=_BOUNDARIES.value, seed=_SEED.value)
   for mode in _MODES.value:
     if mode not in losses.MODES:
       raise app.UsageError(f"--modes: {mode!r} is not one of {losses.MODES}")
-  rows = run(settings, [int(s) for s in _STUDENT_STEPS.value], _MODES.value)
+  rows = run(settings, [int(s) for s in _STUDENT_STEPS.value], _MODES.value,
+             anystep=_ANYSTEP.value, separate=not _SKIP_SEPARATE.value)
   print(format_table(rows))
   if _JSON.value:
     with open(_JSON.value, "w") as fh:
-      json.dump({"settings": dataclasses.asdict(settings), "rows": rows}, fh, indent=2)
+      json.dump({"settings": dataclasses.asdict(settings), "anystep": _ANYSTEP.value,
+                 "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,17 @@ def data_key(batch: dict[str, Any]) -> str:
   return "image" if "image" in batch else "x"
 
 
-def _init_params(model, rng):
+def init_params(model, rng):
+  """Fresh (boxed) parameters of `model`."""
   return model.init({"params": rng}, *models.dummy_inputs(model, 1), train=False,
                     **models.init_kwargs(model, 1))["params"]
+
+
+def merge_params(fresh, loaded):
+  """`fresh` with every array that `loaded` has replaced by `loaded`'s (same paths)."""
+  flat = traverse_util.flatten_dict(fresh)
+  flat.update(traverse_util.flatten_dict(loaded))
+  return traverse_util.unflatten_dict(flat)
 
 
 def abstract_params(model):
@@ -162,8 +170,13 @@ def trained_boundaries(config, schedule) -> dict[str, list[float]]:
   return {str(s): segments.trained_boundaries(kind, s, schedule, num_steps) for s in counts}
 
 
-def make_loss_fn(config, model, schedule, teacher_model=None):
-  """`loss_fn(params, teacher_params, batch, step, rng) -> (loss, metrics)` for config.loss.mode."""
+def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory=None):
+  """`loss_fn(params, teacher_params, batch, step, rng) -> (loss, metrics)` for config.loss.mode.
+
+  The teacher is `teacher_model` with `teacher_params`, or, when given,
+  `teacher_fn_factory(teacher_params, labels) -> teacher_fn` (the toy experiment's exact
+  denoiser).
+  """
   lc = config.loss
   mode = lc.mode
   num_classes = model.num_classes
@@ -189,7 +202,9 @@ def make_loss_fn(config, model, schedule, teacher_model=None):
       grid, count_index = grid_fn(n_teacher, k_count, x.shape[0])
       segment, n_rel = losses.sample_segments(k_time, x.shape[0], grid)
       teacher_fn = None
-      if mode in ("cd", "direct"):
+      if mode in ("cd", "direct") and teacher_fn_factory is not None:
+        teacher_fn = teacher_fn_factory(teacher_params, labels)
+      elif mode in ("cd", "direct"):
         teacher_fn = denoiser.make_denoise_fn(
             teacher_model, teacher_params, schedule, labels, guidance_scale=lc.guidance_scale,
             return_conditional=True)
@@ -410,14 +425,12 @@ def _initial_state(config, model, tx, layout, ckpt):
     loaded, _, missing = checkpointing.load_params(
         config.init_from, layout.abstract.params, config.init_weights, allow_missing=True)
     if missing:
-      fresh = jax.jit(lambda rng: partitioning.unbox(_init_params(model, rng)),
+      fresh = jax.jit(lambda rng: partitioning.unbox(init_params(model, rng)),
                       out_shardings=layout.param_shardings)(init_rng)
-      flat = traverse_util.flatten_dict(fresh)
-      flat.update(traverse_util.flatten_dict(loaded))
-      loaded = traverse_util.unflatten_dict(flat)
+      loaded = merge_params(fresh, loaded)
     logging.info("Student initialised from %s (%s).", config.init_from, config.init_weights)
     return jax.jit(create, out_shardings=layout.shardings)(loaded)
-  init = lambda rng: create(partitioning.unbox(_init_params(model, rng)))
+  init = lambda rng: create(partitioning.unbox(init_params(model, rng)))
   return jax.jit(init, out_shardings=layout.shardings)(init_rng)
 
 
