@@ -13,11 +13,21 @@ without its optimiser state. Restoring takes abstract arrays with shardings, so 
 checkpoint restores onto any mesh (another device count included).
 
 Saves are asynchronous (the train loop goes on while the bytes are written) and
-atomic: orbax writes into a temporary directory and renames it when complete, so a
-process killed mid-save leaves the previous checkpoint as the latest one.
+atomic: orbax writes into `<k>.orbax-checkpoint-tmp` and renames it to `<k>` when
+complete (on GCS: a commit marker file), so a process killed mid-save leaves the
+previous checkpoint as the latest one. Readers never list temporary directories;
+the next writer deletes them when it opens the directory, so no manual cleanup is
+needed after a crash.
+
+Errors are this project's: a checkpoint that is missing or does not fit the model
+raises `CheckpointError` (naming the path and the first mismatching arrays); a
+write that fails because the disk is full or read-only raises `OSError` with the
+errno (ENOSPC, EROFS, ...), also when the write failed in orbax's background thread.
 """
 import dataclasses
+import errno
 import os
+import re
 from typing import Any
 
 from absl import logging
@@ -30,6 +40,31 @@ ITEMS = ("params", "ema", "opt_state", "train", "meta")
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing or does not fit what the config asks for."""
+
+
+# Write failures that mean "this filesystem cannot take the checkpoint" (the
+# workdir's fault, not the checkpoint's): permission, full disk or quota, read-only.
+_WORKDIR_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                   errno.EFBIG)
+
+
+def _as_workdir_error(error: BaseException, directory: str) -> OSError | None:
+  """The OSError behind a failed save, or None if the failure is something else.
+
+  Orbax reports background write failures as the OSError itself, or as tensorstore's
+  ValueError whose text carries `[os_error_code='28']`; both are looked for along
+  the exception's causes.
+  """
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno in _WORKDIR_ERRNOS:
+      return OSError(seen.errno, seen.strerror or os.strerror(seen.errno), directory)
+    match = re.search(r"os_error_code='?(\d+)", str(seen))
+    if match and int(match.group(1)) in _WORKDIR_ERRNOS:
+      code = int(match.group(1))
+      return OSError(code, os.strerror(code), directory)
+    seen = seen.__cause__ or seen.__context__
+  return None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -49,7 +84,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self.max_to_keep, keep_period=self.keep_period,
         enable_async_checkpointing=self.async_save and not self.read_only,
-        read_only=self.read_only, create=not self.read_only)
+        read_only=self.read_only, create=not self.read_only,
+        # Temporary directories of saves cut short by a kill or a full disk.
+        cleanup_tmp_directories=not self.read_only)
     handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS if name != "meta"}
     handlers["meta"] = ocp.JsonCheckpointHandler()
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -61,23 +98,40 @@ class Checkpointer:
     return self.manager.all_steps()
 
   def save(self, step: int, state, meta: dict[str, Any], force: bool = True) -> bool:
-    """Starts an (async) save of `state` (a `TrainState`) at `step`."""
+    """Starts an (async) save of `state` (a `TrainState`) at `step`.
+
+    Raises:
+      OSError: this or the previous (background) save could not be written.
+    """
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         ema=ocp.args.StandardSave(state.ema),
         opt_state=ocp.args.StandardSave(state.opt_state),
         train=ocp.args.StandardSave(state.counters()),
         meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, force=force)
+    try:
+      return self.manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _as_workdir_error(e, self.directory) or e
 
   def restore_state(self, step: int, abstract_state):
-    """The full train state at `step`, placed by the shardings of `abstract_state`."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.params),
-        ema=ocp.args.StandardRestore(abstract_state.ema),
-        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-        train=ocp.args.StandardRestore(abstract_state.counters()),
-        meta=ocp.args.JsonRestore()))
+    """The full train state at `step`, placed by the shardings of `abstract_state`.
+
+    Raises:
+      CheckpointError: the checkpoint's parameters do not fit `abstract_state`.
+    """
+    self.check_fits(step, "params", abstract_state.params)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.params),
+          ema=ocp.args.StandardRestore(abstract_state.ema),
+          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+          train=ocp.args.StandardRestore(abstract_state.counters()),
+          meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} could not be restored "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     state = abstract_state.replace(params=restored["params"], ema=restored["ema"],
                                    opt_state=restored["opt_state"], **restored["train"])
     return state, restored["meta"]
@@ -95,8 +149,33 @@ class Checkpointer:
         ema=ocp.args.StandardRestore({which: abstract_params})))
     return restored["ema"][which]
 
+  def check_fits(self, step: int, item: str, abstract, prefix: str = ""):
+    """Raises CheckpointError unless item `item` at `step` has the structure and shapes of
+    `abstract` (under key `prefix` of the item, e.g. "ema0"), reading metadata only."""
+    stored = self.manager.item_metadata(step).get(item)
+    stored = getattr(stored, "tree", stored)
+    if stored is None:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} has no {item!r} item")
+    if prefix:
+      if not isinstance(stored, dict) or prefix not in stored:
+        found = sorted(stored) if isinstance(stored, dict) else []
+        raise CheckpointError(f"checkpoint {self.directory}/{step} has no {item} tree "
+                              f"{prefix!r} (it has {found})")
+      stored = stored[prefix]
+    problems = tree_mismatches(stored, abstract)
+    if problems:
+      meta = self.restore_meta(step) or {}
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} (model {meta.get('model')!r}) does not fit the "
+          f"configured model: {'; '.join(problems[:3])}"
+          f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}")
+
   def wait_until_finished(self):
-    self.manager.wait_until_finished()
+    """Blocks until the last save is on disk; raises OSError if it could not be written."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _as_workdir_error(e, self.directory) or e
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once JAX's preemption notifier has fired (multi-host jobs)."""
@@ -124,6 +203,7 @@ def resolve(path: str) -> tuple[Checkpointer, int]:
     steps = ckpt.all_steps()
     if steps and (step is None or step in steps):
       return ckpt, max(steps) if step is None else step
+    ckpt.close()
   raise CheckpointError(f"no complete checkpoint found at {path!r} (looked in "
                         f"{checkpoint_dir(path)!r} and {path!r})")
 
@@ -135,15 +215,42 @@ def load_params(path: str, abstract_params, which: str = "ema0"):
   not match `abstract_params` (e.g. a different model preset).
   """
   ckpt, step = resolve(path)
-  meta = ckpt.restore_meta(step)
+  meta = {}
   try:
+    meta = ckpt.restore_meta(step) or {}
+    if which == "params":
+      ckpt.check_fits(step, "params", abstract_params)
+    else:
+      ckpt.check_fits(step, "ema", abstract_params, prefix=which)
     params = ckpt.restore_params(step, abstract_params, which)
+  except CheckpointError as e:
+    raise CheckpointError(f"{e} (from {path!r})") from None
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(
         f"checkpoint {path!r} (step {step}, model {meta.get('model')!r}) does not fit the "
         f"configured model: {str(e).splitlines()[0][:300]}") from None
+  finally:
+    ckpt.close()
   logging.info("Loaded %s parameters of step %d from %s", which, step, path)
   return params, meta
+
+
+def tree_mismatches(stored, abstract) -> list[str]:
+  """Where two trees of arrays (or array metadata) differ: missing keys, then shapes.
+
+  Returns one short line per difference, e.g. "block0/dense0/kernel: checkpoint
+  (32, 64), model (64, 128)"; empty when structures and shapes agree.
+  """
+  def by_path(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in leaves}
+  have, want = by_path(stored), by_path(abstract)
+  problems = [f"{k}: missing from the checkpoint" for k in want if k not in have]
+  problems += [f"{k}: in the checkpoint, not in the model" for k in have if k not in want]
+  problems += [f"{k}: checkpoint {tuple(have[k].shape)}, model {tuple(want[k].shape)}"
+               for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+  return problems
 
 
 def tree_shapes_match(a, b) -> bool:
