@@ -302,30 +302,54 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 
 class StopSignal:
-  """Set by SIGTERM/SIGINT; multi-host jobs also ask JAX's preemption notifier."""
+  """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the current step and stops.
 
-  def __init__(self):
+  Installed for the whole run (restore, compile, loop), so a signal that comes
+  before the first step still ends the run cleanly after one step. A second signal
+  gets the previous handler's behaviour (Ctrl-C twice interrupts a hung save).
+  Multi-process jobs leave SIGTERM to JAX's preemption notifier, whose sync point
+  (`Checkpointer.reached_preemption`) makes every process stop at the same step; a
+  handler here would replace the notifier's, and a signal seen by one process only
+  would stop it alone at a step the others pass (a hang in the next collective).
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
+    self._signals = signals
     self._previous = {}
 
   def install(self):
     if threading.current_thread() is not threading.main_thread():
       return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in self._signals:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del frame
+    if self._event.is_set():
+      self.restore()
+      previous = signal.getsignal(signum)
+      if callable(previous):
+        previous(signum, frame)
+        return
+      os.kill(os.getpid(), signum)  # the default action, e.g. terminate
+      return
     logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
     self._event.set()
 
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
   def requested(self) -> bool:
     return self._event.is_set()
+
+  def __enter__(self):
+    return self.install()
+
+  def __exit__(self, *exc):
+    self.restore()
 
 
 # --- the main job ------------------------------------------------------------------------------
@@ -405,8 +429,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or resumes) the run in `workdir` until `config.num_train_steps`.
 
   `stop_after` ends this invocation after that step with a checkpoint, as a
-  preemption would; running again resumes exactly.
+  preemption would; running again resumes exactly. SIGTERM/SIGINT do the same at
+  the step they arrive (the result says `preempted`).
   """
+  # Multi-process: no handler (see StopSignal); a stop on one process alone would hang.
+  signals = () if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+  with StopSignal(signals) as stop:
+    return _train_and_evaluate(config, workdir, stop_after, stop)
+
+
+def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   # 1. Config, mesh, model, optimiser and the abstract step: nothing allocated yet.
   config_checks.validate(config, num_devices=jax.device_count(),
                          num_processes=jax.process_count())
@@ -484,7 +516,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.profile_steps:
       hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                             logdir=workdir, first_profile=start_step + 10))
-  stop = StopSignal().install()
   due = lambda step, every: every > 0 and step % every == 0
   pending, last_log_time, last_log_step = [], time.time(), start_step
   result = TrainResult(step=start_step)
@@ -540,7 +571,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not result.preempted and ckpt.latest_step() != step:
       ckpt.save(step, state, _checkpoint_meta(config, step))
   finally:
-    stop.restore()
     ckpt.wait_until_finished()
     ckpt.close()
     data.close()
