@@ -208,6 +208,26 @@ def resolve(path: str) -> tuple[Checkpointer, int]:
                         f"{checkpoint_dir(path)!r} and {path!r})")
 
 
+def check_params(path: str, abstract_params, which: str = "ema0") -> int:
+  """Raises CheckpointError unless `path` holds a complete checkpoint whose `which`
+  parameters fit `abstract_params`; reads metadata only. Returns its step."""
+  ckpt, step = resolve(path)
+  try:
+    _check_which(ckpt, step, abstract_params, which)
+  except CheckpointError as e:
+    raise CheckpointError(f"{e} (from {path!r})") from None
+  finally:
+    ckpt.close()
+  return step
+
+
+def _check_which(ckpt: Checkpointer, step: int, abstract_params, which: str):
+  if which == "params":
+    ckpt.check_fits(step, "params", abstract_params)
+  else:
+    ckpt.check_fits(step, "ema", abstract_params, prefix=which)
+
+
 def load_params(path: str, abstract_params, which: str = "ema0"):
   """Parameters from another run's checkpoint (teacher, or a student's initialisation).
 
@@ -218,10 +238,7 @@ def load_params(path: str, abstract_params, which: str = "ema0"):
   meta = {}
   try:
     meta = ckpt.restore_meta(step) or {}
-    if which == "params":
-      ckpt.check_fits(step, "params", abstract_params)
-    else:
-      ckpt.check_fits(step, "ema", abstract_params, prefix=which)
+    _check_which(ckpt, step, abstract_params, which)
     params = ckpt.restore_params(step, abstract_params, which)
   except CheckpointError as e:
     raise CheckpointError(f"{e} (from {path!r})") from None

@@ -80,6 +80,25 @@ def make_source(config) -> pipeline_lib.Source:
   return pipeline_lib.make_source(config.data)
 
 
+def open_source(config) -> pipeline_lib.Source:
+  """`make_source`, then one example read to check it against the config.
+
+  Raises:
+    DatasetError: the dataset is missing, unprepared, or its first record is corrupt.
+    ConfigError: its examples do not have the shape the config describes.
+  """
+  source = make_source(config)
+  probe = source.get([0])
+  key = "x" if config.data.dataset == "mixture" else "image"
+  if key not in probe or tuple(probe[key].shape[1:]) != example_shape(config):
+    found = {k: tuple(v.shape[1:]) for k, v in probe.items()}
+    raise config_checks.ConfigError(
+        f"config.data: dataset {config.data.dataset!r} yields {found}, but the config "
+        f"describes {key!r} of shape {example_shape(config)} (check data.image_size, "
+        f"data.num_channels, data.data_dim)")
+  return source
+
+
 def data_key(batch: dict[str, Any]) -> str:
   return "image" if "image" in batch else "x"
 
@@ -395,7 +414,12 @@ def _initial_state(config, model, tx, layout, ckpt):
   """Resume from the workdir, else initialise from `config.init_from`, else from scratch."""
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore_state(latest, layout.abstract)
+    try:
+      state, meta = ckpt.restore_state(latest, layout.abstract)
+    except checkpointing.CheckpointError as e:
+      raise checkpointing.CheckpointError(
+          f"{e}. Resume this workdir with the config it was trained with, or train this "
+          "config in a new workdir.") from None
     for key in ("batch_size", "seed"):
       if meta.get(key) != config[key]:
         logging.warning("Resuming with %s=%s but the checkpoint was written with %s: the "
@@ -449,6 +473,12 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   mesh, model, schedule, layout = builder.mesh, builder.model, builder.schedule, builder.layout
   logging.info("Mesh %s over %d devices (%d processes): %s", dict(mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
+  # The inputs that can be wrong, checked before anything is allocated or compiled: the
+  # teacher checkpoint (its metadata) and the dataset (one example).
+  if builder.teacher_abstract is not None:
+    checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
+                               config.teacher_weights)
+  source = open_source(config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 asynchronous=True)
 
@@ -476,15 +506,6 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     teacher_params = _load_teacher(config, builder.teacher_abstract)
 
   # 4. Input, and the step compiled once.
-  source = make_source(config)
-  probe = source.get([0])
-  key = builder.data_key
-  if key not in probe or tuple(probe[key].shape[1:]) != example_shape(config):
-    found = {k: tuple(v.shape[1:]) for k, v in probe.items()}
-    raise config_checks.ConfigError(
-        f"config.data: dataset {config.data.dataset!r} yields {found}, but the config "
-        f"describes {key!r} of shape {example_shape(config)} (check data.image_size, "
-        f"data.num_channels, data.data_dim)")
   shard_index, shard_count = pipeline_lib.batch_shard(builder.batch_sharding, config.batch_size)
   data = pipeline_lib.Pipeline(
       source, config.batch_size, config.seed, shard_index, shard_count,
