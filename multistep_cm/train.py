@@ -204,15 +204,17 @@ def make_train_step(config, loss_fn, tx, lr_schedule):
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient never reaches the parameters: the update is skipped
-    # (counted), and with nonfinite='stop' the host stops at the next log step.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or updated parameter never reaches the state: the
+    # update is skipped (counted), and with nonfinite='stop' the host stops at the next
+    # log step or checkpoint, whichever comes first.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_params = keep(new_params, state.params)
     new_opt_state = keep(new_opt_state, state.opt_state)
     new_ema = optim.update_ema(state.ema, new_params, decays, state.step, config.ema_warmup)
     new_ema = keep(new_ema, state.ema)
-    first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+    # Counted like the logs count steps: the update that would make state.step + 1.
+    first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1,
                           state.first_nonfinite_step)
     new_state = state.replace(
         step=state.step + 1, params=new_params, opt_state=new_opt_state, ema=new_ema,
@@ -223,6 +225,11 @@ def make_train_step(config, loss_fn, tx, lr_schedule):
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree) -> jax.Array:
+  """A boolean scalar: every element of every array in `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def example_shape(config) -> tuple[int, ...]:
@@ -380,6 +387,40 @@ def _checkpoint_meta(config, state_step: int) -> dict[str, Any]:
           "model": config.model.preset, "mode": config.loss.mode,
           "student_steps": config.loss.student_steps if config.loss.mode != "diffusion" else None,
           "schedule": config.schedule.to_dict(), "dataset": config.data.dataset}
+
+
+@jax.jit
+def _state_is_finite(state: TrainState) -> jax.Array:
+  return all_finite((state.params, state.ema, state.opt_state))
+
+
+def _first_nonfinite(pending: list[dict[str, jax.Array]], first_step: int) -> int | None:
+  """The first step whose update was skipped, among `pending` (steps first_step, ...)."""
+  if not pending:
+    return None
+  flags = np.asarray(jax.device_get([m["nonfinite"] for m in pending]))
+  bad = np.flatnonzero(flags)
+  return first_step + int(bad[0]) if bad.size else None
+
+
+def _nonfinite_stop(step: int, ckpt) -> NonFiniteError:
+  return NonFiniteError(
+      f"non-finite loss or gradient at step {step} (config.nonfinite='stop'): its update was "
+      f"skipped and nothing after it saved; the last checkpoint (step {ckpt.latest_step()}) "
+      "is intact. Lower optimizer.learning_rate, check the data, or use nonfinite='skip'.")
+
+
+def _save_checkpoint(ckpt, config, step: int, state: TrainState, pending, first_pending: int):
+  """Saves `state` at `step`; never a state past a non-finite step (nonfinite='stop') and
+  never one holding a non-finite value (whatever produced it)."""
+  if config.nonfinite == "stop":
+    bad = _first_nonfinite(pending, first_pending)
+    if bad is not None:
+      raise _nonfinite_stop(bad, ckpt)
+  if not bool(jax.device_get(_state_is_finite(state))):
+    raise NonFiniteError(f"the train state at step {step} holds non-finite values, so it was "
+                         f"not saved; the last checkpoint (step {ckpt.latest_step()}) is intact.")
+  ckpt.save(step, state, _checkpoint_meta(config, step))
 
 
 def cost_flops(compiled) -> float:
@@ -554,6 +595,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
         hook(step)
 
       if due(step, config.log_every_steps) or step == config.num_train_steps:
+        first_bad = _first_nonfinite(pending, last_log_step + 1)
         scalars = _fetch_metrics(pending)
         pending = []
         now = time.time()
@@ -568,10 +610,11 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
         scalars["skipped_updates"] = float(counters["num_skipped"])
         writer.write_scalars(step, scalars)
         result.final_metrics = scalars
-        if counters["first_nonfinite_step"] >= 0 and config.nonfinite == "stop":
-          raise NonFiniteError(
-              f"non-finite loss or gradient at step {int(counters['first_nonfinite_step'])} "
-              f"(update skipped; config.nonfinite='stop'). The last checkpoint is intact.")
+        if first_bad is not None:
+          if config.nonfinite == "stop":
+            raise _nonfinite_stop(first_bad, ckpt)
+          logging.warning("Skipped non-finite updates since the last log, the first at step %d "
+                          "(%d skipped in all).", first_bad, int(counters["num_skipped"]))
 
       if sample_fn is not None and (due(step, config.sample_every_steps)
                                     or step == config.num_train_steps):
@@ -583,14 +626,14 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
       preempted = stop.requested() or (jax.process_count() > 1 and
                                        ckpt.reached_preemption(step))
       if due(step, config.checkpoint_every_steps) or preempted:
-        ckpt.save(step, state, _checkpoint_meta(config, step))
+        _save_checkpoint(ckpt, config, step, state, pending, last_log_step + 1)
       if preempted:
         logging.warning("Stopping at step %d after saving a checkpoint.", step)
         result.preempted = True
         break
     result.step = step
     if not result.preempted and ckpt.latest_step() != step:
-      ckpt.save(step, state, _checkpoint_meta(config, step))
+      _save_checkpoint(ckpt, config, step, state, pending, last_log_step + 1)
   finally:
     ckpt.wait_until_finished()
     ckpt.close()
