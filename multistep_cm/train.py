@@ -634,14 +634,23 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     result.step = step
     if not result.preempted and ckpt.latest_step() != step:
       _save_checkpoint(ckpt, config, step, state, pending, last_log_step + 1)
+    ckpt.wait_until_finished()  # a save that failed in the background fails the run
   finally:
-    ckpt.wait_until_finished()
-    ckpt.close()
-    data.close()
-    writer.flush()
+    # Also on errors: no checkpoint or decoding thread left running, and a close that
+    # fails (a full disk fails them all) is logged without hiding the error being raised.
+    _close_quietly(ckpt.wait_until_finished, ckpt.close, data.close, writer.close)
   logging.info("Finished at step %d%s. TensorBoard: tensorboard --logdir %s", result.step,
                " (preempted)" if result.preempted else "", workdir)
   return result
+
+
+def _close_quietly(*closers):
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("While shutting down: %s: %s", type(e).__name__,
+                    (str(e) or "?").splitlines()[0])
 
 
 def _save_png(grid: np.ndarray, path: str):
