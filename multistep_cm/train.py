@@ -582,10 +582,14 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   pending, last_log_time, last_log_step = [], time.time(), start_step
   result = TrainResult(step=start_step)
   step = start_step
+  ids_log = (pipeline_lib.ExampleIdLog(workdir, jax.process_index(), start_step)
+             if config.get("record_example_ids") else None)
   try:
     last_step = config.num_train_steps if stop_after is None else min(stop_after,
                                                                       config.num_train_steps)
     for step, local in zip(range(start_step + 1, last_step + 1), data.iterate(start_step)):
+      if ids_log:
+        ids_log.write(step, local["index"])
       batch = pipeline_lib.to_global({k: local[k] for k in builder.abstract_batch},
                                      builder.batch_sharding, config.batch_size)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -638,7 +642,8 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   finally:
     # Also on errors: no checkpoint or decoding thread left running, and a close that
     # fails (a full disk fails them all) is logged without hiding the error being raised.
-    _close_quietly(ckpt.wait_until_finished, ckpt.close, data.close, writer.close)
+    _close_quietly(ckpt.wait_until_finished, ckpt.close, data.close, writer.close,
+                   *([ids_log.close] if ids_log else []))
   logging.info("Finished at step %d%s. TensorBoard: tensorboard --logdir %s", result.step,
                " (preempted)" if result.preempted else "", workdir)
   return result
