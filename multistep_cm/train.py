@@ -679,11 +679,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains a single-run config, or each stage of a staged one in `<workdir>/<stage>`."""
   if "stages" not in config:
     return train_and_evaluate(config, workdir)
+  # Every stage now: a mistake in the last one must not wait for the first to train.
+  config_checks.validate_run(config, jax.device_count(), jax.process_count())
   result = None
   for name in config.stage_order:
-    if name not in config.stages:
-      raise config_checks.ConfigError(f"config.stage_order names {name!r}, which is not in "
-                                      f"config.stages ({sorted(config.stages)})")
     stage_dir = os.path.join(workdir, name)
     logging.info("Stage %s in %s", name, stage_dir)
     result = train_and_evaluate(resolve_stage(config.stages[name], workdir), stage_dir)
