@@ -89,17 +89,36 @@ def _parse_flags(argv):
 
 
 class _NoLibraryTracebacks(std_logging.Filter):
-  """Drops the tracebacks orbax logs for a background save that failed.
+  """Drops the tracebacks logged for a background save that failed.
 
-  The same exception is re-raised in the main thread, where `main` turns a full or
-  read-only disk into one line and exit 6 (any other error keeps its traceback there);
-  the logged copies would bury that line.
+  Orbax logs them from each of its threads, and asyncio again for the save's tasks
+  nobody awaits any more (only orbax runs asyncio here). The exception itself is
+  re-raised in the main thread, where `main` turns a full or read-only disk into one
+  line and exit 6 (any other error keeps its traceback there); the logged copies
+  would bury that line. The log lines themselves stay.
   """
 
   def filter(self, record):
-    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+    if record.exc_info and any(f"{os.sep}{lib}{os.sep}" in record.pathname
+                               for lib in ("orbax", "asyncio")):
       record.exc_info, record.exc_text = None, None
     return True
+
+
+def _quiet_abandoned_writes(previous_hook):
+  """An unraisable-exception hook that drops tensorstore's reports of a failed save's
+  other writes.
+
+  After one write of an orbax save fails (a full disk), orbax closes the save's event
+  loop; tensorstore then reports each write still finishing as an unraisable
+  RuntimeError: dozens of tracebacks that say nothing beyond the error main reports.
+  """
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous_hook(unraisable)
+  return hook
 
 
 def _fail(code: int, message: str):
@@ -113,6 +132,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(EXIT_CONFIG, f"unexpected arguments: {argv[1:]} (flags are --name=value)")
   logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
+  sys.unraisablehook = _quiet_abandoned_writes(sys.unraisablehook)
   initialize_distributed()
   # Imported after jax.distributed starts: nothing may touch a JAX backend before it.
   import jax  # pylint: disable=g-import-not-at-top
