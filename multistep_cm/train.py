@@ -23,6 +23,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -446,9 +447,9 @@ def _fetch_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 def _write_config(config, workdir: str):
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-      fh.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:  # epath: local paths and gs:// alike
+    epath.Path(workdir, "config.json").write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _initial_state(config, model, tx, layout, ckpt):
@@ -660,7 +661,7 @@ def _close_quietly(*closers):
 
 def _save_png(grid: np.ndarray, path: str):
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with open(path, "wb") as fh:
+  with epath.Path(path).open("wb") as fh:
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(fh, format="PNG")
   logging.info("Wrote %s", path)
 
