@@ -81,8 +81,8 @@ def make_source(config) -> pipeline_lib.Source:
   return pipeline_lib.make_source(config.data)
 
 
-def open_source(config) -> pipeline_lib.Source:
-  """`make_source`, then one example read to check it against the config.
+def open_source(config, key: str) -> pipeline_lib.Source:
+  """`make_source`, then one example read to check its `key` against the config.
 
   Raises:
     DatasetError: the dataset is missing, unprepared, or its first record is corrupt.
@@ -90,7 +90,6 @@ def open_source(config) -> pipeline_lib.Source:
   """
   source = make_source(config)
   probe = source.get([0])
-  key = "x" if config.data.dataset == "mixture" else "image"
   if key not in probe or tuple(probe[key].shape[1:]) != example_shape(config):
     found = {k: tuple(v.shape[1:]) for k, v in probe.items()}
     raise config_checks.ConfigError(
@@ -520,7 +519,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   if builder.teacher_abstract is not None:
     checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
                                config.teacher_weights)
-  source = open_source(config)
+  source = open_source(config, builder.data_key)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 asynchronous=True)
 
