@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,11 +86,11 @@ def run_main(cache, workdir, overrides, devices=8, config="configs/mixture_diffu
 
 
 @contextlib.contextmanager
-def started_main(cache, workdir, overrides, log_path):
+def started_main(cache, workdir, overrides, log_path, devices=8, flags=()):
   """`python -m multistep_cm.main` in the background, stderr into `log_path`; killed on exit."""
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(main_command(workdir, overrides), cwd=REPO, env=main_env(cache),
-                            stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(main_command(workdir, overrides) + list(flags), cwd=REPO,
+                            env=main_env(cache, devices), stdout=subprocess.DEVNULL, stderr=log)
   try:
     yield proc
   finally:
@@ -98,15 +99,16 @@ def started_main(cache, workdir, overrides, log_path):
     proc.wait()
 
 
-def wait_for(condition, proc, timeout=180.0, poll=0.05):
-  """Polls `condition()` until it returns something true; fails if `proc` exits first."""
+def wait_for(condition, *procs, timeout=180.0, poll=0.05):
+  """Polls `condition()` until it returns something true; fails if a process exits first."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     value = condition()
     if value:
       return value
-    if proc.poll() is not None:
-      raise AssertionError(f"the run exited ({proc.returncode}) before the condition held")
+    for proc in procs:
+      if proc.poll() is not None:
+        raise AssertionError(f"a run exited ({proc.returncode}) before the condition held")
     time.sleep(poll)
   raise AssertionError("timed out")
 
@@ -150,11 +152,21 @@ def assert_finite(state):
 # --- preemption, kills, exact resume --------------------------------------------------------
 
 
-def test_sigterm_saves_the_current_step_and_resumes_on_4_devices_with_the_same_data(
-    tmp_path, jax_cache):
-  """SIGTERM mid-run: exit 75 with a checkpoint at the step it was at; the restart, on 4
-  devices instead of 8, continues from it and consumes exactly the examples (by id) of an
-  uninterrupted run, and ends where the uninterrupted run ends."""
+def assert_same_params(workdir_a, workdir_b, step, config, exact=True):
+  a = restore_all(workdir_a, config)[step].params
+  b = restore_all(workdir_b, config)[step].params
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if exact:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_saves_the_current_step_and_the_resumed_run_equals_an_uninterrupted_one(
+    tmp_path, jax_cache, caplog):
+  """SIGTERM mid-run: exit 75 with a checkpoint at the step it was at (not a periodic one);
+  the restart continues from it, consumes exactly the examples (by id) an uninterrupted run
+  consumes, and ends with the same parameters."""
   workdir = tmp_path / "run"
   long_run = dict(TINY, num_train_steps=100_000, record_example_ids=True)
   with started_main(jax_cache, workdir, long_run, tmp_path / "first.log") as proc:
@@ -164,18 +176,13 @@ def test_sigterm_saves_the_current_step_and_resumes_on_4_devices_with_the_same_d
   log = (tmp_path / "first.log").read_text()
   assert "Received signal 15: saving a checkpoint and stopping." in log
   assert "Traceback" not in log
-  consumed = pipeline_lib.read_example_ids(str(workdir))
-  stopped_at = max(consumed)
-  # A checkpoint at the step it was at: there are no periodic ones (checkpoint_every_steps=0).
-  assert checkpoint_dirs(workdir) == ([stopped_at], [])
+  stopped_at = max(pipeline_lib.read_example_ids(str(workdir)))  # the last step it trained
+  assert checkpoint_dirs(workdir) == ([stopped_at], [])  # checkpoint_every_steps=0
 
   total = stopped_at + 6
-  on_4 = dict(long_run, num_train_steps=total, **{"mesh.data": 1, "mesh.fsdp": 4})
-  proc = run_main(jax_cache, workdir, on_4, devices=4)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "over 4 devices" in proc.stderr
-  assert f"at step {stopped_at}." in proc.stderr  # "Resumed from ... at step k."
-
+  caplog.set_level("INFO")
+  train.train_and_evaluate(mixture(dict(long_run, num_train_steps=total)), str(workdir))
+  assert f"at step {stopped_at}." in caplog.text  # "Resumed from ... at step k."
   straight = tmp_path / "straight"
   train.train_and_evaluate(mixture(dict(long_run, num_train_steps=total)), str(straight))
   expected = pipeline_lib.read_example_ids(str(straight))
@@ -183,26 +190,66 @@ def test_sigterm_saves_the_current_step_and_resumes_on_4_devices_with_the_same_d
   assert sorted(resumed) == sorted(expected) == list(range(1, total + 1))
   for step in expected:
     np.testing.assert_array_equal(resumed[step], expected[step], err_msg=f"step {step}")
+  assert_same_params(workdir, straight, total, mixture(long_run))
 
-  # The state restored onto the 4-device mesh is the one saved from the 8-device mesh, and
-  # the run continued from it: its end matches the uninterrupted run's up to float rounding
-  # (the reductions over 4 and 8 devices add in different orders).
-  config_4 = mixture(on_4)
+
+@pytest.mark.slow  # two processes, then a third on 4 devices: about a minute
+def test_preemption_of_one_host_stops_all_and_resumes_on_one_host_with_4_devices(
+    tmp_path, jax_cache):
+  """Two processes (4 devices each, one 2x4 mesh); a SIGTERM reaches one of them, as a
+  maintenance notice reaches one host of a pod: JAX's preemption sync point stops both at
+  the same step, each exits 75 after the (collective) checkpoint. The run then continues
+  as one process on 4 devices: the checkpoint restores onto the new mesh, and the two
+  parts together consume exactly the examples of an uninterrupted one-process run."""
+  workdir = tmp_path / "run"
+  with socket.socket() as sock:  # a free port for the coordinator
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  long_run = dict(TINY, num_train_steps=100_000, record_example_ids=True)
+  with contextlib.ExitStack() as stack:
+    procs = [stack.enter_context(started_main(
+        jax_cache, workdir, long_run, tmp_path / f"process{i}.log", devices=4,
+        flags=[f"--coordinator_address=localhost:{port}", "--num_processes=2",
+               f"--process_id={i}"])) for i in range(2)]
+    wait_for(lambda: len(pipeline_lib.read_example_ids(str(workdir), 1)) >= 3, *procs)
+    procs[1].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=120) for p in procs] == [75, 75]
+  first = [pipeline_lib.read_example_ids(str(workdir), i) for i in range(2)]
+  stopped_at = max(first[0])
+  assert max(first[1]) == stopped_at
+  assert checkpoint_dirs(workdir) == ([stopped_at], [])
+
+  total = stopped_at + 6
+  on_4 = dict(long_run, num_train_steps=total, **{"mesh.data": 1, "mesh.fsdp": 4})
+  proc = run_main(jax_cache, workdir, on_4, devices=4)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "over 4 devices (1 processes)" in proc.stderr
+  assert f"at step {stopped_at}." in proc.stderr  # "Resumed from ... at step k."
+
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(mixture(dict(long_run, num_train_steps=total)), str(straight))
+  expected = pipeline_lib.read_example_ids(str(straight))
+  # Process 0's file: its half of each batch up to the preemption, then whole batches.
+  after = pipeline_lib.read_example_ids(str(workdir), 0)
+  assert sorted(after) == sorted(expected) == list(range(1, total + 1))
+  for step, ids in expected.items():
+    got = np.concatenate([first[0][step], first[1][step]]) if step <= stopped_at else after[step]
+    np.testing.assert_array_equal(got, ids, err_msg=f"step {step}")
+
+  # The 8-device checkpoint restores onto a 4-device mesh unchanged; the parameters at the
+  # end match the uninterrupted run's up to float rounding (reductions over 4 and 8 devices
+  # add in different orders).
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)), read_only=True)
   try:
-    builder_4 = train.StepBuilder(config_4, devices=jax.devices()[:4])
-    state_4, _ = ckpt.restore_state(stopped_at, builder_4.layout.abstract)
-    builder_8 = train.StepBuilder(mixture(long_run))
-    state_8, _ = ckpt.restore_state(stopped_at, builder_8.layout.abstract)
+    on_4_mesh = train.StepBuilder(mixture(on_4), devices=jax.devices()[:4]).layout.abstract
+    on_8_mesh = train.StepBuilder(mixture(long_run)).layout.abstract
+    for a, b in zip(jax.tree.leaves(ckpt.restore_state(stopped_at, on_4_mesh)[0]),
+                    jax.tree.leaves(ckpt.restore_state(stopped_at, on_8_mesh)[0])):
+      assert len(a.sharding.device_set) == 4
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   finally:
     ckpt.close()
-  for a, b in zip(jax.tree.leaves(state_4), jax.tree.leaves(state_8)):
-    assert len(a.sharding.device_set) == 4
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  end_resumed = restore_all(workdir, mixture(long_run))[total]
-  end_straight = restore_all(straight, mixture(long_run))[total]
-  for a, b in zip(jax.tree.leaves(end_resumed.params), jax.tree.leaves(end_straight.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  assert_same_params(workdir, straight, total, mixture(long_run), exact=False)
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(
