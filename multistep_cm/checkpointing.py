@@ -44,7 +44,7 @@ class CheckpointError(RuntimeError):
 
 # Write failures that mean "this filesystem cannot take the checkpoint" (the
 # workdir's fault, not the checkpoint's): permission, full disk or quota, read-only.
-_WORKDIR_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+WORKDIR_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
                    errno.EFBIG)
 
 
@@ -57,10 +57,10 @@ def _as_workdir_error(error: BaseException, directory: str) -> OSError | None:
   """
   seen = error
   while seen is not None:
-    if isinstance(seen, OSError) and seen.errno in _WORKDIR_ERRNOS:
+    if isinstance(seen, OSError) and seen.errno in WORKDIR_ERRNOS:
       return OSError(seen.errno, seen.strerror or os.strerror(seen.errno), directory)
     match = re.search(r"os_error_code='?(\d+)", str(seen))
-    if match and int(match.group(1)) in _WORKDIR_ERRNOS:
+    if match and int(match.group(1)) in WORKDIR_ERRNOS:
       code = int(match.group(1))
       return OSError(code, os.strerror(code), directory)
     seen = seen.__cause__ or seen.__context__

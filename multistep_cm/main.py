@@ -12,11 +12,12 @@ Exit codes:
   3   dataset missing, unprepared or corrupt (the message names the fixing command)
   4   checkpoint missing or incompatible (teacher, init_from, or the workdir's own)
   5   stopped on a non-finite loss or gradient (config.nonfinite='stop')
-  6   the workdir cannot be written (read-only, full)
-  75  stopped by SIGTERM/SIGINT or a TPU preemption notice after saving a checkpoint:
-      run the same command again to resume (75 is EX_TEMPFAIL, "try again")
+  6   the workdir cannot be written (read-only, full, over quota)
+  75  stopped by SIGTERM/SIGINT after saving a checkpoint at the current step (in
+      multi-process jobs: a SIGTERM to any process, through JAX's preemption sync
+      point, stops all at one step): run the same command again to resume (75 is
+      EX_TEMPFAIL, "try again")
 """
-import errno
 import logging as std_logging
 import os
 import sys
@@ -161,11 +162,12 @@ def main(argv):
   except train.NonFiniteError as e:
     _fail(EXIT_NONFINITE, str(e))
   except OSError as e:
-    if e.errno in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
-                   errno.EFBIG):
-      _fail(EXIT_WORKDIR, f"cannot write to the workdir {workdir!r}: {e.strerror} "
-            f"({e.filename or workdir}). Checkpoints saved before are intact: free space or "
-            "fix the permissions, then run the same command to resume.")
+    if e.errno in checkpointing.WORKDIR_ERRNOS:
+      path = str(e.filename or workdir)
+      what = (f"cannot write to the workdir {workdir!r}" if path.startswith(str(workdir))
+              else f"cannot access {path!r}")
+      _fail(EXIT_WORKDIR, f"{what}: {e.strerror} ({path}). Checkpoints saved before are "
+            "intact: free space or fix the permissions, then run the same command to resume.")
     raise
   if result.preempted:
     sys.exit(EXIT_PREEMPTED)
