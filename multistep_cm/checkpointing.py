@@ -24,6 +24,7 @@ raises `CheckpointError` (naming the path and the first mismatching arrays); a
 write that fails because the disk is full or read-only raises `OSError` with the
 errno (ENOSPC, EROFS, ...), also when the write failed in orbax's background thread.
 """
+import contextlib
 import dataclasses
 import errno
 import os
@@ -208,16 +209,18 @@ def resolve(path: str) -> tuple[Checkpointer, int]:
                         f"{checkpoint_dir(path)!r} and {path!r})")
 
 
-def check_params(path: str, abstract_params, which: str = "ema0") -> int:
+def check_params(path: str, abstract_params, which: str = "ema0", key: str = "") -> int:
   """Raises CheckpointError unless `path` holds a complete checkpoint whose `which`
-  parameters fit `abstract_params`; reads metadata only. Returns its step."""
-  ckpt, step = resolve(path)
-  try:
-    _check_which(ckpt, step, abstract_params, which)
-  except CheckpointError as e:
-    raise CheckpointError(f"{e} (from {path!r})") from None
-  finally:
-    ckpt.close()
+  parameters fit `abstract_params`; reads metadata only. Returns its step.
+
+  `key` (e.g. "config.teacher_checkpoint") starts the error message.
+  """
+  with _errors_named(key, path):
+    ckpt, step = resolve(path)
+    try:
+      _check_which(ckpt, step, abstract_params, which)
+    finally:
+      ckpt.close()
   return step
 
 
@@ -228,26 +231,36 @@ def _check_which(ckpt: Checkpointer, step: int, abstract_params, which: str):
     ckpt.check_fits(step, "ema", abstract_params, prefix=which)
 
 
-def load_params(path: str, abstract_params, which: str = "ema0"):
+@contextlib.contextmanager
+def _errors_named(key: str, path: str):
+  """CheckpointErrors raised inside start with `key` and end with the path asked for."""
+  try:
+    yield
+  except CheckpointError as e:
+    message = str(e) if repr(path) in str(e) else f"{e} (from {path!r})"
+    raise CheckpointError(f"{key}: {message}" if key else message) from None
+
+
+def load_params(path: str, abstract_params, which: str = "ema0", key: str = ""):
   """Parameters from another run's checkpoint (teacher, or a student's initialisation).
 
   Raises CheckpointError when the checkpoint is missing or its parameter shapes do
-  not match `abstract_params` (e.g. a different model preset).
+  not match `abstract_params` (e.g. a different model preset); `key` (e.g.
+  "config.init_from") starts the message.
   """
-  ckpt, step = resolve(path)
-  meta = {}
-  try:
-    meta = ckpt.restore_meta(step) or {}
-    _check_which(ckpt, step, abstract_params, which)
-    params = ckpt.restore_params(step, abstract_params, which)
-  except CheckpointError as e:
-    raise CheckpointError(f"{e} (from {path!r})") from None
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(
-        f"checkpoint {path!r} (step {step}, model {meta.get('model')!r}) does not fit the "
-        f"configured model: {str(e).splitlines()[0][:300]}") from None
-  finally:
-    ckpt.close()
+  with _errors_named(key, path):
+    ckpt, step = resolve(path)
+    meta = {}
+    try:
+      meta = ckpt.restore_meta(step) or {}
+      _check_which(ckpt, step, abstract_params, which)
+      params = ckpt.restore_params(step, abstract_params, which)
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"checkpoint {path!r} (step {step}, model {meta.get('model')!r}) does not fit the "
+          f"configured model: {str(e).splitlines()[0][:300]}") from None
+    finally:
+      ckpt.close()
   logging.info("Loaded %s parameters of step %d from %s", which, step, path)
   return params, meta
 

@@ -473,7 +473,7 @@ def _initial_state(config, model, tx, layout, ckpt):
                                             len(config.ema_decays))
   if config.init_from:
     params, _ = checkpointing.load_params(config.init_from, layout.abstract.params,
-                                          config.init_weights)
+                                          config.init_weights, key="config.init_from")
     logging.info("Student initialised from %s (%s).", config.init_from, config.init_weights)
     return jax.jit(create, out_shardings=layout.shardings)(params)
   init = lambda rng: create(partitioning.unbox(_init_params(model, rng)))
@@ -482,7 +482,8 @@ def _initial_state(config, model, tx, layout, ckpt):
 
 def _load_teacher(config, abstract):
   params, meta = checkpointing.load_params(config.teacher_checkpoint, abstract,
-                                           config.teacher_weights)
+                                           config.teacher_weights,
+                                           key="config.teacher_checkpoint")
   if meta.get("mode") not in (None, "diffusion"):
     logging.warning("The teacher checkpoint %s was trained with mode %r, not diffusion.",
                     config.teacher_checkpoint, meta.get("mode"))
@@ -518,7 +519,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   # teacher checkpoint (its metadata) and the dataset (one example).
   if builder.teacher_abstract is not None:
     checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
-                               config.teacher_weights)
+                               config.teacher_weights, key="config.teacher_checkpoint")
   source = open_source(config, builder.data_key)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 asynchronous=True)

@@ -373,7 +373,8 @@ def test_missing_or_incompatible_teacher_fails_before_compiling(tmp_path, jax_ca
   missing = mixture(dict(TINY, **{"loss.mode": "cd", "teacher_checkpoint": str(tmp_path / "no"),
                                   "loss.student_steps": 2}))
   missing.loss.teacher_steps_start, missing.loss.teacher_steps_end = 8, 16
-  with pytest.raises(checkpointing.CheckpointError, match="no complete checkpoint.*'.*/no'"):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match="^config.teacher_checkpoint: no complete checkpoint found at '.*/no'"):
     train.train_and_evaluate(missing, str(tmp_path / "student0"))
 
   teacher = tmp_path / "teacher"
@@ -381,7 +382,8 @@ def test_missing_or_incompatible_teacher_fails_before_compiling(tmp_path, jax_ca
   student = {"loss.mode": "cd", "loss.student_steps": 2, "loss.teacher_steps_start": 8,
              "loss.teacher_steps_end": 16, "teacher_checkpoint": teacher, "model.width": 48}
   proc = run_main(jax_cache, tmp_path / "student", dict(TINY, **student))
-  assert_one_line_error(proc, 4, str(teacher), "checkpoint (32,), model (48,)")
+  line = assert_one_line_error(proc, 4, str(teacher), "checkpoint (32,), model (48,)")
+  assert line.startswith("error: config.teacher_checkpoint: "), line
   assert "Compiled the train step" not in proc.stderr
 
 
