@@ -13,18 +13,28 @@ without its optimiser state. Restoring takes abstract arrays with shardings, so 
 checkpoint restores onto any mesh (another device count included).
 
 Saves are asynchronous (the train loop goes on while the bytes are written) and
-atomic: orbax writes into a temporary directory and renames it when complete, so a
-process killed mid-save leaves the previous checkpoint as the latest one.
+atomic: orbax writes into `<k>.orbax-checkpoint-tmp` and renames it to `<k>` when
+complete (on GCS: a commit marker file), so a process killed mid-save leaves the
+previous checkpoint as the latest one. Readers never list temporary directories;
+the next writer deletes them when it opens the directory, so no manual cleanup is
+needed after a crash.
+
+Errors are this project's: a checkpoint that is missing or does not fit the model
+raises `CheckpointError` (naming the path and the first mismatching arrays); a
+write that fails because the disk is full or read-only raises `OSError` with the
+errno (ENOSPC, EROFS, ...), also when the write failed in orbax's background thread.
 """
+import contextlib
 import dataclasses
+import errno
 import os
+import re
 from typing import Any
 
 from absl import logging
 from etils import epath
 from flax import traverse_util
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "ema", "opt_state", "train", "meta")
@@ -32,6 +42,31 @@ ITEMS = ("params", "ema", "opt_state", "train", "meta")
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing or does not fit what the config asks for."""
+
+
+# Write failures that mean "this filesystem cannot take the checkpoint" (the
+# workdir's fault, not the checkpoint's): permission, full disk or quota, read-only.
+WORKDIR_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                   errno.EFBIG)
+
+
+def _as_workdir_error(error: BaseException, directory: str) -> OSError | None:
+  """The OSError behind a failed save, or None if the failure is something else.
+
+  Orbax reports background write failures as the OSError itself, or as tensorstore's
+  ValueError whose text carries `[os_error_code='28']`; both are looked for along
+  the exception's causes.
+  """
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno in WORKDIR_ERRNOS:
+      return OSError(seen.errno, seen.strerror or os.strerror(seen.errno), directory)
+    match = re.search(r"os_error_code='?(\d+)", str(seen))
+    if match and int(match.group(1)) in WORKDIR_ERRNOS:
+      code = int(match.group(1))
+      return OSError(code, os.strerror(code), directory)
+    seen = seen.__cause__ or seen.__context__
+  return None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -52,7 +87,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if ro else self.max_to_keep, keep_period=self.keep_period,
         save_interval_steps=0 if ro else 1,
-        enable_async_checkpointing=self.async_save and not ro, read_only=ro, create=not ro)
+        enable_async_checkpointing=self.async_save and not ro, read_only=ro, create=not ro,
+        # Temporary directories of saves cut short by a kill or a full disk.
+        cleanup_tmp_directories=not ro)
     handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS if name != "meta"}
     handlers["meta"] = ocp.JsonCheckpointHandler()
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -64,23 +101,40 @@ class Checkpointer:
     return self.manager.all_steps()
 
   def save(self, step: int, state, meta: dict[str, Any], force: bool = True) -> bool:
-    """Starts an (async) save of `state` (a `TrainState`) at `step`."""
+    """Starts an (async) save of `state` (a `TrainState`) at `step`.
+
+    Raises:
+      OSError: this or the previous (background) save could not be written.
+    """
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         ema=ocp.args.StandardSave(state.ema),
         opt_state=ocp.args.StandardSave(state.opt_state),
         train=ocp.args.StandardSave(state.counters()),
         meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, force=force)
+    try:
+      return self.manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _as_workdir_error(e, self.directory) or e
 
   def restore_state(self, step: int, abstract_state):
-    """The full train state at `step`, placed by the shardings of `abstract_state`."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.params),
-        ema=ocp.args.StandardRestore(abstract_state.ema),
-        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-        train=ocp.args.StandardRestore(abstract_state.counters()),
-        meta=ocp.args.JsonRestore()))
+    """The full train state at `step`, placed by the shardings of `abstract_state`.
+
+    Raises:
+      CheckpointError: the checkpoint's parameters do not fit `abstract_state`.
+    """
+    self.check_fits(step, "params", abstract_state.params)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.params),
+          ema=ocp.args.StandardRestore(abstract_state.ema),
+          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+          train=ocp.args.StandardRestore(abstract_state.counters()),
+          meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} could not be restored "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     state = abstract_state.replace(params=restored["params"], ema=restored["ema"],
                                    opt_state=restored["opt_state"], **restored["train"])
     return state, restored["meta"]
@@ -98,8 +152,37 @@ class Checkpointer:
         ema=ocp.args.StandardRestore({which: abstract_params})))
     return restored["ema"][which]
 
+  def stored_tree(self, step: int, item: str, prefix: str = ""):
+    """The metadata tree (shapes, dtypes) of item `item` at `step`, under key `prefix`."""
+    stored = self.manager.item_metadata(step).get(item)
+    stored = getattr(stored, "tree", stored)  # orbax wraps the metadata tree
+    if stored is None:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} has no {item!r} item")
+    if prefix:
+      if not isinstance(stored, dict) or prefix not in stored:
+        found = sorted(stored) if isinstance(stored, dict) else []
+        raise CheckpointError(f"checkpoint {self.directory}/{step} has no {item} tree "
+                              f"{prefix!r} (it has {found})")
+      stored = stored[prefix]
+    return stored
+
+  def check_fits(self, step: int, item: str, abstract, prefix: str = ""):
+    """Raises CheckpointError unless item `item` at `step` has the structure and shapes of
+    `abstract` (under key `prefix` of the item, e.g. "ema0"), reading metadata only."""
+    problems = tree_mismatches(self.stored_tree(step, item, prefix), abstract)
+    if problems:
+      meta = self.restore_meta(step) or {}
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} (model {meta.get('model')!r}) does not fit the "
+          f"configured model: {'; '.join(problems[:3])}"
+          f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}")
+
   def wait_until_finished(self):
-    self.manager.wait_until_finished()
+    """Blocks until the last save is on disk; raises OSError if it could not be written."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _as_workdir_error(e, self.directory) or e
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once JAX's preemption notifier has fired (multi-host jobs)."""
@@ -127,59 +210,100 @@ def resolve(path: str) -> tuple[Checkpointer, int]:
     steps = ckpt.all_steps()
     if steps and (step is None or step in steps):
       return ckpt, max(steps) if step is None else step
+    ckpt.close()
   raise CheckpointError(f"no complete checkpoint found at {path!r} (looked in "
                         f"{checkpoint_dir(path)!r} and {path!r})")
 
 
-def saved_param_shapes(ckpt: "Checkpointer", step: int, which: str) -> dict[tuple, tuple]:
-  """`{path: shape}` of one saved parameter tree, read from the checkpoint's metadata."""
-  item = "params" if which == "params" else "ema"
-  tree = ckpt.manager.item_metadata(step)[item]
-  tree = getattr(tree, "tree", tree)  # orbax wraps the metadata tree
-  if which != "params":
-    if which not in tree:
-      raise CheckpointError(f"checkpoint has no {which!r} weights (it has {sorted(tree)})")
-    tree = tree[which]
-  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+def check_params(path: str, abstract_params, which: str = "ema0", key: str = "") -> int:
+  """Raises CheckpointError unless `path` holds a complete checkpoint whose `which`
+  parameters fit `abstract_params`; reads metadata only. Returns its step.
+
+  `key` (e.g. "config.teacher_checkpoint") starts the error message.
+  """
+  with _errors_named(key, path):
+    ckpt, step = resolve(path)
+    try:
+      _check_which(ckpt, step, abstract_params, which)
+    finally:
+      ckpt.close()
+  return step
 
 
-def load_params(path: str, abstract_params, which: str = "ema0", allow_missing: bool = False):
+def _item_and_prefix(which: str) -> tuple[str, str]:
+  return ("params", "") if which == "params" else ("ema", which)
+
+
+def _check_which(ckpt: Checkpointer, step: int, abstract_params, which: str):
+  item, prefix = _item_and_prefix(which)
+  ckpt.check_fits(step, item, abstract_params, prefix=prefix)
+
+
+@contextlib.contextmanager
+def _errors_named(key: str, path: str):
+  """CheckpointErrors raised inside start with `key` and end with the path asked for."""
+  try:
+    yield
+  except CheckpointError as e:
+    message = str(e) if repr(path) in str(e) else f"{e} (from {path!r})"
+    raise CheckpointError(f"{key}: {message}" if key else message) from None
+
+
+def load_params(path: str, abstract_params, which: str = "ema0", key: str = "",
+                allow_missing: bool = False):
   """Parameters from another run's checkpoint (teacher, or a student's initialisation).
 
   Returns `(params, meta)`, or with `allow_missing` `(params, meta, missing)`: the
-  arrays of `abstract_params` that the checkpoint lacks are left out of `params`
-  and named in `missing` (an any-step student's new conditioning, initialised
-  from a diffusion checkpoint). Arrays the model does not have, or of another
-  shape, are an error either way.
+  arrays of `abstract_params` that the checkpoint lacks are left out of `params` and
+  named in `missing` (an any-step student's new conditioning, initialised from a
+  diffusion checkpoint). Arrays the model does not have, or of another shape, are an
+  error either way.
 
-  Raises CheckpointError when the checkpoint is missing or does not fit
-  `abstract_params` (e.g. a different model preset), naming the arrays.
+  Raises CheckpointError when the checkpoint is missing or its parameter shapes do
+  not match `abstract_params` (e.g. a different model preset); `key` (e.g.
+  "config.init_from") starts the message.
   """
-  ckpt, step = resolve(path)
-  meta = ckpt.restore_meta(step)
-  want = traverse_util.flatten_dict(abstract_params)
-  saved = saved_param_shapes(ckpt, step, which)
-  extra = sorted("/".join(k) for k in saved if k not in want)
-  wrong = sorted(f"{'/'.join(k)} {saved[k]} vs {tuple(v.shape)}" for k, v in want.items()
-                 if k in saved and saved[k] != tuple(v.shape))
-  missing = sorted("/".join(k) for k in want if k not in saved)
-  if extra or wrong or (missing and not allow_missing):
-    problems = [f"{name}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                for name, items in (("not in the model", extra), ("shape mismatch", wrong),
-                                    ("missing from the checkpoint", missing)) if items]
-    raise CheckpointError(
-        f"checkpoint {path!r} (step {step}, model {meta.get('model')!r}) does not fit the "
-        f"configured model ({config_model_hint(abstract_params)}): " + "; ".join(problems))
-  target = traverse_util.unflatten_dict({k: v for k, v in want.items() if k in saved})
-  params = ckpt.restore_params(step, target, which)
+  missing = []
+  with _errors_named(key, path):
+    ckpt, step = resolve(path)
+    meta = {}
+    try:
+      meta = ckpt.restore_meta(step) or {}
+      target = abstract_params
+      if allow_missing:
+        stored = traverse_util.flatten_dict(ckpt.stored_tree(step, *_item_and_prefix(which)))
+        wanted = traverse_util.flatten_dict(abstract_params)
+        missing = sorted("/".join(k) for k in wanted if k not in stored)
+        target = traverse_util.unflatten_dict({k: v for k, v in wanted.items() if k in stored})
+      _check_which(ckpt, step, target, which)
+      params = ckpt.restore_params(step, target, which)
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"checkpoint {path!r} (step {step}, model {meta.get('model')!r}) does not fit the "
+          f"configured model: {str(e).splitlines()[0][:300]}") from None
+    finally:
+      ckpt.close()
   logging.info("Loaded %s parameters of step %d from %s%s", which, step, path,
                f" (not in it, left as initialised: {missing})" if missing else "")
   return (params, meta, missing) if allow_missing else (params, meta)
 
 
-def config_model_hint(abstract_params) -> str:
-  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract_params))
-  return f"{count / 1e6:.2f}M parameters"
+def tree_mismatches(stored, abstract) -> list[str]:
+  """Where two trees of arrays (or array metadata) differ: missing keys, then shapes.
+
+  Returns one short line per difference, e.g. "block0/dense0/kernel: checkpoint
+  (32, 64), model (64, 128)"; empty when structures and shapes agree.
+  """
+  def by_path(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in leaves}
+  have, want = by_path(stored), by_path(abstract)
+  problems = [f"{k}: missing from the checkpoint" for k in want if k not in have]
+  problems += [f"{k}: in the checkpoint, not in the model" for k in have if k not in want]
+  problems += [f"{k}: checkpoint {tuple(have[k].shape)}, model {tuple(want[k].shape)}"
+               for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+  return problems
 
 
 def tree_shapes_match(a, b) -> bool:

@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_steps = 64  # diffusion models: sampler steps (MCM: student_steps)
   c.sample_sampler = "addim"
   c.profile_steps = 0  # > 0: profile this many steps after the first log step
+  # Debug: append each step's example ids to <workdir>/example_ids.<process>.txt
+  # (data/pipeline.py: ExampleIdLog), to check a resumed run on the data itself.
+  c.record_example_ids = False
   # In-training evaluation (evaluation/in_training.py); every_steps = 0 turns it off.
   c.evals = ml_collections.ConfigDict()
   c.evals.every_steps = 0

@@ -197,8 +197,10 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 
 def save_png(grid: np.ndarray, path: str):
+  """Writes a uint8 grid as PNG; `path` may be local or on GCS."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with open(path, "wb") as fh:
+  with epath.Path(path).open("wb") as fh:
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(fh, format="PNG")
 
 

@@ -1,8 +1,10 @@
 """The main job: `python -m multistep_cm.main --config=configs/<name>.py --workdir=DIR`.
 
-Parses flags, starts `jax.distributed` on multi-host runs, logs the devices, and
-calls `train.train_and_evaluate(config, workdir)`. Re-running with the same workdir
-resumes from its latest checkpoint.
+Parses flags, starts `jax.distributed` on multi-host runs, logs the devices,
+validates the config (every stage of a staged one) and calls `train.run(config,
+workdir)`. Re-running with the same workdir resumes from its latest complete
+checkpoint. Every failure below ends with one line `error: ...` on stderr and its
+exit code, not a traceback; an unexpected error still shows its traceback (exit 1).
 
 Exit codes:
   0   finished (num_train_steps reached)
@@ -10,10 +12,13 @@ Exit codes:
   3   dataset missing, unprepared or corrupt (the message names the fixing command)
   4   checkpoint missing or incompatible (teacher, init_from, or the workdir's own)
   5   stopped on a non-finite loss or gradient (config.nonfinite='stop')
-  6   the workdir cannot be written (read-only, full)
-  75  stopped by SIGTERM/SIGINT or a TPU preemption notice after saving a checkpoint:
-      run the same command again to resume (75 is EX_TEMPFAIL, "try again")
+  6   the workdir cannot be written (read-only, full, over quota)
+  75  stopped by SIGTERM/SIGINT after saving a checkpoint at the current step (in
+      multi-process jobs: a SIGTERM to any process, through JAX's preemption sync
+      point, stops all at one step): run the same command again to resume (75 is
+      EX_TEMPFAIL, "try again")
 """
+import logging as std_logging
 import os
 import sys
 
@@ -65,27 +70,87 @@ def initialize_distributed():
     jax.distributed.initialize()
 
 
+def _parse_flags(argv):
+  """absl's parsing, but a bad flag, config file or override exits 2 with one line."""
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a config file that failed to load says so on first use
+    return remaining
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
+    key = str(e).strip("\"'")
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.")
+             and key in a.split("=")[0].split(".")]
+    print(f"error: {given[0] if given else key}: the config has no key {key!r}",
+          file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file's own error arrives with its traceback as text: its last line says it.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+  sys.exit(EXIT_CONFIG)
+
+
+class _NoLibraryTracebacks(std_logging.Filter):
+  """Drops the tracebacks logged for a background save that failed.
+
+  Orbax logs them from each of its threads, and asyncio again for the save's tasks
+  nobody awaits any more (only orbax runs asyncio here). The exception itself is
+  re-raised in the main thread, where `main` turns a full or read-only disk into one
+  line and exit 6 (any other error keeps its traceback there); the logged copies
+  would bury that line. The log lines themselves stay.
+  """
+
+  def filter(self, record):
+    if record.exc_info and any(f"{os.sep}{lib}{os.sep}" in record.pathname
+                               for lib in ("orbax", "asyncio")):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_abandoned_writes(previous_hook):
+  """An unraisable-exception hook that drops tensorstore's reports of a failed save's
+  other writes.
+
+  After one write of an orbax save fails (a full disk), orbax closes the save's event
+  loop; tensorstore then reports each write still finishing as an unraisable
+  RuntimeError: dozens of tracebacks that say nothing beyond the error main reports.
+  """
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous_hook(unraisable)
+  return hook
+
+
 def _fail(code: int, message: str):
-  logging.error("%s", message)
+  if flags.FLAGS.log_dir:  # else absl logs to stderr, which gets the line below already
+    logging.error("%s", message)
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(EXIT_CONFIG, f"unexpected arguments: {argv[1:]} (flags are --name=value)")
+  logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
+  sys.unraisablehook = _quiet_abandoned_writes(sys.unraisablehook)
   initialize_distributed()
   # Imported after jax.distributed starts: nothing may touch a JAX backend before it.
   import jax  # pylint: disable=g-import-not-at-top
-  from multistep_cm import checkpointing  # pylint: disable=g-import-not-at-top
   from multistep_cm import config_checks  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    # Before the trainer is even imported: a bad config fails in seconds.
+    config_checks.validate_run(config, jax.device_count(), jax.process_count())
+  except config_checks.ConfigError as e:
+    _fail(EXIT_CONFIG, str(e))
+  from multistep_cm import checkpointing  # pylint: disable=g-import-not-at-top
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
   from multistep_cm.data import sources  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX %s, process %d of %d, %d local / %d global devices: %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
-  config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     result = train.run(config, workdir)
   except config_checks.ConfigError as e:
@@ -96,13 +161,17 @@ def main(argv):
     _fail(EXIT_CHECKPOINT, str(e))
   except train.NonFiniteError as e:
     _fail(EXIT_NONFINITE, str(e))
-  except (PermissionError, OSError) as e:
-    if getattr(e, "errno", None) in (13, 28, 30):  # EACCES, ENOSPC, EROFS
-      _fail(EXIT_WORKDIR, f"cannot write to the workdir {workdir!r}: {e.strerror or e}")
+  except OSError as e:
+    if e.errno in checkpointing.WORKDIR_ERRNOS:
+      path = str(e.filename or workdir)
+      what = (f"cannot write to the workdir {workdir!r}" if path.startswith(str(workdir))
+              else f"cannot access {path!r}")
+      _fail(EXIT_WORKDIR, f"{what}: {e.strerror} ({path}). Checkpoints saved before are "
+            "intact: free space or fix the permissions, then run the same command to resume.")
     raise
   if result.preempted:
     sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -22,6 +22,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 from flax import traverse_util
 import flax.linen as nn
 import jax
@@ -82,6 +83,24 @@ def make_source(config) -> pipeline_lib.Source:
   return pipeline_lib.make_source(config.data)
 
 
+def open_source(config, key: str) -> pipeline_lib.Source:
+  """`make_source`, then one example read to check its `key` against the config.
+
+  Raises:
+    DatasetError: the dataset is missing, unprepared, or its first record is corrupt.
+    ConfigError: its examples do not have the shape the config describes.
+  """
+  source = make_source(config)
+  probe = source.get([0])
+  if key not in probe or tuple(probe[key].shape[1:]) != example_shape(config):
+    found = {k: tuple(v.shape[1:]) for k, v in probe.items()}
+    raise config_checks.ConfigError(
+        f"config.data: dataset {config.data.dataset!r} yields {found}, but the config "
+        f"describes {key!r} of shape {example_shape(config)} (check data.image_size, "
+        f"data.num_channels, data.data_dim)")
+  return source
+
+
 def data_key(batch: dict[str, Any]) -> str:
   return "image" if "image" in batch else "x"
 
@@ -90,6 +109,13 @@ def init_params(model, rng):
   """Fresh (boxed) parameters of `model`."""
   return model.init({"params": rng}, *models.dummy_inputs(model, 1), train=False,
                     **models.init_kwargs(model, 1))["params"]
+
+
+def teacher_architecture(model):
+  """The diffusion model a student was (or is) initialised from: no segment conditioning."""
+  if getattr(model, "segment_cond", "none") == "none":
+    return model
+  return model.clone(segment_cond="none", num_step_values=0)
 
 
 def merge_params(fresh, loaded):
@@ -245,15 +271,17 @@ def make_train_step(config, loss_fn, tx, lr_schedule):
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient never reaches the parameters: the update is skipped
-    # (counted), and with nonfinite='stop' the host stops at the next log step.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or updated parameter never reaches the state: the
+    # update is skipped (counted), and with nonfinite='stop' the host stops at the next
+    # log step or checkpoint, whichever comes first.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_params = keep(new_params, state.params)
     new_opt_state = keep(new_opt_state, state.opt_state)
     new_ema = optim.update_ema(state.ema, new_params, decays, state.step, config.ema_warmup)
     new_ema = keep(new_ema, state.ema)
-    first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+    # Counted like the logs count steps: the update that would make state.step + 1.
+    first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1,
                           state.first_nonfinite_step)
     new_state = state.replace(
         step=state.step + 1, params=new_params, opt_state=new_opt_state, ema=new_ema,
@@ -264,6 +292,11 @@ def make_train_step(config, loss_fn, tx, lr_schedule):
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree) -> jax.Array:
+  """A boolean scalar: every element of every array in `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def example_shape(config) -> tuple[int, ...]:
@@ -289,7 +322,9 @@ class StepBuilder:
     config = self.config
     self.mesh = sharding_lib.make_mesh(config.mesh, self.devices)
     self.model = get_model(config)
-    self.teacher_model = self.model  # the student has the teacher's architecture (§7.1)
+    # The student has the teacher's architecture (§7.1), less an any-step student's
+    # segment conditioning, which a diffusion teacher does not have.
+    self.teacher_model = teacher_architecture(self.model)
     self.schedule = get_schedule(config)
     self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
     self.layout = state_layout(self.model, self.tx, self.mesh, len(config.ema_decays))
@@ -336,30 +371,54 @@ class StepBuilder:
 
 
 class StopSignal:
-  """Set by SIGTERM/SIGINT; multi-host jobs also ask JAX's preemption notifier."""
+  """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the current step and stops.
 
-  def __init__(self):
+  Installed for the whole run (restore, compile, loop), so a signal that comes
+  before the first step still ends the run cleanly after one step. A second signal
+  gets the previous handler's behaviour (Ctrl-C twice interrupts a hung save).
+  Multi-process jobs leave SIGTERM to JAX's preemption notifier, whose sync point
+  (`Checkpointer.reached_preemption`) makes every process stop at the same step; a
+  handler here would replace the notifier's, and a signal seen by one process only
+  would stop it alone at a step the others pass (a hang in the next collective).
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
+    self._signals = signals
     self._previous = {}
 
   def install(self):
     if threading.current_thread() is not threading.main_thread():
       return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in self._signals:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del frame
+    if self._event.is_set():
+      self.restore()
+      previous = signal.getsignal(signum)
+      if callable(previous):
+        previous(signum, frame)
+        return
+      os.kill(os.getpid(), signum)  # the default action, e.g. terminate
+      return
     logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
     self._event.set()
 
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
   def requested(self) -> bool:
     return self._event.is_set()
+
+  def __enter__(self):
+    return self.install()
+
+  def __exit__(self, *exc):
+    self.restore()
 
 
 # --- the main job ------------------------------------------------------------------------------
@@ -374,6 +433,40 @@ def _checkpoint_meta(config, state_step: int) -> dict[str, Any]:
           "segment_boundaries": (trained_boundaries(config, get_schedule(config))
                                  if config.loss.mode != "diffusion" else None),
           "schedule": config.schedule.to_dict(), "dataset": config.data.dataset}
+
+
+@jax.jit
+def _state_is_finite(state: TrainState) -> jax.Array:
+  return all_finite((state.params, state.ema, state.opt_state))
+
+
+def _first_nonfinite(pending: list[dict[str, jax.Array]], first_step: int) -> int | None:
+  """The first step whose update was skipped, among `pending` (steps first_step, ...)."""
+  if not pending:
+    return None
+  flags = np.asarray(jax.device_get([m["nonfinite"] for m in pending]))
+  bad = np.flatnonzero(flags)
+  return first_step + int(bad[0]) if bad.size else None
+
+
+def _nonfinite_stop(step: int, ckpt) -> NonFiniteError:
+  return NonFiniteError(
+      f"non-finite loss or gradient at step {step} (config.nonfinite='stop'): its update was "
+      f"skipped and nothing after it saved; the last checkpoint (step {ckpt.latest_step()}) "
+      "is intact. Lower optimizer.learning_rate, check the data, or use nonfinite='skip'.")
+
+
+def _save_checkpoint(ckpt, config, step: int, state: TrainState, pending, first_pending: int):
+  """Saves `state` at `step`; never a state past a non-finite step (nonfinite='stop') and
+  never one holding a non-finite value (whatever produced it)."""
+  if config.nonfinite == "stop":
+    bad = _first_nonfinite(pending, first_pending)
+    if bad is not None:
+      raise _nonfinite_stop(bad, ckpt)
+  if not bool(jax.device_get(_state_is_finite(state))):
+    raise NonFiniteError(f"the train state at step {step} holds non-finite values, so it was "
+                         f"not saved; the last checkpoint (step {ckpt.latest_step()}) is intact.")
+  ckpt.save(step, state, _checkpoint_meta(config, step))
 
 
 def cost_flops(compiled) -> float:
@@ -399,16 +492,21 @@ def _fetch_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 def _write_config(config, workdir: str):
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-      fh.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:  # epath: local paths and gs:// alike
+    epath.Path(workdir, "config.json").write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _initial_state(config, model, tx, layout, ckpt):
   """Resume from the workdir, else initialise from `config.init_from`, else from scratch."""
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore_state(latest, layout.abstract)
+    try:
+      state, meta = ckpt.restore_state(latest, layout.abstract)
+    except checkpointing.CheckpointError as e:
+      raise checkpointing.CheckpointError(
+          f"{e}. Resume this workdir with the config it was trained with, or train this "
+          "config in a new workdir.") from None
     for key in ("batch_size", "seed"):
       if meta.get(key) != config[key]:
         logging.warning("Resuming with %s=%s but the checkpoint was written with %s: the "
@@ -423,7 +521,8 @@ def _initial_state(config, model, tx, layout, ckpt):
     # Arrays the diffusion checkpoint lacks (an any-step student's zero-initialised
     # segment conditioning) keep their fresh initialisation.
     loaded, _, missing = checkpointing.load_params(
-        config.init_from, layout.abstract.params, config.init_weights, allow_missing=True)
+        config.init_from, layout.abstract.params, config.init_weights, key="config.init_from",
+        allow_missing=True)
     if missing:
       fresh = jax.jit(lambda rng: partitioning.unbox(init_params(model, rng)),
                       out_shardings=layout.param_shardings)(init_rng)
@@ -436,7 +535,8 @@ def _initial_state(config, model, tx, layout, ckpt):
 
 def _load_teacher(config, abstract):
   params, meta = checkpointing.load_params(config.teacher_checkpoint, abstract,
-                                           config.teacher_weights)
+                                           config.teacher_weights,
+                                           key="config.teacher_checkpoint")
   if meta.get("mode") not in (None, "diffusion"):
     logging.warning("The teacher checkpoint %s was trained with mode %r, not diffusion.",
                     config.teacher_checkpoint, meta.get("mode"))
@@ -448,8 +548,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or resumes) the run in `workdir` until `config.num_train_steps`.
 
   `stop_after` ends this invocation after that step with a checkpoint, as a
-  preemption would; running again resumes exactly.
+  preemption would; running again resumes exactly. SIGTERM/SIGINT do the same at
+  the step they arrive (the result says `preempted`).
   """
+  # Multi-process: no handler (see StopSignal); a stop on one process alone would hang.
+  signals = () if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+  with StopSignal(signals) as stop:
+    return _train_and_evaluate(config, workdir, stop_after, stop)
+
+
+def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   # 1. Config, mesh, model, optimiser and the abstract step: nothing allocated yet.
   config_checks.validate(config, num_devices=jax.device_count(),
                          num_processes=jax.process_count())
@@ -460,6 +568,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh, model, schedule, layout = builder.mesh, builder.model, builder.schedule, builder.layout
   logging.info("Mesh %s over %d devices (%d processes): %s", dict(mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
+  # The inputs that can be wrong, checked before anything is allocated or compiled: the
+  # teacher checkpoint (its metadata) and the dataset (one example).
+  if builder.teacher_abstract is not None:
+    checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
+                               config.teacher_weights, key="config.teacher_checkpoint")
+  source = open_source(config, builder.data_key)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                                 asynchronous=True)
 
@@ -487,15 +601,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     teacher_params = _load_teacher(config, builder.teacher_abstract)
 
   # 4. Input, and the step compiled once.
-  source = make_source(config)
-  probe = source.get([0])
-  key = builder.data_key
-  if key not in probe or tuple(probe[key].shape[1:]) != example_shape(config):
-    found = {k: tuple(v.shape[1:]) for k, v in probe.items()}
-    raise config_checks.ConfigError(
-        f"config.data: dataset {config.data.dataset!r} yields {found}, but the config "
-        f"describes {key!r} of shape {example_shape(config)} (check data.image_size, "
-        f"data.num_channels, data.data_dim)")
   shard_index, shard_count = pipeline_lib.batch_shard(builder.batch_sharding, config.batch_size)
   data = pipeline_lib.Pipeline(
       source, config.batch_size, config.seed, shard_index, shard_count,
@@ -527,9 +632,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # it started from.
       path = config.teacher_checkpoint or config.init_from
       if path:
-        eval_teacher = checkpointing.load_params(
-            path, builder.layout.abstract.params, config.teacher_weights)[0]
-    evaluator = in_training.TrainingEvaluator(config, model, schedule, mesh, eval_teacher)
+        abstract = jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            partitioning.unbox(abstract_params(builder.teacher_model)),
+            partitioning.param_shardings(abstract_params(builder.teacher_model), mesh))
+        eval_teacher = checkpointing.load_params(path, abstract, config.teacher_weights,
+                                                 key="config.init_from")[0]
+    evaluator = in_training.TrainingEvaluator(config, model, schedule, mesh, eval_teacher,
+                                              builder.teacher_model)
 
   # 5. The loop.
   hooks = []
@@ -540,15 +650,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.profile_steps:
       hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                             logdir=workdir, first_profile=start_step + 10))
-  stop = StopSignal().install()
   due = lambda step, every: every > 0 and step % every == 0
   pending, last_log_time, last_log_step = [], time.time(), start_step
   result = TrainResult(step=start_step)
   step = start_step
+  ids_log = (pipeline_lib.ExampleIdLog(workdir, jax.process_index(), start_step)
+             if config.get("record_example_ids") else None)
   try:
     last_step = config.num_train_steps if stop_after is None else min(stop_after,
                                                                       config.num_train_steps)
     for step, local in zip(range(start_step + 1, last_step + 1), data.iterate(start_step)):
+      if ids_log:
+        ids_log.write(step, local["index"])
       batch = pipeline_lib.to_global({k: local[k] for k in builder.abstract_batch},
                                      builder.batch_sharding, config.batch_size)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -558,6 +671,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         hook(step)
 
       if due(step, config.log_every_steps) or step == config.num_train_steps:
+        first_bad = _first_nonfinite(pending, last_log_step + 1)
         scalars = _fetch_metrics(pending)
         pending = []
         now = time.time()
@@ -572,10 +686,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars["skipped_updates"] = float(counters["num_skipped"])
         writer.write_scalars(step, scalars)
         result.final_metrics = scalars
-        if counters["first_nonfinite_step"] >= 0 and config.nonfinite == "stop":
-          raise NonFiniteError(
-              f"non-finite loss or gradient at step {int(counters['first_nonfinite_step'])} "
-              f"(update skipped; config.nonfinite='stop'). The last checkpoint is intact.")
+        if first_bad is not None:
+          if config.nonfinite == "stop":
+            raise _nonfinite_stop(first_bad, ckpt)
+          logging.warning("Skipped non-finite updates since the last log, the first at step %d "
+                          "(%d skipped in all).", first_bad, int(counters["num_skipped"]))
 
       if sample_fn is not None and (due(step, config.sample_every_steps)
                                     or step == config.num_train_steps):
@@ -592,23 +707,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       preempted = stop.requested() or (jax.process_count() > 1 and
                                        ckpt.reached_preemption(step))
       if due(step, config.checkpoint_every_steps) or preempted:
-        ckpt.save(step, state, _checkpoint_meta(config, step))
+        _save_checkpoint(ckpt, config, step, state, pending, last_log_step + 1)
       if preempted:
         logging.warning("Stopping at step %d after saving a checkpoint.", step)
         result.preempted = True
         break
     result.step = step
     if not result.preempted and ckpt.latest_step() != step:
-      ckpt.save(step, state, _checkpoint_meta(config, step))
+      _save_checkpoint(ckpt, config, step, state, pending, last_log_step + 1)
+    ckpt.wait_until_finished()  # a save that failed in the background fails the run
   finally:
-    stop.restore()
-    ckpt.wait_until_finished()
-    ckpt.close()
-    data.close()
-    writer.flush()
+    # Also on errors: no checkpoint or decoding thread left running, and a close that
+    # fails (a full disk fails them all) is logged without hiding the error being raised.
+    _close_quietly(ckpt.wait_until_finished, ckpt.close, data.close, writer.close,
+                   *([ids_log.close] if ids_log else []))
   logging.info("Finished at step %d%s. TensorBoard: tensorboard --logdir %s", result.step,
                " (preempted)" if result.preempted else "", workdir)
   return result
+
+
+def _close_quietly(*closers):
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("While shutting down: %s: %s", type(e).__name__,
+                    (str(e) or "?").splitlines()[0])
 
 
 def resolve_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -625,11 +749,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains a single-run config, or each stage of a staged one in `<workdir>/<stage>`."""
   if "stages" not in config:
     return train_and_evaluate(config, workdir)
+  # Every stage now: a mistake in the last one must not wait for the first to train.
+  config_checks.validate_run(config, jax.device_count(), jax.process_count())
   result = None
   for name in config.stage_order:
-    if name not in config.stages:
-      raise config_checks.ConfigError(f"config.stage_order names {name!r}, which is not in "
-                                      f"config.stages ({sorted(config.stages)})")
     stage_dir = os.path.join(workdir, name)
     logging.info("Stage %s in %s", name, stage_dir)
     result = train_and_evaluate(resolve_stage(config.stages[name], workdir), stage_dir)

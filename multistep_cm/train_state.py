@@ -19,7 +19,7 @@ class TrainState:
   opt_state: Any
   ema: dict[str, Any]  # {"ema0": params-like, ...}, one per config.ema_decays
   num_skipped: jax.Array  # int32: updates skipped because the loss or gradient was non-finite
-  first_nonfinite_step: jax.Array  # int32: the first such step, -1 if none
+  first_nonfinite_step: jax.Array  # int32: the first such step (as logged, 1-based), -1 if none
 
   def counters(self) -> dict[str, jax.Array]:
     return {"step": self.step, "rng": self.rng, "num_skipped": self.num_skipped,

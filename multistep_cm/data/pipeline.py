@@ -46,8 +46,9 @@ from multistep_cm.data.sources import DigitsSource
 from multistep_cm.data.sources import Source
 
 __all__ = [
-    "ArraySource", "DatasetError", "DigitsSource", "Pipeline", "Source", "TfdsSource",
-    "batch_shard", "make_source", "measure_throughput", "permute", "to_global",
+    "ArraySource", "DatasetError", "DigitsSource", "ExampleIdLog", "Pipeline", "Source",
+    "TfdsSource", "batch_shard", "make_source", "measure_throughput", "permute",
+    "read_example_ids", "to_global",
 ]
 
 # TFDS names `make_source` accepts besides 'digits' (all in tensorflow-datasets 4.9.10).
@@ -304,6 +305,47 @@ def _available_cores() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # not on Linux
     return os.cpu_count() or 1
+
+
+class ExampleIdLog:
+  """A debug record of what each train step consumed: `<dir>/example_ids.<process>.txt`.
+
+  One line per step, `step id id ...`: the `'index'` of this process's rows, in
+  batch order, so a resumed run can be compared with an uninterrupted one on the
+  data itself. Opened at a resume step, it drops the lines of later steps (a run
+  killed after its last checkpoint consumed them, and the resumed run consumes them
+  again), so the file always reads as one uninterrupted run. Local paths only.
+  """
+
+  def __init__(self, directory: str, process_index: int, start_step: int):
+    self.path = os.path.join(directory, f"example_ids.{process_index}.txt")
+    kept = [line for line in _read_lines(self.path) if int(line.split(" ", 1)[0]) <= start_step]
+    with open(self.path, "w") as fh:
+      fh.writelines(kept)
+    self._file = open(self.path, "a")  # pylint: disable=consider-using-with
+
+  def write(self, step: int, ids: np.ndarray):
+    self._file.write(f"{step} {' '.join(str(int(i)) for i in np.asarray(ids).ravel())}\n")
+    self._file.flush()  # a killed run keeps what it consumed
+
+  def close(self):
+    self._file.close()
+
+
+def read_example_ids(directory: str, process_index: int = 0) -> dict[int, np.ndarray]:
+  """`{step: example ids}` from the `ExampleIdLog` of process `process_index` in `directory`."""
+  out = {}
+  for line in _read_lines(os.path.join(directory, f"example_ids.{process_index}.txt")):
+    step, *ids = line.split()
+    out[int(step)] = np.asarray(ids, np.int64)
+  return out
+
+
+def _read_lines(path: str) -> list[str]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as fh:
+    return [line for line in fh if line.strip()]
 
 
 # ---------------------------------------------------------------------------

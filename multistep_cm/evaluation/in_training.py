@@ -19,7 +19,7 @@ from multistep_cm.evaluation import sample_metrics
 class TrainingEvaluator:
   """Called as `evaluator(params) -> {name: value}`; built once per run."""
 
-  def __init__(self, config, model, schedule, mesh, teacher_params=None):
+  def __init__(self, config, model, schedule, mesh, teacher_params=None, teacher_model=None):
     ec = config.evals
     self.config, self.model, self.schedule, self.mesh = config, model, schedule, mesh
     self.num_samples = int(ec.get("num_samples", 1000))
@@ -40,12 +40,12 @@ class TrainingEvaluator:
         and config.loss.mode != "diffusion"):
       # The teacher is fixed, so its solve is computed once.
       spec = generation.SamplerSpec("ddim", int(ec.get("ode_steps", 256)))
-      self.teacher_samples, _ = self._generate(teacher_params, spec)
+      self.teacher_samples, _ = self._generate(teacher_params, spec, teacher_model or model)
 
-  def _generate(self, params, spec):
-    return generation.generate(self.model, params, self.schedule, spec, self.num_samples,
-                               seed=self.seed, batch_size=self.batch_size, labels=self.labels,
-                               mesh=self.mesh)
+  def _generate(self, params, spec, model=None):
+    return generation.generate(model or self.model, params, self.schedule, spec,
+                               self.num_samples, seed=self.seed, batch_size=self.batch_size,
+                               labels=self.labels, mesh=self.mesh)
 
   def __call__(self, params) -> dict[str, float]:
     out = {}
