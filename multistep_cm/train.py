@@ -336,13 +336,8 @@ class StepBuilder:
                                             jnp.float32, sharding=self.batch_sharding),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                       sharding=self.batch_sharding)}
-    self.teacher_abstract = None
-    if config.loss.mode in ("cd", "direct"):
-      boxed = abstract_params(self.teacher_model)
-      shardings = partitioning.param_shardings(boxed, self.mesh)
-      self.teacher_abstract = jax.tree.map(
-          lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-          partitioning.unbox(boxed), shardings)
+    self.teacher_abstract = (self.sharded_teacher_params()
+                             if config.loss.mode in ("cd", "direct") else None)
     teacher_shardings = (None if self.teacher_abstract is None
                          else jax.tree.map(lambda a: a.sharding, self.teacher_abstract))
     loss_fn = make_loss_fn(config, self.model, self.schedule, self.teacher_model)
@@ -353,6 +348,13 @@ class StepBuilder:
                       teacher_shardings),
         out_shardings=(self.layout.shardings, sharding_lib.replicated(self.mesh)),
         donate_argnums=(0,))
+
+  def sharded_teacher_params(self):
+    """Abstract teacher parameters carrying the shardings of the models' rules."""
+    boxed = abstract_params(self.teacher_model)
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        partitioning.unbox(boxed),
+                        partitioning.param_shardings(boxed, self.mesh))
 
   def lower(self):
     """The lowered step; under the mesh and the logical rules, so the models' batch-axis
@@ -632,11 +634,8 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
       # it started from.
       path = config.teacher_checkpoint or config.init_from
       if path:
-        abstract = jax.tree.map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-            partitioning.unbox(abstract_params(builder.teacher_model)),
-            partitioning.param_shardings(abstract_params(builder.teacher_model), mesh))
-        eval_teacher = checkpointing.load_params(path, abstract, config.teacher_weights,
+        eval_teacher = checkpointing.load_params(path, builder.sharded_teacher_params(),
+                                                 config.teacher_weights,
                                                  key="config.init_from")[0]
     evaluator = in_training.TrainingEvaluator(config, model, schedule, mesh, eval_teacher,
                                               builder.teacher_model)
