@@ -11,6 +11,8 @@ from benchmarks import host_overhead
 from benchmarks import input_pipeline
 from benchmarks import sampling
 from benchmarks import train_step
+from multistep_cm import config_base
+from multistep_cm import train
 
 
 def test_train_step_report_is_consistent(tmp_path):
@@ -88,3 +90,13 @@ def test_input_pipeline_measures_and_derives_consumption(tmp_path):
   assert bound["images_per_s_per_chip"] == pytest.approx(989e12 / 1e12)
   for row in rows:
     assert row["margin"] == pytest.approx(rate / row["images_per_s_per_core"])
+
+
+def test_step_flops_count_every_block_of_a_scanned_stack():
+  config = config_base.digits_config("diffusion")
+  config.batch_size = 8
+  config.model.mid_blocks = 3
+  _, scanned = train.StepBuilder(config).compile()
+  config.model.scan_blocks = False
+  _, unrolled = train.StepBuilder(config).compile()
+  assert scanned == pytest.approx(unrolled, rel=0.02)
