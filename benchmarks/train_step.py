@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --out benchmarks/results/train_step_DATE_TAG.json
     python -m benchmarks.train_step --config=configs/imagenet64_cd.py --batch=max \
-        --modes=diffusion,cd          # on an accelerator: the largest batch that fits
+        --modes=diffusion,ct,cd --model=attention_impl=cudnn   # GPU: the largest batch
 
 Each step is the trainer's own (`train.StepBuilder`: sharded, donated, compiled
 ahead of time) built from one config with only `loss.mode` changed, run on a
@@ -14,13 +14,14 @@ listed peak (`hardware.py`) or, on a CPU, against a dense float32 matmul timed i
 the same run; and the ratios CT/diffusion and CD/diffusion against theory (4/3,
 5/3: one and two extra forwards beside forward + backward) and the targets.
 
-XLA's cost analysis counts the body of a loop once, so the mid stack is unrolled
-(`scan_blocks=False`, unless --scan) and the Direct mode's FLOPs (a teacher loop
-of max(n_rel) iterations) are a lower bound. `--batch=max` compiles at doubling
+XLA's cost analysis counts the body of a loop once: `StepBuilder.compile` adds the
+iterations of a scanned mid stack, but the Direct mode's FLOPs (a teacher loop of
+max(n_rel) iterations, a count known only at run time) are a lower bound. `--batch=max` compiles at doubling
 batch sizes and keeps the largest whose memory analysis fits the device's
 memory (`--memory_limit_gb` where the device does not report it).
 """
 import argparse
+import ast
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,6 @@ from multistep_cm import models
 from multistep_cm import train
 from multistep_cm import train_state as train_state_lib
 from multistep_cm.models import partitioning
-from multistep_cm.models import presets
 from multistep_cm.models import summary
 
 MODES = ("diffusion", "ct", "cd", "direct")
@@ -135,10 +135,13 @@ def run(args) -> dict[str, Any]:
     overrides["preset"] = args.preset
   if args.dtype:
     overrides["dtype"] = args.dtype
-  if args.remat_policy:
-    overrides["remat"], overrides["remat_policy"] = True, args.remat_policy
-  preset = overrides.get("preset", base.model.preset)
-  if not args.scan and presets.PRESETS[preset]["arch"] == "uvit":
+  for item in args.model:
+    key, _, value = item.partition("=")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value  # a plain string, e.g. a policy name
+  if args.unroll:
     overrides["scan_blocks"] = False
   if args.mesh:
     base.mesh.data, base.mesh.fsdp = (int(v) for v in args.mesh.split(","))
@@ -168,8 +171,8 @@ def run(args) -> dict[str, Any]:
     num_devices = builder.mesh.size
     results[mode] = {
         "flops_per_step": flops * num_devices, "flops_per_step_per_device": flops,
-        "flops_note": ("lower bound: loop bodies are counted once"
-                       if mode == "direct" or args.scan else "complete"),
+        "flops_note": ("lower bound: the teacher loop's body is counted once"
+                       if mode == "direct" else "complete"),
         "memory_bytes_per_device": memory_bytes(compiled)}
     if args.compile_only:
       continue
@@ -214,9 +217,10 @@ def parse_args(argv=None):
   parser.add_argument("--batch_start", type=int, default=8, help="first batch of --batch=max")
   parser.add_argument("--memory_limit_gb", type=float, default=None)
   parser.add_argument("--dtype", default=None, help="model dtype override, e.g. bfloat16")
-  parser.add_argument("--remat_policy", default=None, help="switch remat on with this policy")
+  parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                      help="model override, repeatable: remat=True, attention_impl=cudnn")
   parser.add_argument("--mesh", default=None, help="DATA,FSDP (default: the config's)")
-  parser.add_argument("--scan", action="store_true", help="keep the config's scanned mid stack")
+  parser.add_argument("--unroll", action="store_true", help="unroll the mid stack")
   parser.add_argument("--modes", default="diffusion,ct,cd,direct")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
