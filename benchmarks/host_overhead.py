@@ -90,9 +90,8 @@ def device_only(compiled, state, batch, teacher, num_steps: int):
 
 def run(args) -> dict[str, Any]:
   config = summary.load_config(args.config)
-  overrides = {"preset": args.preset} if args.preset else {}
   config = train_step.mode_config(config, config.loss.mode, args.batch or config.batch_size,
-                                  overrides)
+                                  {})
   builder = train.StepBuilder(config)
   compiled, _ = builder.compile()
   state, device_batch, teacher = train_step.random_inputs(builder)
@@ -143,7 +142,6 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/digits_diffusion.py",
                       help="config file[:arg]; its data source feeds the loop")
-  parser.add_argument("--preset", default=None, help="model preset override")
   parser.add_argument("--batch", type=int, default=None, help="default: the config's")
   parser.add_argument("--steps", type=int, default=20, help="steps per round")
   parser.add_argument("--rounds", type=int, default=3, help="loop / device-only alternations")

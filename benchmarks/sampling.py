@@ -41,8 +41,10 @@ def sampler_config(base, sampler: str, steps: int) -> ml_collections.ConfigDict:
 
 
 def run(args) -> dict[str, Any]:
-  base = train_step.mode_config(summary.load_config(args.config), "cd", args.batch,
-                                {"preset": args.preset} if args.preset else {})
+  base = summary.load_config(args.config)
+  if args.preset:
+    base = train_step.with_preset(base, args.preset)
+  base = train_step.mode_config(base, "cd", args.batch, {})
   if args.dtype:
     base.model.dtype = args.dtype
   model, schedule = train.get_model(base), train.get_schedule(base)
@@ -102,7 +104,8 @@ def run(args) -> dict[str, Any]:
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/digits_cd.py", help="config file[:arg]")
-  parser.add_argument("--preset", default=None, help="model preset override")
+  parser.add_argument("--preset", default=None,
+                      help="model preset override, at the data shape it was built for")
   parser.add_argument("--dtype", default=None, help="model dtype override")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", default="1,2,4,8", help="K values")

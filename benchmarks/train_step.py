@@ -35,6 +35,7 @@ from multistep_cm import models
 from multistep_cm import train
 from multistep_cm import train_state as train_state_lib
 from multistep_cm.models import partitioning
+from multistep_cm.models import presets
 from multistep_cm.models import summary
 
 MODES = ("diffusion", "ct", "cd", "direct")
@@ -52,6 +53,16 @@ def mode_config(base: ml_collections.ConfigDict, mode: str, batch: int,
   config.teacher_checkpoint, config.init_from = "", ""
   for key, value in overrides.items():
     config.model[key] = value
+  return config
+
+
+def with_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """`config` with its model switched to `preset`, and its data to the shape the preset
+  was built for (the trainer takes image size, channels and classes from the data)."""
+  config.model.preset = preset
+  for key in ("image_size", "num_channels", "num_classes", "data_dim"):
+    if key in presets.PRESETS[preset]:
+      config.data[key] = presets.PRESETS[preset][key]
   return config
 
 
@@ -130,9 +141,9 @@ def ratio(results, mode: str, base: str = "diffusion") -> dict[str, Any]:
 
 def run(args) -> dict[str, Any]:
   base = summary.load_config(args.config)
-  overrides = {}
   if args.preset:
-    overrides["preset"] = args.preset
+    base = with_preset(base, args.preset)
+  overrides = {}
   if args.dtype:
     overrides["dtype"] = args.dtype
   for item in args.model:
@@ -212,7 +223,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/digits_cd.py",
                       help="experiment config file[:arg]; only loss.mode changes per mode")
-  parser.add_argument("--preset", default=None, help="model preset override")
+  parser.add_argument("--preset", default=None,
+                      help="model preset override, at the data shape it was built for")
   parser.add_argument("--batch", default="128", help="global batch, or 'max' (module doc)")
   parser.add_argument("--batch_start", type=int, default=8, help="first batch of --batch=max")
   parser.add_argument("--memory_limit_gb", type=float, default=None)
