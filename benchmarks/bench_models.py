@@ -12,48 +12,16 @@ stack is unrolled (`scan_blocks=False`) because XLA's cost analysis counts a
 loop body once; JSON goes to stdout (and to --out).
 """
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from benchmarks import common
 from multistep_cm import models
+from multistep_cm import train
 
 DEFAULT_PRESETS = ("digits8", "digits16", "small32", "mlp_toy")
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-  """Median wall time of `fn(*args)` over `repeats` calls after two warm-up calls."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def compiled_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
-
-
-def matmul_peak(size: int, repeats: int) -> dict:
-  """Dense float32 matmul FLOP/s: the machine's reference for the ratios."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-  dot = jax.jit(jnp.dot).lower(a, b).compile()
-  seconds = median_seconds(dot, a, b, repeats=repeats)
-  flops = 2.0 * size**3
-  return {"size": size, "seconds": seconds, "flops": flops, "flops_per_s": flops / seconds}
 
 
 def bench_preset(name: str, batch: int, repeats: int, peak: float) -> dict:
@@ -76,8 +44,8 @@ def bench_preset(name: str, batch: int, repeats: int, peak: float) -> dict:
   result = {"params": models.param_count(model), "batch": batch}
   for label, fn in (("forward", forward), ("forward_backward", jax.grad(loss))):
     compiled = jax.jit(fn).lower(params, z, logsnr, labels).compile()
-    seconds = median_seconds(compiled, params, z, logsnr, labels, repeats=repeats)
-    flops = compiled_flops(compiled)
+    seconds = common.median_seconds(compiled, params, z, logsnr, labels, repeats=repeats)
+    flops = train.cost_flops(compiled)
     result[label] = {"seconds": seconds, "flops": flops, "flops_per_s": flops / seconds,
                      "fraction_of_matmul": flops / seconds / peak}
   return result
@@ -92,21 +60,15 @@ def main():
   parser.add_argument("--out", default=None, help="also write the JSON here")
   args = parser.parse_args()
 
-  peak = matmul_peak(args.matmul_size, args.repeats)
+  peak = common.matmul_peak(args.matmul_size, args.repeats)
   report = {
-      "date": datetime.date.today().isoformat(),
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "devices": str(jax.devices()),
-                  "jax": jax.__version__},
+      "date": common.today(),
+      "machine": common.machine(),
       "matmul_float32": peak,
       "presets": {name: bench_preset(name, args.batch, args.repeats, peak["flops_per_s"])
                   for name in args.presets.split(",")},
   }
-  text = json.dumps(report, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  common.emit(report, args.out)
 
 
 if __name__ == "__main__":

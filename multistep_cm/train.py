@@ -364,9 +364,21 @@ class StepBuilder:
                                 self.teacher_abstract)
 
   def compile(self):
-    """`(compiled step, FLOPs per device per step)`."""
-    compiled = self.lower().compile()
-    return compiled, cost_flops(compiled)
+    """`(compiled step, FLOPs per device per step)`.
+
+    XLA's cost analysis counts a loop body once, so a scanned mid stack would count
+    one of its blocks: the missing iterations are added, as the difference between
+    this step lowered unrolled and as built (global counts, split over the devices).
+    """
+    lowered = self.lower()
+    compiled = lowered.compile()
+    flops = cost_flops(compiled)
+    if getattr(self.model, "scan_blocks", False) and self.model.mid_blocks > 1:
+      unrolled = ml_collections.ConfigDict(self.config.to_dict())
+      unrolled.model.scan_blocks = False
+      missing = cost_flops(StepBuilder(unrolled, self.devices).lower()) - cost_flops(lowered)
+      flops += missing / self.mesh.size
+    return compiled, flops
 
 
 # --- preemption --------------------------------------------------------------------------------
@@ -472,7 +484,8 @@ def _save_checkpoint(ckpt, config, step: int, state: TrainState, pending, first_
 
 
 def cost_flops(compiled) -> float:
-  """FLOPs per device of a compiled SPMD program (XLA's cost analysis is per partition)."""
+  """FLOPs per device of a compiled SPMD program (XLA's cost analysis is per partition);
+  of a lowered one, the global FLOPs."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]

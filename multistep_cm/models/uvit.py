@@ -48,7 +48,10 @@ Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
 Mixed precision and performance: float32 parameters, convs and matmuls in
 `dtype`, norms, softmax (inside `jax.nn.dot_product_attention`) and
 conditioning in float32. Attention goes through `jax.nn.dot_product_attention`
-with `implementation=None` so cuDNN flash attention is used where available.
+with `attention_impl`: "xla" (the default, any device; it materialises the
+[B, heads, L, L] float32 logits) or "cudnn" (flash attention on NVIDIA GPUs, for
+bfloat16/float16; no logits in memory). jax's `implementation=None` still means
+XLA (jax 0.10), so cuDNN has to be asked for.
 The mid stack is an `nn.scan` over identical blocks with parameters stacked on
 a leading 'layers' axis (compile time flat in depth); `unstack_layers` and
 `stack_layers` map between the scanned and unrolled parameter trees. Blocks can
@@ -64,6 +67,7 @@ from multistep_cm.models import layers
 
 Dtype = Any
 BLOCK_TYPES = ("res", "attn")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 class ResBlock(nn.Module):
@@ -103,6 +107,7 @@ class TransformerBlock(nn.Module):
   dropout: float = 0.0
   deterministic: bool = True
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array,
@@ -118,9 +123,8 @@ class TransformerBlock(nn.Module):
     qkv = layers.dense(3 * self.width, ("embed", "qkv"), dtype=self.dtype, name="qkv")(h)
     qkv = qkv.reshape(batch, height * width, 3, num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # implementation=None: cuDNN flash attention on GPU, XLA elsewhere; the
-    # logits and softmax are float32 inside even for bfloat16 inputs.
-    h = jax.nn.dot_product_attention(q, k, v, implementation=None)
+    # Either implementation computes the logits and softmax in float32.
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     h = h.reshape(batch, height, width, self.width)
     h = layers.dense(self.width, ("heads", "embed"), dtype=self.dtype, zero_init=True,
                      name="attn_out")(h)
@@ -151,13 +155,15 @@ class TransformerStack(nn.Module):
   scan: bool = True
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
     block_cls = layers.maybe_remat(TransformerBlock, self.remat, self.remat_policy,
                                    in_scan=self.scan)
     kwargs = dict(width=self.width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
-                  dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype)
+                  dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype,
+                  attention_impl=self.attention_impl)
     if not self.scan:
       for i in range(self.num_layers):
         x = block_cls(**kwargs, name=f"layers_{i}")(x, cond)
@@ -201,6 +207,7 @@ class UViT(nn.Module):
     dtype: compute dtype of convs and matmuls (parameters stay float32).
     remat, remat_policy: rematerialise every block with a named policy.
     scan_blocks: scan the mid stack instead of unrolling it.
+    attention_impl: "xla" or "cudnn" (NVIDIA GPUs, half-precision `dtype`); see above.
     segment_cond, num_step_values: the segment-layout conditioning of any-step
       Multistep CMs (`layers.Conditioning`): "none", "steps" or "segment_start".
   """
@@ -221,6 +228,7 @@ class UViT(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_blocks: bool = True
+  attention_impl: str = "xla"
   segment_cond: str = "none"
   num_step_values: int = 0
 
@@ -251,6 +259,9 @@ class UViT(nn.Module):
         raise ValueError(f"channels must be divisible by num_groups={self.num_groups}, "
                          f"got {width}")
     layers.maybe_remat(ResBlock, self.remat, self.remat_policy)  # checks the policy name
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
 
   def _block(self, level: int, index: int, up: bool, train: bool):
     kind, width = self.block_types[level], self.channels[level]
@@ -261,7 +272,8 @@ class UViT(nn.Module):
       return layers.maybe_remat(ResBlock, self.remat, self.remat_policy)(
           width, num_groups=self.num_groups, **common)
     return layers.maybe_remat(TransformerBlock, self.remat, self.remat_policy)(
-        width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio, **common)
+        width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+        attention_impl=self.attention_impl, **common)
 
   def _enter_transformer(self, x: jax.Array, width: int, name: str,
                          upsample: bool = False) -> jax.Array:
@@ -301,7 +313,7 @@ class UViT(nn.Module):
         self.mid_blocks, self.mid_channels, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
         dropout=self.dropout[-1], deterministic=not train, dtype=self.dtype,
         scan=self.scan_blocks, remat=self.remat, remat_policy=self.remat_policy,
-        name="mid")(x, cond)
+        attention_impl=self.attention_impl, name="mid")(x, cond)
     self.sow("intermediates", "mid_out", x)
 
     for level in reversed(range(len(self.channels))):
