@@ -2,7 +2,7 @@
 
     python -m benchmarks.sampling --out benchmarks/results/sampling_DATE_TAG.json
 
-For each K, the trainer's sampler (`train.make_sample_fn`: `sample_mcm` with K
+For each K, the framework's sampler (`generation.make_sample_fn`: `sample_mcm` with K
 student steps, or diffusion `sample` with K aDDIM steps; one `fori_loop`, jitted)
 is timed against K calls of the jitted denoiser `f(z, t) -> x̂` chained through
 their outputs (so each waits for the one before, as the sampler's steps do) and
@@ -15,29 +15,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from benchmarks import common
 from benchmarks import train_step
 from multistep_cm import denoiser
+from multistep_cm import generation
 from multistep_cm import models
 from multistep_cm import train
 from multistep_cm.models import summary
 
 TARGET = 1.05
 SAMPLERS = ("mcm", "addim")
-
-
-def sampler_config(base, sampler: str, steps: int) -> ml_collections.ConfigDict:
-  """`base` set up so `train.make_sample_fn` runs `steps` steps of `sampler`."""
-  config = ml_collections.ConfigDict(base.to_dict())
-  if sampler == "mcm":
-    config.loss.mode = "cd" if config.loss.mode == "diffusion" else config.loss.mode
-    config.loss.student_steps = steps
-  else:
-    config.loss.mode = "diffusion"
-    config.sample_steps, config.sample_sampler = steps, sampler
-  return config
 
 
 def run(args) -> dict[str, Any]:
@@ -62,8 +50,8 @@ def run(args) -> dict[str, Any]:
   runners, cases = {}, []
   for sampler in args.samplers.split(","):
     for steps in (int(k) for k in args.steps.split(",")):
-      sample = jax.jit(train.make_sample_fn(sampler_config(base, sampler, steps), model,
-                                            schedule))
+      sample = jax.jit(generation.make_sample_fn(model, schedule,
+                                                 generation.SamplerSpec(sampler, steps)))
       sample = sample.lower(params, z, labels).compile()
 
       def chain(steps=steps):

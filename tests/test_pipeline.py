@@ -181,3 +181,13 @@ def test_measure_throughput_reports_rates():
   data.close()
   assert rates["num_images"] == 24 and rates["images_per_s"] > 0
   assert rates["images_per_s_per_core"] > 0 and rates["images_per_cpu_s"] > 0
+
+
+def test_cached_epoch_order_equals_the_per_index_permutation():
+  source = pipeline.ArraySource({"x": np.arange(1000)[:, None]})
+  pipe = pipeline.Pipeline(source, 96, seed=3, process_index=0, process_count=1, num_threads=0)
+  positions = np.arange(0, 5000, 7)  # several epochs, crossing their boundaries
+  epochs, offsets = np.divmod(positions, 1000)
+  direct = np.array([pipeline.permute(np.array([o]), 1000, pipe._epoch_key(int(e)))[0]
+                     for e, o in zip(epochs, offsets)])
+  np.testing.assert_array_equal(pipe.example_indices(positions), direct)

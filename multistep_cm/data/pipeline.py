@@ -34,6 +34,7 @@ import collections
 from collections.abc import Iterator, Mapping, Sequence
 import concurrent.futures
 import os
+import threading
 import time
 
 import numpy as np
@@ -70,6 +71,7 @@ _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _SHUFFLE, _FLIP = 1, 2  # stream tags, so the permutation and the flips are independent
 _FEISTEL_ROUNDS = 6
+_MAX_CACHED_ORDER = 1 << 24  # epochs of up to 16M examples are held as one int64 array
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -189,6 +191,7 @@ class Pipeline:
     self.prefetch, self.chunk_size = max(0, prefetch), max(1, chunk_size)
     self._num_examples = len(source)
     self._pool = None
+    self._orders, self._order_lock = {}, threading.Lock()
 
   # -- The order: pure functions of (seed, step). --
 
@@ -205,8 +208,27 @@ class Pipeline:
     out = np.empty_like(offsets)
     for epoch in np.unique(epochs):  # a batch spans at most a few epochs
       sel = epochs == epoch
-      out[sel] = permute(offsets[sel], self._num_examples, _hash(self.seed, _SHUFFLE, epoch)[0])
+      order = self._epoch_order(int(epoch))
+      out[sel] = (order[offsets[sel]] if order is not None else
+                  permute(offsets[sel], self._num_examples, self._epoch_key(int(epoch))))
     return out
+
+  def _epoch_key(self, epoch: int) -> int:
+    return int(_hash(self.seed, _SHUFFLE, epoch)[0])
+
+  def _epoch_order(self, epoch: int) -> np.ndarray | None:
+    """The whole epoch's permutation, computed once (numpy overhead, not the per-index work,
+    dominates a batch's permutation: digits cost 1.3 ms per batch, 1.7 ms per epoch); None
+    for datasets too large to hold one (> 2^24 examples)."""
+    if self._num_examples > _MAX_CACHED_ORDER:
+      return None
+    with self._order_lock:
+      if epoch not in self._orders:
+        if len(self._orders) >= 2:  # the current epoch and the next
+          self._orders.pop(min(self._orders))
+        self._orders[epoch] = permute(np.arange(self._num_examples), self._num_examples,
+                                      self._epoch_key(epoch))
+      return self._orders[epoch]
 
   def flips(self, positions: np.ndarray) -> np.ndarray:
     """Whether the example at each position is mirrored, bool."""
