@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from multistep_cm import checkpointing
+from multistep_cm import config_base
 from multistep_cm import config_checks
 from multistep_cm import train
 
