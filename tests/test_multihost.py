@@ -2,7 +2,9 @@
 
 The main job runs as real OS processes that find each other through
 `jax.distributed` on localhost; XLA's CPU collectives across processes go through
-gloo. Each run trains the same config (2x4 mesh, same seed) and the test compares:
+gloo. Each run distils the same diffusion teacher (mixture CD: every process loads
+its shards of the teacher and of the student's initial weights from one checkpoint)
+with the same config (2x4 mesh, same seed), and the test compares:
   * every logged training scalar, step by step, and every array of the final
     checkpoint (parameters, EMA, optimiser state): bitwise, against a 1 x 8 run
     that also starts `jax.distributed` (one process), so that its all-reduces take
@@ -31,21 +33,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
 TIMEOUT_S = 300
 
-# Mixture diffusion (the MLP denoiser) on a 2x4 mesh: FSDP-sharded parameters,
-# batch split over all 8 devices, a checkpoint mid-run and at the end.
-CONFIG = "configs/mixture_diffusion.py"
+# Mixture CD (the MLP denoiser) on a 2x4 mesh: FSDP-sharded parameters, batch split
+# over all 8 devices, a checkpoint mid-run and at the end.
+CONFIG = "configs/mixture_cd.py"
 OVERRIDES = {
     "num_train_steps": 20, "batch_size": 64, "model.width": 32, "model.depth": 2,
     "log_every_steps": 5, "checkpoint_every_steps": 10, "mesh.data": 2, "mesh.fsdp": 4,
-    "optimizer.warmup_steps": 5,
+    "optimizer.warmup_steps": 5, "loss.student_steps": 2, "loss.teacher_steps_start": 8,
+    "loss.teacher_steps_end": 16, "loss.anneal_steps": 10,
 }
 # Wall-clock rates differ from run to run; everything else logged must not.
 TIMING_TAGS = ("steps_per_sec", "examples_per_sec", "tflops_per_device", "mfu", "uptime")
 
 
-def _config():
-  from configs import mixture_diffusion  # pylint: disable=g-import-not-at-top
-  config = mixture_diffusion.get_config()
+def _config(teacher: str):
+  from configs import mixture_cd  # pylint: disable=g-import-not-at-top
+  config = mixture_cd.get_config(f"teacher={teacher}")
   for key, value in OVERRIDES.items():
     node = config
     *parents, leaf = key.split(".")
@@ -61,7 +64,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(workdir, num_processes: int, devices_per_process: int, record_dir):
+def run_processes(workdir, teacher, num_processes: int, devices_per_process: int, record_dir):
   """Runs the main job as `num_processes` OS processes on one coordinator; waits for all.
 
   A process that fails or outlives TIMEOUT_S gets the others killed (they would
@@ -72,7 +75,7 @@ def run_processes(workdir, num_processes: int, devices_per_process: int, record_
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
              PYTHONPATH=REPO, MCM_RECORD_DIR=str(record_dir))
-  flags = [f"--config={CONFIG}", f"--workdir={workdir}",
+  flags = [f"--config={CONFIG}:teacher={teacher}", f"--workdir={workdir}",
            *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
            f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}"]
   procs, logs = [], []
@@ -120,12 +123,17 @@ def _training_scalars(workdir):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
+  teacher = str(tmp_path / "teacher")
+  teacher_config = _config("")
+  teacher_config.loss.mode = "diffusion"
+  teacher_config.num_train_steps = 10
+  train.train_and_evaluate(teacher_config, teacher)  # in this process: 8 devices
   (tmp_path / "two").mkdir()
   (tmp_path / "one").mkdir()
-  run_processes(tmp_path / "two" / "workdir", 2, 4, tmp_path / "two")
-  run_processes(tmp_path / "one" / "workdir", 1, 8, tmp_path / "one")
-  config = _config()
-  train.train_and_evaluate(config, str(tmp_path / "plain"))  # this process: 8 devices
+  run_processes(tmp_path / "two" / "workdir", teacher, 2, 4, tmp_path / "two")
+  run_processes(tmp_path / "one" / "workdir", teacher, 1, 8, tmp_path / "one")
+  config = _config(teacher)
+  train.train_and_evaluate(config, str(tmp_path / "plain"))
 
   # Each process read its own half of every global batch, and nothing else.
   one = np.load(tmp_path / "one" / "indices_0.npy")
@@ -140,7 +148,8 @@ def test_two_processes_equal_one(tmp_path):
   # Same logged losses, gradient norms, learning rates ... at every log step.
   two, gloo, plain = (_training_scalars(tmp_path / d) for d in
                       ("two/workdir", "one/workdir", "plain"))
-  assert {"loss", "grad_norm"} <= set(two) and set(two) == set(gloo) == set(plain)
+  assert {"loss", "grad_norm", "loss_per_segment/1"} <= set(two)
+  assert set(two) == set(gloo) == set(plain)
   steps = list(range(5, config.num_train_steps + 1, 5))
   for tag in two:
     assert [s for s, _ in two[tag]] == steps, tag
