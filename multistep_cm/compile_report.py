@@ -17,25 +17,19 @@ Printed per chip:
   * XLA's temporaries, outputs, the outputs aliased to donated arguments (the new state
     reuses the old state's buffers), and the program itself;
   * total = arguments + temporaries + outputs - aliased + program, against the chip's HBM
-    (`hardware.chip_spec`); XLA's TPU compiler also refuses a step whose temporaries
-    alone exceed the HBM it can use (15.75 GiB of a 16 GiB v5e chip), reported as such;
-  * FLOPs per step, counted on the step's jaxpr (below), and XLA's own count;
+    (`hardware.chip_spec`). XLA's TPU compiler may also refuse a step outright when its
+    temporaries exceed the HBM it can use (15.75 GiB of a 16 GiB v5e chip): reported as
+    not fitting, with the bytes from XLA's message;
+  * FLOPs per step (below);
   * the MFU implied by a training speed: `--steps_per_sec`, by default the paper's
     (spec §7.3, measured on 64 v5e chips for small models and 256 for large ones).
 
-FLOPs. XLA's cost analysis counts the body of a `while` loop once, whatever its trip
-count, and the UViT's mid stack is a scan of 16 blocks (`scan_blocks`), so its figure
-misses 15 of them (tests/test_compile_report.py shows it against an unrolled compile).
-The report therefore counts matmul and convolution FLOPs on the jaxpr itself, where a
-scan's body counts `length` times and convolutions count only taps that hit the image
-(not the padding):
-  * model FLOPs: the step's maths with `remat` off; the numerator of MFU, as usual
-    (e.g. PaLM, App. B), so recomputation is not counted as useful work;
+FLOPs are counted on the step's jaxpr (`flops.py`: XLA's cost analysis counts the
+scanned mid stack's body once, 1 of 16 blocks); XLA's own figure is shown beside them:
+  * model FLOPs: the step's maths, traced with `remat` off; the numerator of MFU, as
+    usual, so recomputation is not counted as useful work;
   * hardware FLOPs: with the configured remat, recomputed forwards included (HFU).
-Element-wise work (norms, activations, the optimiser) is left out of both; XLA counts
-it, so its figure for an unrolled step is a little higher.
 """
-import dataclasses
 import json
 import math
 import os
@@ -110,90 +104,6 @@ def topology_devices(name: str):
   return list(topology.devices), resolved
 
 
-# --- FLOPs on the jaxpr ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FlopCount:
-  flops: float = 0.0
-  exact: bool = True  # False once a while loop (unknown trip count) was counted once
-
-  def add(self, other: "FlopCount", times: float = 1.0):
-    self.flops += times * other.flops
-    self.exact &= other.exact
-
-
-def _valid_taps(size: int, window: int, stride: int, pad: tuple[int, int], lhs_dilation: int,
-                rhs_dilation: int) -> int:
-  """(output position, kernel tap) pairs of one spatial axis that read a real input element."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  dilated = (size - 1) * lhs_dilation + 1
-  out = (dilated + pad[0] + pad[1] - (window - 1) * rhs_dilation - 1) // stride + 1
-  pos = (np.arange(max(out, 0))[:, None] * stride + np.arange(window)[None, :] * rhs_dilation
-         - pad[0])
-  real = (pos >= 0) & (pos < dilated) & (pos % lhs_dilation == 0)
-  return int(real.sum())
-
-
-def _conv_flops(eqn) -> float:
-  lhs, rhs = (v.aval for v in eqn.invars[:2])
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
-  pairs = 1
-  for i, (ls, rs) in enumerate(zip(lhs_spatial, rhs_spatial)):
-    pairs *= _valid_taps(lhs.shape[ls], rhs.shape[rs], p["window_strides"][i], p["padding"][i],
-                         p["lhs_dilation"][i], p["rhs_dilation"][i])
-  out = eqn.outvars[0].aval
-  out_batch, out_features = out.shape[dn.out_spec[0]], out.shape[dn.out_spec[1]]
-  in_features_per_group = rhs.shape[dn.rhs_spec[1]]
-  return 2.0 * out_batch * out_features * in_features_per_group * pairs
-
-
-def _dot_flops(eqn) -> float:
-  lhs = eqn.invars[0].aval
-  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-      lhs.shape[d] for d in lhs_contract)
-
-
-def _sub_jaxprs(value):
-  from jax.extend import core  # pylint: disable=g-import-not-at-top
-  if isinstance(value, core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
-def count_flops(jaxpr) -> FlopCount:
-  """Matmul and convolution FLOPs of a (closed) jaxpr, scans counted `length` times."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  count = FlopCount()
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      count.flops += _dot_flops(eqn)
-    elif name == "conv_general_dilated":
-      count.flops += _conv_flops(eqn)
-    elif name == "scan":
-      count.add(count_flops(eqn.params["jaxpr"]), eqn.params["length"])
-    elif name == "cond":  # one branch runs: the dearest bounds it
-      branches = [count_flops(b) for b in eqn.params["branches"]]
-      count.add(max(branches, key=lambda c: c.flops))
-    elif name == "while":
-      count.add(count_flops(eqn.params["body_jaxpr"]))
-      count.add(count_flops(eqn.params["cond_jaxpr"]))
-      count.exact = False
-    else:  # pjit, remat, custom_jvp/vjp calls, shard_map: their bodies run once
-      for value in eqn.params.values():
-        for sub in _sub_jaxprs(value):
-          count.add(count_flops(sub))
-  return count
-
-
 # --- the report --------------------------------------------------------------------------------
 
 
@@ -226,16 +136,6 @@ def _with_model(config, **overrides):
   return config
 
 
-def _trace(builder):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from multistep_cm.models import partitioning  # pylint: disable=g-import-not-at-top
-  # As `StepBuilder.lower`: under the mesh and the logical rules.
-  with jax.set_mesh(builder.mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-    return builder.step_fn.trace(builder.layout.abstract, builder.abstract_batch,
-                                 builder.teacher_abstract)
-
-
 def build_report(config, topology: str = "cpu", steps_per_sec: float | None = None
                  ) -> dict[str, Any]:
   """Compiles the step of `config` for `topology` and returns the report as a dict.
@@ -243,12 +143,11 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
   Raises:
     config_checks.ConfigError: the config does not fit the topology (mesh, batch).
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from multistep_cm import config_checks  # pylint: disable=g-import-not-at-top
+  from multistep_cm import flops  # pylint: disable=g-import-not-at-top
   from multistep_cm import hardware  # pylint: disable=g-import-not-at-top
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
-  from multistep_cm.models import partitioning  # pylint: disable=g-import-not-at-top
 
   devices, resolved = topology_devices(topology)
   num_chips = len(devices)
@@ -263,16 +162,15 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
 
   t0 = time.time()
   builder = train.StepBuilder(config, devices=devices)
-  traced = _trace(builder)
-  hardware_flops = count_flops(traced.jaxpr)
+  traced = builder.trace()
+  hardware_flops = flops.count_flops(traced.jaxpr)
   model = config.model.to_dict()
   if model.get("remat"):
-    model_flops = count_flops(_trace(train.StepBuilder(
-        _with_model(config, remat=False), devices=devices)).jaxpr)
+    model_flops = flops.count_flops(train.StepBuilder(
+        _with_model(config, remat=False), devices=devices).trace().jaxpr)
   else:
     model_flops = hardware_flops
-  with jax.set_mesh(builder.mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-    lowered = traced.lower()
+  lowered = builder.lower(traced)
   t_lower = time.time() - t0
 
   state = builder.layout.abstract

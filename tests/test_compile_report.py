@@ -16,6 +16,7 @@ import pytest
 
 from multistep_cm import compile_report
 from multistep_cm import config_base
+from multistep_cm import flops
 from multistep_cm import hardware
 from multistep_cm import train
 
@@ -48,13 +49,13 @@ def test_topology_names():
 
 
 def test_scan_bodies_count_length_times_where_xla_counts_them_once():
-  """The reason the report counts FLOPs itself (module docstring)."""
+  """The reason the report counts FLOPs itself (flops.py)."""
   m, k, length = 8, 64, 5
   x, w = jnp.ones((m, k)), jnp.ones((k, k))
   matmul = 2 * m * k * k
   for fn in (_scanned_matmuls, _unrolled_matmuls):
     jaxpr = jax.make_jaxpr(fn, static_argnums=2)(x, w, length)
-    assert compile_report.count_flops(jaxpr).flops == length * matmul
+    assert flops.count_flops(jaxpr).flops == length * matmul
   # XLA: every matmul unrolled (plus one FLOP per tanh element), the scan's just once.
   unrolled = _xla_flops(lambda x, w: _unrolled_matmuls(x, w, length), x, w)
   scanned = _xla_flops(lambda x, w: _scanned_matmuls(x, w, length), x, w)
@@ -70,7 +71,7 @@ def test_convolution_flops_count_taps_on_the_image(size, padding):
   fn = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding)
   taps = jax.lax.conv_general_dilated(jnp.ones((1, 1, size, size)), jnp.ones((1, 1, 3, 3)),
                                       (1, 1), padding).sum()  # sum over outputs of real taps
-  got = compile_report.count_flops(jax.make_jaxpr(fn)(x, w)).flops
+  got = flops.count_flops(jax.make_jaxpr(fn)(x, w)).flops
   assert got == 2 * 2 * 5 * 3 * float(taps)
   assert got == pytest.approx(_xla_flops(fn, x, w), rel=0.02)
 
@@ -81,8 +82,7 @@ def test_model_flops_do_not_depend_on_scanning_and_remat_adds_hardware_flops():
     config.batch_size, config.mesh.data, config.mesh.fsdp = 16, 2, 4
     for key, value in model.items():
       config.model[key] = value
-    return compile_report.count_flops(
-        compile_report._trace(train.StepBuilder(config)).jaxpr)  # pylint: disable=protected-access
+    return flops.count_flops(train.StepBuilder(config).trace().jaxpr)
   scanned = counts(scan_blocks=True, mid_blocks=3)
   assert scanned.exact and scanned.flops > 0
   assert counts(scan_blocks=False, mid_blocks=3).flops == scanned.flops
