@@ -12,6 +12,7 @@
 5. The loop: input -> step; device values are fetched only at log steps; sample grids,
    checkpoints, SIGTERM/preemption handling at their intervals.
 """
+import contextlib
 import dataclasses
 import functools
 import os
@@ -33,6 +34,7 @@ import optax
 from multistep_cm import checkpointing
 from multistep_cm import config_checks
 from multistep_cm import denoiser
+from multistep_cm import flops
 from multistep_cm import hardware
 from multistep_cm import models
 from multistep_cm import optim
@@ -259,17 +261,32 @@ class StepBuilder:
         out_shardings=(self.layout.shardings, sharding_lib.replicated(self.mesh)),
         donate_argnums=(0,))
 
-  def lower(self):
-    """The lowered step; under the mesh and the logical rules, so the models' batch-axis
-    activation constraints take effect."""
+  @contextlib.contextmanager
+  def _rules(self):
+    """The mesh and the logical rules, so the models' batch-axis activation constraints
+    take effect."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-      return self.step_fn.lower(self.layout.abstract, self.abstract_batch,
+      yield
+
+  def trace(self):
+    with self._rules():
+      return self.step_fn.trace(self.layout.abstract, self.abstract_batch,
                                 self.teacher_abstract)
 
+  def lower(self, traced=None):
+    """The lowered step (of `traced`, a `trace()` result, to save tracing again)."""
+    with self._rules():
+      return (self.trace() if traced is None else traced).lower()
+
   def compile(self):
-    """`(compiled step, FLOPs per device per step)`."""
-    compiled = self.lower().compile()
-    return compiled, cost_flops(compiled)
+    """`(compiled step, FLOPs per device per step)`.
+
+    FLOPs of matmuls and convolutions counted on the jaxpr (flops.py: XLA's cost
+    analysis counts the scanned mid stack once); with remat, recomputation included.
+    """
+    traced = self.trace()
+    compiled = self.lower(traced).compile()
+    return compiled, flops.count_flops(traced.jaxpr).flops / self.mesh.size
 
 
 # --- sampling for the logs ---------------------------------------------------------------------
