@@ -64,49 +64,63 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(workdir, teacher, num_processes: int, devices_per_process: int, record_dir):
-  """Runs the main job as `num_processes` OS processes on one coordinator; waits for all.
+class MainJob:
+  """The main job as `num_processes` OS processes on one coordinator (`with` starts them).
 
-  A process that fails or outlives TIMEOUT_S gets the others killed (they would
-  wait for it in a collective forever), and the error names each process's exit
-  code and the end of its log.
+  `wait()` returns once all exited 0. A process that fails, or outlives TIMEOUT_S, gets
+  the others killed (they would wait for it in a collective forever), and the error
+  names each process's exit code and the end of its log; leaving the `with` block
+  early (an exception elsewhere) kills them too.
   """
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-             PYTHONPATH=REPO, MCM_RECORD_DIR=str(record_dir))
-  flags = [f"--config={CONFIG}:teacher={teacher}", f"--workdir={workdir}",
-           *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
-           f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}"]
-  procs, logs = [], []
-  try:
-    for i in range(num_processes):
-      log = open(os.path.join(record_dir, f"process_{i}.log"), "w+")
-      logs.append(log)
-      procs.append(subprocess.Popen([sys.executable, WORKER, *flags, f"--process_id={i}"],
-                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    while any(p.poll() is None for p in procs):
-      failed = any(p.poll() not in (None, 0) for p in procs)
-      if failed or time.monotonic() > deadline:
+
+  def __init__(self, workdir, teacher, num_processes: int, devices_per_process: int,
+               record_dir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+               PYTHONPATH=REPO, MCM_RECORD_DIR=str(record_dir))
+    flags = [f"--config={CONFIG}:teacher={teacher}", f"--workdir={workdir}",
+             *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+             f"--coordinator_address=localhost:{_free_port()}",
+             f"--num_processes={num_processes}"]
+    self.commands = [[sys.executable, WORKER, *flags, f"--process_id={i}"]
+                     for i in range(num_processes)]
+    self.env, self.record_dir = env, record_dir
+    self.procs, self.logs = [], []
+
+  def __enter__(self):
+    self.deadline = time.monotonic() + TIMEOUT_S
+    for i, command in enumerate(self.commands):
+      self.logs.append(open(os.path.join(self.record_dir, f"process_{i}.log"), "w+"))
+      self.procs.append(subprocess.Popen(command, cwd=REPO, env=self.env, stdout=self.logs[-1],
+                                         stderr=subprocess.STDOUT))
+    return self
+
+  def wait(self):
+    while any(p.poll() is None for p in self.procs):
+      if any(p.poll() not in (None, 0) for p in self.procs) or time.monotonic() > self.deadline:
         break
       time.sleep(0.5)
-  finally:
-    for p in procs:
+    self._stop()
+    codes = [p.returncode for p in self.procs]
+    if any(codes):
+      report = []
+      for i, log in enumerate(self.logs):
+        log.seek(0)
+        report.append(f"--- process {i} (exit {codes[i]}) ---\n{log.read()[-3000:]}")
+      raise AssertionError(f"{len(codes)} processes, exit codes {codes} (negative: killed "
+                           f"after a failure elsewhere or the {TIMEOUT_S}s timeout)\n"
+                           + "\n".join(report))
+
+  def _stop(self):
+    for p in self.procs:
       if p.poll() is None:
         p.kill()
       p.wait()
-  codes = [p.returncode for p in procs]
-  if codes != [0] * num_processes:
-    report = []
-    for i, log in enumerate(logs):
-      log.seek(0)
-      report.append(f"--- process {i} (exit {codes[i]}) ---\n{log.read()[-3000:]}")
-    raise AssertionError(f"{num_processes} processes, exit codes {codes} (a negative code: "
-                         f"killed after a failure elsewhere or the {TIMEOUT_S}s timeout)\n"
-                         + "\n".join(report))
-  for log in logs:
-    log.close()
+
+  def __exit__(self, *exc):
+    self._stop()
+    for log in self.logs:
+      log.close()
 
 
 def _restore_state(workdir, builder):
@@ -130,10 +144,13 @@ def test_two_processes_equal_one(tmp_path):
   train.train_and_evaluate(teacher_config, teacher)  # in this process: 8 devices
   (tmp_path / "two").mkdir()
   (tmp_path / "one").mkdir()
-  run_processes(tmp_path / "two" / "workdir", teacher, 2, 4, tmp_path / "two")
-  run_processes(tmp_path / "one" / "workdir", teacher, 1, 8, tmp_path / "one")
   config = _config(teacher)
-  train.train_and_evaluate(config, str(tmp_path / "plain"))
+  # All three runs at once: the plain one here, while the others run as processes.
+  with MainJob(tmp_path / "two" / "workdir", teacher, 2, 4, tmp_path / "two") as two_job, \
+       MainJob(tmp_path / "one" / "workdir", teacher, 1, 8, tmp_path / "one") as one_job:
+    train.train_and_evaluate(config, str(tmp_path / "plain"))
+    two_job.wait()
+    one_job.wait()
 
   # Each process read its own half of every global batch, and nothing else.
   one = np.load(tmp_path / "one" / "indices_0.npy")
