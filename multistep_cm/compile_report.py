@@ -40,7 +40,15 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import jax
+from jax.experimental import topologies
+import ml_collections
 from ml_collections import config_flags
+
+from multistep_cm import config_checks
+from multistep_cm import flops
+from multistep_cm import hardware
+from multistep_cm import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -80,14 +88,13 @@ def topology_name(name: str) -> str:
   match = re.fullmatch(r"(v5e|v5litepod|v6e)-(\d+)", name)
   if not match or int(match.group(2)) not in _SLICE_SHAPES:
     raise TopologyError(f"--topology={name!r}: expected v5e-N or v6e-N with N in "
-                     f"{sorted(_SLICE_SHAPES)}, a libtpu name like v5e:8x8, or cpu")
+                        f"{sorted(_SLICE_SHAPES)}, a libtpu name like v5e:8x8, or cpu")
   generation = "v6e" if match.group(1) == "v6e" else "v5e"
   return f"{generation}:{_SLICE_SHAPES[int(match.group(2))]}"
 
 
 def topology_devices(name: str):
   """The (compile-only, for TPU) devices of a topology, and its libtpu name."""
-  import jax  # pylint: disable=g-import-not-at-top
   if name == "cpu":
     return jax.devices(), "cpu"
   resolved = topology_name(name)
@@ -95,7 +102,6 @@ def topology_devices(name: str):
   # (absent) TPU VM metadata and let another process hold libtpu at the same time.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     topology = topologies.get_topology_desc(topology_name=resolved, platform="tpu")
   except (RuntimeError, ValueError) as e:  # JaxRuntimeError is a RuntimeError
@@ -109,7 +115,6 @@ def topology_devices(name: str):
 
 def _shard_bytes(tree) -> int:
   """Bytes per device of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-  import jax  # pylint: disable=g-import-not-at-top
   total = 0
   for leaf in jax.tree.leaves(tree):
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -128,10 +133,9 @@ def _oom_bytes(message: str) -> dict[str, float]:
           "available": float(found.group(3)) * unit[found.group(4)]}
 
 
-def _with_model(config, **overrides):
-  import ml_collections  # pylint: disable=g-import-not-at-top
+def _copy(config, **model_overrides):
   config = ml_collections.ConfigDict(config.to_dict())
-  for key, value in overrides.items():
+  for key, value in model_overrides.items():
     config.model[key] = value
   return config
 
@@ -143,16 +147,11 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
   Raises:
     config_checks.ConfigError: the config does not fit the topology (mesh, batch).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from multistep_cm import config_checks  # pylint: disable=g-import-not-at-top
-  from multistep_cm import flops  # pylint: disable=g-import-not-at-top
-  from multistep_cm import hardware  # pylint: disable=g-import-not-at-top
-  from multistep_cm import train  # pylint: disable=g-import-not-at-top
 
   devices, resolved = topology_devices(topology)
   num_chips = len(devices)
   num_hosts = len({d.process_index for d in devices})
-  config = _with_model(config)
+  config = _copy(config)
   mode = config.loss.mode
   if mode in ("cd", "direct") and not config.teacher_checkpoint:
     config.teacher_checkpoint = "(not loaded: compile report)"  # only its shapes are used
@@ -167,7 +166,7 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
   model = config.model.to_dict()
   if model.get("remat"):
     model_flops = flops.count_flops(train.StepBuilder(
-        _with_model(config, remat=False), devices=devices).trace().jaxpr)
+        _copy(config, remat=False), devices=devices).trace().jaxpr)
   else:
     model_flops = hardware_flops
   lowered = builder.lower(traced)
@@ -185,7 +184,8 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
       "config": config.model.preset, "mode": mode, "batch_size": config.batch_size,
       "topology": resolved, "chips": num_chips, "hosts": num_hosts, "device_kind": kind,
       "mesh": dict(builder.mesh.shape),
-      "model": {k: model.get(k) for k in ("dtype", "remat", "remat_policy", "scan_blocks")},
+      "model": {k: model[k] for k in ("dtype", "remat", "remat_policy", "scan_blocks")
+                if k in model},
       "hbm_bytes": chip[2] if chip else None, "peak_flops": chip[1] if chip else None,
       "args_bytes": args, "lower_s": t_lower,
       "model_flops_per_chip": model_flops.flops / num_chips,
@@ -231,7 +231,11 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
 
 def format_report(r: dict[str, Any]) -> str:
   """The report as an aligned, human-readable table."""
-  gib = lambda b: f"{b / 2**30:8.3f} GiB"
+  def gib(b):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+      if abs(b) >= scale / 10:
+        return f"{b / scale:8.3f} {unit}"
+    return f"{b / 2**10:8.3f} KiB"
   lines = [f"{r['config']} {r['mode']}, batch {r['batch_size']} on {r['topology']} "
            f"({r['chips']} x {r['device_kind']}, {r['hosts']} hosts), mesh {r['mesh']}",
            f"model: {r['model']}", "per chip:"]
@@ -254,7 +258,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  DOES NOT FIT (XLA refused to compile{need})")
   exact = "" if r["flops_exact"] else " (a while loop counted once: a lower bound)"
   lines += [f"  {'model FLOPs/step':<23}{r['model_flops_per_chip']:.4g}{exact}",
-            f"  {'hardware FLOPs/step':<23}{r['hardware_flops_per_chip']:.4g} (with remat)"]
+            f"  {'hardware FLOPs/step':<23}{r['hardware_flops_per_chip']:.4g}"
+            + (" (with remat's recomputation)" if r["model"].get("remat") else "")]
   if "xla_flops_per_chip" in r:
     lines.append(f"  {'XLA FLOPs/step':<23}{r['xla_flops_per_chip']:.4g} (scan bodies once)")
   if r.get("mfu") is not None:
@@ -267,7 +272,10 @@ def format_report(r: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from multistep_cm import config_checks  # pylint: disable=g-import-not-at-top
+  if not os.environ.get("JAX_PLATFORMS"):
+    # The step is compiled for the topology's devices: JAX itself runs on the CPU and
+    # must not claim an accelerator this host may have (e.g. a TPU VM in use).
+    jax.config.update("jax_platforms", "cpu")
   try:
     report = build_report(_CONFIG.value, _TOPOLOGY.value, _STEPS_PER_SEC.value)
   except (config_checks.ConfigError, TopologyError) as e:
@@ -282,6 +290,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Compile for a topology from a CPU host: JAX itself must not look for accelerators.
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   app.run(main)
