@@ -6,7 +6,10 @@
 Stage `teacher` is the digits diffusion model; stages `cd<S>` and `ct<S>` start from its
 EMA weights (as the paper's students start from the teacher, §7.1), and the CD stages
 distil it. Every stage trains for the same number of steps. Variants: size=8|16,
-steps=1/2/4/8 (the student step counts, '/'-separated), student_train_steps=N.
+steps=1/2/4/8 (the student step counts, '/'-separated), student_train_steps=N,
+anystep=segment_start|steps (issue #9: adds stage `cdany`, one CD model for all the step
+counts, conditioned on its segment layout and trained as long as the separate CD stages
+together; `evaluate` samples it at each count).
 """
 import ml_collections
 
@@ -14,7 +17,7 @@ from multistep_cm import config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, size=8, steps="1/2/4/8", student_train_steps=3000)
+  a = config_base.parse_arg(arg, size=8, steps="1/2/4/8", student_train_steps=3000, anystep="")
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
   c.stages.teacher = config_base.digits_config("diffusion", image_size=a.size)
@@ -26,5 +29,14 @@ def get_config(arg=None):
       stage.loss.anneal_steps = a.student_train_steps // 2
       c.stages[f"{mode}{s}"] = stage
       order.append(f"{mode}{s}")
+  if a.anystep:
+    counts = [int(v) for v in a.steps.split("/")]
+    stage = config_base.set_anystep(
+        config_base.digits_config("cd", max(counts), a.size, teacher="stage:teacher"),
+        counts, a.anystep)
+    stage.num_train_steps = a.student_train_steps * len(counts)
+    stage.loss.anneal_steps = stage.num_train_steps // 2
+    c.stages.cdany = stage
+    order.append("cdany")
   c.stage_order = tuple(order)
   return c

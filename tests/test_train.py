@@ -127,6 +127,25 @@ def test_staged_pipeline_config_wires_the_teacher(tmp_path):
   assert stage.teacher_checkpoint == str(tmp_path / "teacher") == stage.init_from
 
 
+@pytest.mark.parametrize("name,arg", [
+    ("digits_pipeline", None), ("digits_study", "anystep=segment_start,student_train_steps=10"),
+    ("digits_diffusion", None), ("digits_ct", "steps=2"), ("digits_cd", "teacher=/t"),
+    ("mixture_diffusion", None), ("mixture_cd", "teacher=/t"), ("mixture_ct", None),
+    ("mixture_direct", "teacher=/t"), ("imagenet64_diffusion", "size=large"),
+    ("imagenet128_diffusion", None), ("imagenet64_ct", "steps=16"),
+    ("imagenet64_cd", "size=large,teacher=/t"), ("imagenet128_ct", "size=large,steps=1"),
+    ("imagenet128_cd", "teacher=/t,guidance=0.5")])
+def test_every_shipped_config_validates(name, arg):
+  """Each config file (with the variants the README names) passes the checks on 8 devices."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  config_checks.validate_run(config, num_devices=8, num_processes=1)
+  if name == "digits_study":
+    any_step = config.stages.cdany
+    assert tuple(any_step.loss.anystep_counts) == (1, 2, 4, 8)
+    assert any_step.num_train_steps == 4 * config.stages.cd1.num_train_steps
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("batch_size", 12, "batch_size"),
     ("loss.mode", "pd", "loss.mode"),
