@@ -18,7 +18,7 @@
 Every model is trained with the main trainer's loss and step (`train.make_loss_fn`,
 `train.make_train_step`) from a mixture config (`config_base.mixture_config`), with
 fresh mixture samples drawn inside each compiled chunk of steps. Beyond the paper
-(issue #9): `--anystep=segment_start|steps` also trains one any-step model per mode
+(issue #9): `--anystep=segment_start|steps|none` also trains one any-step model per mode
 over all the S values (as many steps in total as the separate models together) and
 samples it at each S; `--boundaries=logsnr|karras` moves the segment boundaries.
 
@@ -58,9 +58,9 @@ _WEIGHTING = flags.DEFINE_enum("weighting", "snr_plus_one", list(losses.WEIGHTIN
                                "Loss weighting (see diffusion/losses.py).")
 _BOUNDARIES = flags.DEFINE_enum("boundaries", "uniform", list(segments.KINDS),
                                 "Segment boundaries (diffusion/segments.py).")
-_ANYSTEP = flags.DEFINE_enum("anystep", "", ["", "steps", "segment_start"],
+_ANYSTEP = flags.DEFINE_enum("anystep", "", ["", "steps", "segment_start", "none"],
                              "Also train one any-step model per mode, told its segment layout "
-                             "this way.")
+                             "this way ('none': not told; the grids are nested, the ablation).")
 _SKIP_SEPARATE = flags.DEFINE_bool("skip_separate", False, "With --anystep: only the any-step "
                                    "models.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
