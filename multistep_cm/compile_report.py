@@ -50,17 +50,7 @@ from multistep_cm import flops
 from multistep_cm import hardware
 from multistep_cm import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", "v5e-256", "TPU slice to compile for: v5e-N / v6e-N (N chips), "
-    "v5litepod-N, a libtpu topology name such as v5e:16x16, or 'cpu' for this host's "
-    "devices.")
-_STEPS_PER_SEC = flags.DEFINE_float(
-    "steps_per_sec", None, "Training speed for the implied MFU; default: the paper's "
-    "(spec §7.3) for the config's model and mode, on the paper's chip count.")
-_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
-flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
 
 # Spec §7.3: measured training speed (steps/s) on TPU v5e, batch 2048; small models on
 # 64 chips, large ones on 256.
@@ -269,6 +259,21 @@ def format_report(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def define_flags():
+  """The command's flags; defined when run as a command only, so that importing this module
+  (tests, notebooks) leaves absl's global flags alone (e.g. toy.py also defines --json)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string(
+      "topology", "v5e-256", "TPU slice to compile for: v5e-N / v6e-N (N chips), "
+      "v5litepod-N, a libtpu topology name such as v5e:16x16, or 'cpu' for this host's "
+      "devices.")
+  flags.DEFINE_float(
+      "steps_per_sec", None, "Training speed for the implied MFU; default: the paper's "
+      "(spec §7.3) for the config's model and mode, on the paper's chip count.")
+  flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
+  flags.mark_flags_as_required(["config"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -277,17 +282,18 @@ def main(argv):
     # must not claim an accelerator this host may have (e.g. a TPU VM in use).
     jax.config.update("jax_platforms", "cpu")
   try:
-    report = build_report(_CONFIG.value, _TOPOLOGY.value, _STEPS_PER_SEC.value)
+    report = build_report(FLAGS.config, FLAGS.topology, FLAGS.steps_per_sec)
   except (config_checks.ConfigError, TopologyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(format_report(report))
-  if _JSON.value:
-    with open(_JSON.value, "w") as fh:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as fh:
       json.dump(report, fh, indent=2, sort_keys=True)
   if report["fits"] is False:
     sys.exit(1)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
