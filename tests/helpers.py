@@ -13,6 +13,17 @@ from multistep_cm import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def set_keys(config, overrides):
+  """Sets `{dotted.key: value}` in `config`, as `--config.key=value` does; returns it."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 def tiny_digits(mode="diffusion", steps=40, **kw):
   c = config_base.digits_config(mode, student_steps=kw.pop("student_steps", 2),
                                 teacher=kw.pop("teacher", ""))

@@ -28,6 +28,7 @@ import pytest
 from multistep_cm import checkpointing
 from multistep_cm import train
 from helpers import read_scalars
+from helpers import set_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
@@ -48,14 +49,7 @@ TIMING_TAGS = ("steps_per_sec", "examples_per_sec", "tflops_per_device", "mfu", 
 
 def _config(teacher: str):
   from configs import mixture_cd  # pylint: disable=g-import-not-at-top
-  config = mixture_cd.get_config(f"teacher={teacher}")
-  for key, value in OVERRIDES.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return set_keys(mixture_cd.get_config(f"teacher={teacher}"), OVERRIDES)
 
 
 def _free_port() -> int:

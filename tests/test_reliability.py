@@ -30,6 +30,8 @@ from multistep_cm import train
 from multistep_cm.data import pipeline as pipeline_lib
 from multistep_cm.data import synthetic
 
+from helpers import set_keys
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny mixture run: a constant learning rate, so `num_train_steps` only says where to
@@ -59,14 +61,7 @@ def jax_cache(tmp_path_factory):
 def mixture(overrides, base=mixture_diffusion):
   """The mixture config (or `base`'s) with `{dotted.key: value}` overrides, as
   `--config.key=value` sets them."""
-  config = base.get_config()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_keys(base.get_config(), overrides)
 
 
 def main_command(workdir, overrides, config="configs/mixture_diffusion.py"):

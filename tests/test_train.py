@@ -18,6 +18,7 @@ from multistep_cm import train
 from helpers import abstract_params
 from helpers import read_scalars
 from helpers import run_main
+from helpers import set_keys
 from helpers import tiny_digits
 from helpers import tiny_mixture
 
@@ -155,12 +156,7 @@ def test_every_shipped_config_validates(name, arg):
     ("data.dataset", "cifar", "data.dataset"),
 ])
 def test_config_validation_names_the_key(key, value, match):
-  config = tiny_digits("ct", teacher="x")
-  node = config
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  config = set_keys(tiny_digits("ct", teacher="x"), {key: value})
   with pytest.raises(config_checks.ConfigError, match=match):
     config_checks.validate(config, num_devices=8, num_processes=1)
 
