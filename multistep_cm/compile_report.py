@@ -9,7 +9,7 @@ No TPU is needed: libtpu (`pip install -e '.[tpu]'`) compiles for a described sl
 (`jax.experimental.topologies`) while JAX runs on the CPU, so an out-of-memory step
 shows here before a pod is rented. `--topology=cpu` compiles for this host's devices
 instead (no libtpu; what the tests use). The step is the trainer's own
-(`train.StepBuilder`): same sharding rules, donation, remat and dtype settings.
+(`train_step.StepBuilder`): same sharding rules, donation, remat and dtype settings.
 
 Printed per chip:
   * arguments: train state (parameters, Adam moments, EMA), teacher parameters (cd and
@@ -24,8 +24,9 @@ Printed per chip:
   * the MFU implied by a training speed: `--steps_per_sec`, by default the paper's
     (spec §7.3, measured on 64 v5e chips for small models and 256 for large ones).
 
-FLOPs are counted on the step's jaxpr (`flops.py`: XLA's cost analysis counts the
-scanned mid stack's body once, 1 of 16 blocks); XLA's own figure is shown beside them:
+FLOPs are counted on the step's jaxpr (`flops.py`, the counter behind the trainer's
+logged MFU too: XLA's cost analysis counts the scanned mid stack's body once, 1 of 16
+blocks); XLA's own figure is shown beside them:
   * model FLOPs: the step's maths, traced with `remat` off; the numerator of MFU, as
     usual, so recomputation is not counted as useful work;
   * hardware FLOPs: with the configured remat, recomputed forwards included (HFU).
@@ -45,10 +46,11 @@ from jax.experimental import topologies
 import ml_collections
 from ml_collections import config_flags
 
+from multistep_cm import config_build
 from multistep_cm import config_checks
 from multistep_cm import flops
 from multistep_cm import hardware
-from multistep_cm import train
+from multistep_cm import train_step
 
 FLAGS = flags.FLAGS
 
@@ -123,13 +125,6 @@ def _oom_bytes(message: str) -> dict[str, float]:
           "available": float(found.group(3)) * unit[found.group(4)]}
 
 
-def _copy(config, **model_overrides):
-  config = ml_collections.ConfigDict(config.to_dict())
-  for key, value in model_overrides.items():
-    config.model[key] = value
-  return config
-
-
 def build_report(config, topology: str = "cpu", steps_per_sec: float | None = None
                  ) -> dict[str, Any]:
   """Compiles the step of `config` for `topology` and returns the report as a dict.
@@ -141,24 +136,19 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
   devices, resolved = topology_devices(topology)
   num_chips = len(devices)
   num_hosts = len({d.process_index for d in devices})
-  config = _copy(config)
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy: the teacher path is set
   mode = config.loss.mode
-  if mode in ("cd", "direct") and not config.teacher_checkpoint:
+  if config_build.needs_teacher(config) and not config.teacher_checkpoint:
     config.teacher_checkpoint = "(not loaded: compile report)"  # only its shapes are used
   config_checks.validate(config, num_devices=num_chips, num_processes=num_hosts)
   kind = devices[0].device_kind
   chip = hardware.chip_spec(kind)
 
   t0 = time.time()
-  builder = train.StepBuilder(config, devices=devices)
+  builder = train_step.StepBuilder(config, devices=devices)
   traced = builder.trace()
-  hardware_flops = flops.count_flops(traced.jaxpr)
+  model_flops, hardware_flops = builder.flops(traced)
   model = config.model.to_dict()
-  if model.get("remat"):
-    model_flops = flops.count_flops(train.StepBuilder(
-        _copy(config, remat=False), devices=devices).trace().jaxpr)
-  else:
-    model_flops = hardware_flops
   lowered = builder.lower(traced)
   t_lower = time.time() - t0
 
@@ -200,7 +190,7 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
     total = xla["argument"] + xla["temp"] + xla["output"] - xla["alias"] + xla["program"]
     report.update(xla_bytes=xla, total_bytes=total,
                   fits=None if not chip else total <= chip[2],
-                  xla_flops_per_chip=train.cost_flops(compiled))
+                  xla_flops_per_chip=flops.xla_flops(compiled))
 
   paper_key = (config.model.preset, mode)
   speed_chips = num_chips

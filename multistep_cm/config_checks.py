@@ -9,16 +9,16 @@ import math
 
 import jax
 
+from multistep_cm import config_build
 from multistep_cm import models
 from multistep_cm import optim
 from multistep_cm import sharding
 from multistep_cm.data import digits
-from multistep_cm.data import pipeline as pipeline_lib
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import schedules
 
-DATASETS = ("digits", "mixture") + tuple(pipeline_lib.TFDS_DATASETS)
+DATASETS = config_build.DATASETS
 NONFINITE = ("skip", "stop")
 
 
@@ -95,7 +95,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _one_of("loss.direct_x_var", lc.direct_x_var, losses.DIRECT_X_VAR_RULES)
   _one_of("schedule.name", config.schedule.name, schedules.NAMES)
   try:
-    schedules.get_schedule(config.schedule.name, **config.schedule.kwargs.to_dict())
+    config_build.get_schedule(config)
   except ValueError as e:
     raise ConfigError(f"config.schedule.kwargs: {e}") from None
   _one_of("sample_sampler", config.sample_sampler, sampling.SAMPLERS)
@@ -109,7 +109,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ConfigError(f"config.ema_decays must be a non-empty list of decays in [0, 1), got "
                       f"{tuple(config.ema_decays)}")
 
-  if lc.mode != "diffusion":
+  if config_build.is_student(config):
     s = lc.student_steps
     if s < 1 or lc.teacher_steps_end % s or s > lc.teacher_steps_start:
       raise ConfigError(
@@ -123,7 +123,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     if value != "params" and not (value.startswith("ema") and value[3:].isdigit()):
       raise ConfigError(f"config.{key} must be 'params' or an EMA name ('ema0', 'ema1', ...), "
                         f"got {value!r}")
-  if lc.mode in ("cd", "direct") and not config.teacher_checkpoint:
+  if config_build.needs_teacher(config) and not config.teacher_checkpoint:
     raise ConfigError(f"config.teacher_checkpoint must name a diffusion run's workdir or "
                       f"checkpoint for loss.mode={lc.mode!r}")
   if lc.guidance_scale and not config.data.num_classes:
@@ -133,6 +133,6 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _one_of("model.preset", config.model.preset, sorted(models.PRESETS))
   _check_image_size(config)
   try:
-    models.get_model_for_config(config)
+    config_build.get_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None

@@ -1,5 +1,10 @@
 """FLOPs of a traced program, counted on its jaxpr: matmuls and convolutions.
 
+The one FLOP counter of the package: the trainer's logged MFU
+(`train_step.StepBuilder.flops`), the compile report and the model summary all count
+with `count_flops`. `xla_flops` reads XLA's own figure, which the compile report and
+the tests show beside it for comparison only.
+
 Why not XLA's cost analysis: it counts the body of a `while` loop once, whatever its
 trip count, and the UViT's mid stack is a scan of 16 blocks (`scan_blocks`), so the
 compiled step of a scanned model reports 15 blocks too few
@@ -99,3 +104,15 @@ def count_flops(jaxpr) -> FlopCount:
         for sub in _sub_jaxprs(value):
           count.add(count_flops(sub))
   return count
+
+
+def xla_flops(compiled_or_lowered) -> float:
+  """XLA's cost-analysis FLOPs: per device of a compiled SPMD program, global of a lowered one.
+
+  For comparison only (see the module docstring): a loop body counts once, and
+  element-wise work counts too.
+  """
+  cost = compiled_or_lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", 0.0)) if cost else 0.0

@@ -17,7 +17,9 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
+from multistep_cm import config_build
 from multistep_cm import denoiser
+from multistep_cm import sharding
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import solvers
 
@@ -61,12 +63,11 @@ class SamplerSpec:
 def spec_for_config(config, student_steps: int | None = None) -> SamplerSpec:
   """The sampler a run uses for its own grids and evals: the student's S (or, for any-step
   runs, `student_steps`, default the largest), or the configured diffusion sampler."""
-  if config.loss.mode == "diffusion":
+  if not config_build.is_student(config):
     return SamplerSpec(config.sample_sampler, int(config.sample_steps))
-  from multistep_cm import train  # pylint: disable=g-import-not-at-top
-  counts = tuple(config.loss.anystep_counts) or (int(config.loss.student_steps),)
+  counts = config_build.step_counts(config)
   s = max(counts) if student_steps is None else int(student_steps)
-  bounds = tuple(train.trained_boundaries(config, train.get_schedule(config))[str(s)])
+  bounds = tuple(config_build.trained_boundaries(config)[str(s)])
   return SamplerSpec("mcm", s, boundaries=bounds,
                      step_index=counts.index(s) if len(counts) > 1 else 0)
 
@@ -115,7 +116,7 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
     progress: show a progress bar.
   """
   if mesh is None:
-    mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+    mesh = sharding.data_mesh()
   num_devices = mesh.devices.size
   batch_size = _round_up(min(batch_size, _round_up(num_samples, num_devices)), num_devices)
   num_batches = int(math.ceil(num_samples / batch_size))
@@ -176,73 +177,3 @@ def estimate_table(model, params, schedule, data, labels=None, seed: int = 0,
   return jax.jit(lambda x: solvers.estimate_x_var_table(
       f, x, jax.random.PRNGKey(seed), schedule, num_points=num_points, eta=eta))(
           jnp.asarray(data))
-
-
-def to_uint8(samples: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8 images (round to nearest, clip)."""
-  return np.clip(np.round((np.asarray(samples) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H, cols*W, C] grid, as square as fits."""
-  images = to_uint8(images)
-  n, h, w, c = images.shape
-  cols = int(np.ceil(np.sqrt(n)))
-  rows = int(np.ceil(n / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i, img in enumerate(images):
-    r, q = divmod(i, cols)
-    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-  return grid
-
-
-def save_png(grid: np.ndarray, path: str):
-  """Writes a uint8 grid as PNG; `path` may be local or on GCS."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with epath.Path(path).open("wb") as fh:
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(fh, format="PNG")
-
-
-# --- what the sample CLI asks for ----------------------------------------------------------
-
-
-def sampler_spec(run, steps: int, sampler: str | None, x_var: str, guidance: float):
-  """The SamplerSpec for a run and the command line; ValueError on a mismatch."""
-  if run.student_steps is not None:
-    counts = run.step_counts
-    if len(counts) > 1 and steps not in counts:
-      raise ValueError(f"{run.workdir} is an any-step Multistep CM for {counts} steps; pass "
-                       f"--steps with one of them")
-    if len(counts) == 1 and steps and steps != counts[0]:
-      raise ValueError(f"{run.workdir} is a {counts[0]}-step Multistep CM; --steps="
-                       f"{steps} does not match it (omit --steps)")
-    if sampler:
-      raise ValueError("--sampler applies to diffusion runs; a Multistep CM samples with DDIM "
-                       "between its segment boundaries (Algorithm 2)")
-    s = steps or counts[0]
-    return SamplerSpec("mcm", s, guidance=guidance, boundaries=run.boundaries(s),
-                       step_index=counts.index(s))
-  return SamplerSpec(sampler or run.config.sample_sampler,
-                                steps or int(run.config.sample_steps), x_var, guidance)
-
-
-def parse_labels(text: str, num: int, num_classes: int):
-  if not num_classes or text == "random":
-    return None
-  ids = [int(v) for v in text.split(",") if v.strip()]
-  bad = [i for i in ids if not 0 <= i < num_classes]
-  if not ids or bad:
-    raise ValueError(f"--labels must be 'random' or class ids in [0, {num_classes}), got "
-                     f"{text!r}")
-  return np.resize(np.asarray(ids, np.int32), num)
-
-
-def table_data(run, num_examples: int, seed: int):
-  """Training examples (and labels) for the aDDIM x_var table."""
-  from multistep_cm import train  # pylint: disable=g-import-not-at-top
-  source = train.make_source(run.config)
-  rng = np.random.default_rng(seed)
-  idx = np.sort(rng.choice(len(source), min(num_examples, len(source)), replace=False))
-  batch = source.get(idx)
-  return batch[train.data_key(batch)], batch.get("label")

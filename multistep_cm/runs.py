@@ -1,7 +1,10 @@
 """A trained run, read back from its workdir: the resolved config, the model and one weight set.
 
 Every run's workdir holds `config.json` (written by the trainer) and
-`checkpoints/`; the sampling and evaluation commands start from here.
+`checkpoints/`; the sampling and evaluation commands start from here. A `Run` also
+says how it samples (`sampler_spec`: a student's own step counts and the segment
+boundaries stored in its checkpoint) and reads its own training examples (for aDDIM's
+x_var table).
 """
 import dataclasses
 import json
@@ -10,9 +13,13 @@ import os
 import jax
 import ml_collections
 from etils import epath
+import numpy as np
 
 from multistep_cm import checkpointing
+from multistep_cm import config_build
+from multistep_cm import generation
 from multistep_cm import models
+from multistep_cm import sharding
 from multistep_cm.diffusion import schedules
 from multistep_cm.models import partitioning
 
@@ -36,15 +43,12 @@ class Run:
   @property
   def student_steps(self) -> int | None:
     """S for a Multistep CM run (the largest for an any-step run), None for diffusion."""
-    return None if self.mode == "diffusion" else int(self.config.loss.student_steps)
+    return int(self.config.loss.student_steps) if config_build.is_student(self.config) else None
 
   @property
   def step_counts(self) -> tuple[int, ...]:
     """The step counts the student can sample with: its S, or an any-step run's set."""
-    if self.mode == "diffusion":
-      return ()
-    return tuple(int(s) for s in self.config.loss.get("anystep_counts", ())) or (
-        self.student_steps,)
+    return config_build.step_counts(self.config)
 
   def boundaries(self, student_steps: int) -> tuple[float, ...]:
     """The segment boundaries S was trained with, as stored in the checkpoint."""
@@ -52,6 +56,40 @@ class Run:
     if stored is None:  # checkpoints written before boundaries were stored: equal segments
       return tuple(float(k) / student_steps for k in range(student_steps + 1))
     return tuple(stored)
+
+  def sampler_spec(self, steps: int = 0, sampler: str | None = None, x_var: str = "analytic",
+                   guidance: float = 0.0) -> generation.SamplerSpec:
+    """The sampler for this run and a command line's choices (0 / None: the run's own).
+
+    Raises:
+      ValueError: the choices do not fit the run (a step count the student was not
+        trained for, a diffusion sampler for a student).
+    """
+    if self.student_steps is None:
+      return generation.SamplerSpec(sampler or self.config.sample_sampler,
+                                    steps or int(self.config.sample_steps), x_var, guidance)
+    counts = self.step_counts
+    if len(counts) > 1 and steps not in counts:
+      raise ValueError(f"{self.workdir} is an any-step Multistep CM for {counts} steps; pass "
+                       f"--steps with one of them")
+    if len(counts) == 1 and steps and steps != counts[0]:
+      raise ValueError(f"{self.workdir} is a {counts[0]}-step Multistep CM; --steps="
+                       f"{steps} does not match it (omit --steps)")
+    if sampler:
+      raise ValueError("--sampler applies to diffusion runs; a Multistep CM samples with DDIM "
+                       "between its segment boundaries (Algorithm 2)")
+    s = steps or counts[0]
+    return generation.SamplerSpec("mcm", s, guidance=guidance, boundaries=self.boundaries(s),
+                                  step_index=counts.index(s))
+
+  def training_examples(self, num_examples: int, seed: int):
+    """`(data, labels or None)`: up to `num_examples` distinct training examples, drawn with
+    `seed` (for aDDIM's x_var table)."""
+    source = config_build.make_source(self.config)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(source), min(num_examples, len(source)), replace=False))
+    batch = source.get(idx)
+    return batch[config_build.data_key(self.config)], batch.get("label")
 
   @property
   def name(self) -> str:
@@ -95,11 +133,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str, weights: str = "ema0", step: int | None = None, mesh=None) -> Run:
   """Loads the config and one set of weights (replicated over `mesh`, default all devices)."""
   config = load_config(workdir)
-  model = models.get_model_for_config(config)
-  schedule = schedules.get_schedule(config.schedule.name, **config.schedule.kwargs.to_dict())
-  if mesh is None:
-    mesh = jax.sharding.Mesh(jax.devices(), ("data",))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  model = config_build.get_model(config)
+  schedule = config_build.get_schedule(config)
+  replicated = sharding.replicated(sharding.data_mesh() if mesh is None else mesh)
   boxed = models.abstract_variables(model)["params"]
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                           partitioning.unbox(boxed))

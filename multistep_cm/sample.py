@@ -41,18 +41,32 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
+def parse_labels(text: str, num: int, num_classes: int) -> np.ndarray | None:
+  """`--labels`: None for random classes (or an unconditional model), else `num` class ids
+  cycling through the given list."""
+  if not num_classes or text == "random":
+    return None
+  ids = [int(v) for v in text.split(",") if v.strip()]
+  bad = [i for i in ids if not 0 <= i < num_classes]
+  if not ids or bad:
+    raise ValueError(f"--labels must be 'random' or class ids in [0, {num_classes}), got "
+                     f"{text!r}")
+  return np.resize(np.asarray(ids, np.int32), num)
+
+
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from multistep_cm import generation  # pylint: disable=g-import-not-at-top
+  from multistep_cm import images  # pylint: disable=g-import-not-at-top
   from multistep_cm import runs  # pylint: disable=g-import-not-at-top
 
   run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
-  spec = generation.sampler_spec(run, _STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value)
-  labels = generation.parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
+  spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value)
+  labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
   table = None
   if spec.kind == "addim" and spec.x_var == "table":
-    data, data_labels = generation.table_data(run, _TABLE_EXAMPLES.value, _SEED.value)
+    data, data_labels = run.training_examples(_TABLE_EXAMPLES.value, _SEED.value)
     table = generation.estimate_table(run.model, run.params, run.schedule, data, data_labels,
                                       seed=_SEED.value, eta=float(run.config.loss.eta))
   logging.info("Sampling %d from %s (%s) with %s", _NUM.value, run.workdir,
@@ -67,7 +81,7 @@ def main(argv):
               "seed": _SEED.value, "num_samples": _NUM.value, "mode": run.mode}
   out = {"metadata": np.asarray(json.dumps(metadata))}
   if samples.ndim == 4:
-    out["images"] = generation.to_uint8(samples)
+    out["images"] = images.to_uint8(samples)
   else:
     out["x"] = samples.astype(np.float32)
   out["labels"] = (labels if labels is not None else np.full(len(samples), -1)).astype(np.int32)
@@ -75,7 +89,7 @@ def main(argv):
   np.savez(_OUTPUT.value, **out)
   if samples.ndim == 4:
     png = os.path.splitext(_OUTPUT.value)[0] + ".png"
-    generation.save_png(generation.image_grid(samples[:100]), png)
+    images.save_png(images.image_grid(samples[:100]), png)
   print(f"wrote {_OUTPUT.value}: {len(samples)} samples from {run.workdir} "
         f"({run.describe_weights()}; {spec.describe()}; seed {_SEED.value})")
 

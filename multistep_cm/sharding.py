@@ -1,12 +1,20 @@
-"""The device mesh and the shardings of the train state and batches.
+"""The device meshes and the shardings of the train state and batches.
 
-The mesh has two axes, ('data', 'fsdp'): the batch is split over both (every
-device holds a slice of it) and parameters, EMA copies and optimiser moments are
-sharded over 'fsdp' by the models' logical axis rules (models/partitioning.py).
-`fsdp = 1` is plain data parallelism; `data = 1` is full FSDP.
+The trainer's mesh (`make_mesh`) has two axes, ('data', 'fsdp'): the batch is split
+over both (every device holds a slice of it) and parameters, EMA copies and optimiser
+moments are sharded over 'fsdp' by the models' logical axis rules
+(models/partitioning.py). `fsdp = 1` is plain data parallelism; `data = 1` is full
+FSDP. Samplers and the FID statistics, which replicate their parameters, split their
+batch over `data_mesh`, one 'data' axis over every device.
+
+Every axis is of type `AxisType.Auto`: the layers leave it to XLA's sharding
+propagation to all-gather FSDP-sharded weights. With `Explicit` axes (the default of
+`jax.make_mesh` in recent JAX) a matmul between a batch-sharded activation and an
+'fsdp'-sharded kernel is a type error.
 """
 import jax
 from jax.experimental import mesh_utils
+from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -34,6 +42,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
+  """The ('data', 'fsdp') mesh of `config.mesh` over `devices` (default: all of them)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   try:
@@ -41,7 +50,14 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   except (ValueError, AssertionError, NotImplementedError):
     # Physical-topology placement is only known for TPUs and GPUs; fall back to id order.
     grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(grid, MESH_AXES)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_mesh(devices=None) -> Mesh:
+  """One 'data' axis over `devices` (default: all of them): for batch-parallel work with
+  replicated parameters (sampling, FID statistics)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices, dtype=object), ("data",), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

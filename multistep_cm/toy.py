@@ -15,12 +15,13 @@
    same noise. Reference rows give the teacher's own samplers and the noise floor
    (independent true samples).
 
-Every model is trained with the main trainer's loss and step (`train.make_loss_fn`,
-`train.make_train_step`) from a mixture config (`config_base.mixture_config`), with
-fresh mixture samples drawn inside each compiled chunk of steps. Beyond the paper
-(issue #9): `--anystep=segment_start|steps|none` also trains one any-step model per mode
-over all the S values (as many steps in total as the separate models together) and
-samples it at each S; `--boundaries=logsnr|karras` moves the segment boundaries.
+Every model is trained with the main trainer's loss and step
+(`train_step.make_loss_fn`, `train_step.make_train_step`) from a mixture config
+(`config_base.mixture_config`), with fresh mixture samples drawn inside each compiled
+chunk of steps. Beyond the paper (any-step training and segment boundaries):
+`--anystep=segment_start|steps|none` also trains one any-step model per mode over all
+the S values (as many steps in total as the separate models together) and samples it at
+each S; `--boundaries=logsnr|karras` moves the segment boundaries.
 
 Everything runs on the CPU in a few minutes; the README tables come from these commands.
 """
@@ -36,16 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from multistep_cm import config_base
+from multistep_cm import config_build
 from multistep_cm import denoiser
 from multistep_cm import generation
 from multistep_cm import optim
-from multistep_cm import train
-from multistep_cm import train_state
+from multistep_cm import train_step
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import segments
 from multistep_cm.evaluation import energy
+from multistep_cm.models import partitioning
 
 _STUDENT_STEPS = flags.DEFINE_list("student_steps", ["1", "2", "4", "8"], "Student step counts S.")
 _MODES = flags.DEFINE_list("modes", ["cd", "ct", "direct"], "Training modes.")
@@ -120,10 +122,11 @@ def toy_config(settings: ToySettings, mode: str, student_steps: int = 1):
 def _train(config, model, schedule, params, mix, key, teacher_fn_factory=None, chunk=250):
   """Trains with the trainer's own loss and step; returns the EMA parameters and losses."""
   tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-  loss_fn = train.make_loss_fn(config, model, schedule, teacher_fn_factory=teacher_fn_factory)
-  step_fn = train.make_train_step(config, loss_fn, tx, lr_schedule)
+  loss_fn = train_step.make_loss_fn(config, model, schedule,
+                                    teacher_fn_factory=teacher_fn_factory)
+  step_fn = train_step.make_train_step(config, loss_fn, tx, lr_schedule)
   k_state, k_data = jax.random.split(key)
-  state = train_state.create(params, tx, k_state, len(config.ema_decays))
+  state = train_step.create_state(params, tx, k_state, len(config.ema_decays))
   batch_size = config.batch_size
 
   def one_step(state, _):
@@ -142,6 +145,10 @@ def _train(config, model, schedule, params, mix, key, teacher_fn_factory=None, c
   return state.ema["ema0"], trace
 
 
+def _fresh_params(model, key):
+  return partitioning.unbox(train_step.init_params(model, key))
+
+
 def _rms(a, b):
   return float(jnp.sqrt(jnp.mean(jnp.square(jnp.asarray(a) - jnp.asarray(b)))))
 
@@ -154,11 +161,11 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
   k_init, k_pre, k_train, k_noise, k_ref, k_null = jax.random.split(key, 6)
   mix = mixture_lib.default_mixture(dim=settings.data_dim, seed=settings.seed)
   base = toy_config(settings, "diffusion")
-  model, schedule = train.get_model(base), train.get_schedule(base)
+  model, schedule = config_build.get_model(base), config_build.get_schedule(base)
   exact = lambda z, t: mix.denoise(z, t, schedule)
   exact_factory = lambda teacher_params, labels: exact
 
-  params = train.partitioning.unbox(train.init_params(model, k_init))
+  params = _fresh_params(model, k_init)
   pretrained, trace = _train(base, model, schedule, params, mix, k_pre, chunk=settings.chunk)
   log(f"[{time.time() - start_time:6.1f}s] diffusion pretraining: loss {trace[0]:.4f} -> "
       f"{trace[-1]:.4f}")
@@ -190,7 +197,7 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
   log(f"[{time.time() - start_time:6.1f}s] teacher and reference rows done")
 
   def student_rows(config, label, counts, params):
-    model = train.get_model(config)
+    model = config_build.get_model(config)
     out = []
     for s in counts:
       spec = generation.spec_for_config(config, s)
@@ -202,11 +209,11 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
     return out
 
   for mode in modes:
-    factory = exact_factory if mode in ("cd", "direct") else None
+    factory = exact_factory if mode in config_build.TEACHER_MODES else None
     if separate:
       for s in student_steps:
         config = toy_config(settings, mode, s)
-        params, _ = _train(config, train.get_model(config), schedule, pretrained, mix,
+        params, _ = _train(config, config_build.get_model(config), schedule, pretrained, mix,
                            jax.random.fold_in(k_train, s * 10 + len(mode)), factory,
                            settings.chunk)
         rows += student_rows(config, f"MCM-{mode.upper()}", [s], params)
@@ -215,10 +222,9 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
       config = config_base.set_anystep(toy_config(settings, mode), student_steps, anystep)
       config.num_train_steps = settings.train_steps * len(student_steps)
       config.loss.anneal_steps = config.num_train_steps // 2
-      model = train.get_model(config)
+      model = config_build.get_model(config)
       # The pretrained weights, plus the zero-initialised segment conditioning.
-      start = train.merge_params(train.partitioning.unbox(train.init_params(model, k_init)),
-                                 pretrained)
+      start = train_step.merge_params(_fresh_params(model, k_init), pretrained)
       params, _ = _train(config, model, schedule, start, mix,
                          jax.random.fold_in(k_train, 7 + len(mode)), factory, settings.chunk)
       rows += student_rows(config, f"MCM-{mode.upper()} any-step ({anystep})",

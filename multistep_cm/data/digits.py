@@ -13,6 +13,8 @@ import functools
 
 import numpy as np
 
+from multistep_cm.data import sources
+
 NUM_CLASSES = 10
 NUM_EXAMPLES = 1797
 # A fixed split so every process, run and metric agrees on held-out images.
@@ -72,3 +74,11 @@ def split_indices(split: str) -> np.ndarray:
   perm = np.random.default_rng(_SPLIT_SEED).permutation(NUM_EXAMPLES)
   num_test = int(round(_TEST_FRACTION * NUM_EXAMPLES))
   return np.sort(perm[num_test:] if split == "train" else perm[:num_test])
+
+
+class DigitsSource(sources.ArraySource):
+  """The embedded digits as a data source: `'image'` [S, S, 1] and `'label'` (`load_digits`)."""
+
+  def __init__(self, split: str = "train", image_size: int = 8):
+    images, labels = load_digits(split, image_size)
+    super().__init__({"image": images, "label": labels}, num_classes=NUM_CLASSES)

@@ -23,7 +23,7 @@ global `jax.Array`s with `jax.make_array_from_process_local_data`.
 
 Typical use in a trainer:
 
-  source = pipeline.make_source(config.data)
+  source = config_build.make_source(config)
   shard_index, shard_count = pipeline.batch_shard(batch_sharding, config.batch_size)
   data = pipeline.Pipeline(source, config.batch_size, config.seed, shard_index, shard_count,
                            random_flip=config.data.random_flip)
@@ -39,29 +39,7 @@ import time
 
 import numpy as np
 
-from multistep_cm.data import synthetic
-from multistep_cm.data.imagenet import TfdsSource
-from multistep_cm.data.sources import ArraySource
-from multistep_cm.data.sources import DatasetError
-from multistep_cm.data.sources import DigitsSource
 from multistep_cm.data.sources import Source
-
-__all__ = [
-    "ArraySource", "DatasetError", "DigitsSource", "ExampleIdLog", "Pipeline", "Source",
-    "TfdsSource", "batch_shard", "make_source", "measure_throughput", "permute",
-    "read_example_ids", "to_global",
-]
-
-# TFDS names `make_source` accepts besides 'digits' (all in tensorflow-datasets 4.9.10).
-# `downsampled_imagenet` (van den Oord et al. 2016) has no labels; `imagenet_resized`
-# (Chrabaszcz et al. 2017, box-resized whole images) has them.
-TFDS_DATASETS = (
-    "imagenet2012",
-    "downsampled_imagenet/32x32", "downsampled_imagenet/64x64",
-    "imagenet_resized/8x8", "imagenet_resized/16x16", "imagenet_resized/32x32",
-    "imagenet_resized/64x64",
-    synthetic.NAME,
-)
 
 # ---------------------------------------------------------------------------
 # Counter-based randomness: a pure function of its integer inputs, identical on
@@ -372,32 +350,6 @@ def _read_lines(path: str) -> list[str]:
 
 # ---------------------------------------------------------------------------
 # Building sources from a config, and global arrays from local batches.
-
-
-def make_source(data_config) -> Source:
-  """The source described by a data config (an `ml_collections.ConfigDict` or dict).
-
-  Keys: `dataset` ('digits', one of `TFDS_DATASETS`, or 'tfds:<any TFDS name>'),
-  `split` (default 'train'), `image_size` (digits: 8, 16 or 32; TFDS: output side,
-  default native), `data_dir` (TFDS data directory, default TFDS's),
-  `fast_decode` (TFDS JPEGs, default False). `random_flip` is the `Pipeline`'s.
-  The toy mixture has no source here: the trainer wraps its samples in
-  `ArraySource({'x': samples})`.
-
-  Raises:
-    ValueError: for an unknown `dataset`, naming what is allowed.
-    DatasetError: for a TFDS dataset that is not prepared (with the command).
-  """
-  get = data_config.get
-  dataset, split = get("dataset"), get("split", "train")
-  if dataset == "digits":
-    return DigitsSource(split, get("image_size", None) or 8)
-  if dataset in TFDS_DATASETS or (isinstance(dataset, str) and dataset.startswith("tfds:")):
-    return TfdsSource(dataset.removeprefix("tfds:"), split, get("data_dir", None),
-                      get("image_size", None), get("fast_decode", False))
-  hint = " ('mixture' is built by the trainer as ArraySource)" if dataset == "mixture" else ""
-  raise ValueError(f"config.data.dataset={dataset!r} is not one of "
-                   f"{('digits',) + TFDS_DATASETS} or 'tfds:<name>'{hint}")
 
 
 def batch_shard(sharding, global_batch_size: int) -> tuple[int, int]:

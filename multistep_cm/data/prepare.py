@@ -17,14 +17,14 @@ import sys
 
 import tensorflow_datasets as tfds
 
-from multistep_cm.data import imagenet
+from multistep_cm.data import tfds_source
 # Imported for its side effect: it registers the `synthetic_jpeg` builder with TFDS.
 from multistep_cm.data import synthetic  # pylint: disable=unused-import
 
 
 def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
   """Downloads (where TFDS can) and writes `dataset` as array_record; returns its path."""
-  imagenet.ensure_tfds_can_prepare()
+  tfds_source.ensure_tfds_can_prepare()
   builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   builder.download_and_prepare(download_config=config)

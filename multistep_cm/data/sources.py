@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from multistep_cm.data import digits
 
 
 class DatasetError(RuntimeError):
@@ -52,7 +51,7 @@ class Source:
 class ArraySource(Source):
   """In-memory examples: row `i` of every array is example `i`.
 
-  Used for the toy mixture (`{'x': samples}`) and in tests. A missing `'label'`
+  Used for the digits, the toy mixture (`{'x': samples}`) and in tests. A missing `'label'`
   is filled with the null class.
   """
 
@@ -90,10 +89,3 @@ class ArraySource(Source):
     indices = np.asarray(indices, np.int64)
     return {k: v[indices] for k, v in self._arrays.items()}
 
-
-class DigitsSource(ArraySource):
-  """The embedded 8x8 digits (see `digits.load_digits`): `'image'` [S, S, 1], `'label'`."""
-
-  def __init__(self, split: str = "train", image_size: int = 8):
-    images, labels = digits.load_digits(split, image_size)
-    super().__init__({"image": images, "label": labels}, num_classes=digits.NUM_CLASSES)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from multistep_cm.data import imagenet
+from multistep_cm.data import tfds_source
 
 NAME = "synthetic_jpeg"
 
@@ -78,7 +78,7 @@ class SyntheticJpeg(tfds.core.GeneratorBasedBuilder):
 
 def build(data_dir: str, file_format: str = "array_record", **kwargs) -> SyntheticJpeg:
   """Writes the synthetic dataset into `data_dir`; kwargs as `SyntheticJpeg.__init__`."""
-  imagenet.ensure_tfds_can_prepare()
+  tfds_source.ensure_tfds_can_prepare()
   builder = SyntheticJpeg(data_dir=data_dir, file_format=file_format, **kwargs)
   builder.download_and_prepare()
   return builder

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from multistep_cm import sharding
 from multistep_cm.evaluation import tree_io
 
 # Metadata keys that must agree between two statistics before a distance between them means
@@ -253,12 +254,9 @@ def compute_stats(apply_fn: Callable[..., Mapping[str, jax.Array]], variables,
   Returns:
     (FeatureStats over the real rows of every process, logits [N, C] or None).
   """
-  if mesh is None:
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
   # Auto axes whatever the caller's mesh: the compiler then places the cross-device reductions,
   # and the batch is split over every device (all mesh axes).
-  mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+  mesh = sharding.data_mesh(None if mesh is None else mesh.devices.flatten())
   if batch_size % jax.local_device_count():
     raise ValueError(f"batch_size {batch_size} must be a multiple of the local device count "
                      f"{jax.local_device_count()}")

@@ -1,19 +1,75 @@
-"""Evaluation during training (`config.evals`): sample quality and the student's ODE error.
+"""What the trainer evaluates while it trains: sample grids, sample quality, ODE error.
 
-At `config.evals.every_steps`, the trainer draws `num_samples` samples with the run's
-own sampler (the student's S steps, or the diffusion sampler) from the EMA weights and
-fixed noise, and logs to TensorBoard:
-  * `eval/<metric>`: the dataset's metric (sample_metrics.py: digits FD and accuracy,
-    mixture energy distance, or FID/IS);
-  * `eval/ode_error` (students with a teacher): the RMS distance between the student's
-    samples and the teacher's `ode_steps`-step DDIM solve of the probability-flow ODE
-    from the same noise and labels: the Direct-CM paper's metric (spec §10.4).
+  * Sample grids (`SampleGrid`, every `config.sample_every_steps`): `config.sample_num`
+    samples of the EMA weights from fixed noise with the run's own sampler, as one
+    image for TensorBoard (and a PNG at the end of the run).
+  * Evaluations (`TrainingEvaluator`, every `config.evals.every_steps`): `num_samples`
+    samples with the run's own sampler (the student's S steps, or the diffusion
+    sampler) from the EMA weights and fixed noise, logged as
+      - `eval/<metric>`: the dataset's metric (sample_metrics.py: digits FD and
+        accuracy, mixture energy distance, or FID/IS);
+      - `eval/ode_error` (students with a teacher): the RMS distance between the
+        student's samples and the teacher's `ode_steps`-step DDIM solve of the
+        probability-flow ODE from the same noise and labels: the Direct-CM paper's
+        metric (spec §10.4). CT trains without a teacher; its ODE error is measured
+        against the diffusion run it started from (`evaluation_teacher`).
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from multistep_cm import checkpointing
+from multistep_cm import config_build
 from multistep_cm import generation
+from multistep_cm import images
+from multistep_cm import sharding
 from multistep_cm.evaluation import sample_metrics
+
+
+class SampleGrid:
+  """`grid(params) -> uint8 [rows*H, cols*W, C]`: the run's sampler on fixed noise."""
+
+  def __init__(self, config, model, schedule, mesh):
+    # Replicated output: every process can read the grid, also when the batch spans hosts.
+    self._sample = jax.jit(generation.make_sample_fn(model, schedule,
+                                                     generation.spec_for_config(config)),
+                           out_shardings=sharding.replicated(mesh))
+    k_z, _ = jax.random.split(jax.random.PRNGKey(config.seed + 7))
+    self._z = jax.random.normal(k_z, (config.sample_num,) + config_build.example_shape(config))
+    self._labels = (jnp.arange(config.sample_num, dtype=jnp.int32) % model.num_classes
+                    if model.num_classes else None)
+
+  def __call__(self, params) -> np.ndarray:
+    return images.image_grid(jax.device_get(self._sample(params, self._z, self._labels)))
+
+
+def make_sample_grid(config, model, schedule, mesh) -> SampleGrid | None:
+  """The run's sample grid, or None when grids are off or the data are not images."""
+  if not config.sample_every_steps or len(config_build.example_shape(config)) != 3:
+    return None
+  return SampleGrid(config, model, schedule, mesh)
+
+
+def enabled(config) -> bool:
+  return bool(config.get("evals", {}).get("every_steps", 0))
+
+
+def evaluation_teacher(config, teacher_params, abstract_teacher):
+  """The teacher the ODE error is measured against, or None.
+
+  The run's own teacher (cd, direct); for CT, which trains without one, the diffusion
+  run it started from: `config.teacher_checkpoint` if set, else `config.init_from`
+  (loaded with `abstract_teacher`'s shapes and shardings).
+  """
+  if teacher_params is not None or config.loss.mode != "ct" or not config.evals.ode_error:
+    return teacher_params
+  if config.teacher_checkpoint:
+    path, weights, key = config.teacher_checkpoint, config.teacher_weights, "teacher_checkpoint"
+  elif config.init_from:
+    path, weights, key = config.init_from, config.init_weights, "init_from"
+  else:
+    return None
+  return checkpointing.load_params(path, abstract_teacher, weights, key=f"config.{key}")[0]
 
 
 class TrainingEvaluator:
@@ -37,7 +93,7 @@ class TrainingEvaluator:
       self.labels = np.arange(self.num_samples, dtype=np.int32) % model.num_classes
     self.teacher_samples = None
     if (ec.get("ode_error", True) and teacher_params is not None
-        and config.loss.mode != "diffusion"):
+        and config_build.is_student(config)):
       # The teacher is fixed, so its solve is computed once.
       spec = generation.SamplerSpec("ddim", int(ec.get("ode_steps", 256)))
       self.teacher_samples, _ = self._generate(teacher_params, spec, teacher_model or model)
@@ -59,7 +115,3 @@ class TrainingEvaluator:
         out[f"eval/ode_error{suffix}"] = float(
             np.sqrt(np.mean(np.square(samples - self.teacher_samples))))
     return out
-
-
-def enabled(config) -> bool:
-  return bool(config.get("evals", {}).get("every_steps", 0))

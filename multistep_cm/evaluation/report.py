@@ -29,8 +29,7 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
     if run.student_steps is None:
       specs = [generation.SamplerSpec(s, k) for s in samplers for k in steps]
     else:
-      specs = [generation.sampler_spec(run, s, None, "analytic", 0.0) for s in run.step_counts
-               if not steps or s in steps]
+      specs = [run.sampler_spec(s) for s in run.step_counts if not steps or s in steps]
     for spec in specs:
       samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
                                             num_samples, seed=seed, batch_size=batch_size)

@@ -72,7 +72,7 @@ def make_metric(config, kind: str = "auto", inception_weights: str = "",
 
 
 def _fid_metric(inception_weights: str, reference_stats: str) -> SampleMetric:
-  from multistep_cm import generation  # pylint: disable=g-import-not-at-top
+  from multistep_cm import images as images_lib  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import fid  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import inception  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import reference_stats as ref_lib  # pylint: disable=g-import-not-at-top
@@ -86,7 +86,7 @@ def _fid_metric(inception_weights: str, reference_stats: str) -> SampleMetric:
 
   def fid_fn(samples, labels):
     del labels
-    images = generation.to_uint8(samples)  # measured as the saved images would be
+    images = images_lib.to_uint8(samples)  # measured as the saved images would be
     batch = 200
     batches = (images[i:i + batch] for i in range(0, len(images), batch))
     stats, logits = ref_lib.compute_reference_stats(

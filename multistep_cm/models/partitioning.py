@@ -9,10 +9,8 @@ below map them onto a mesh with axes ('data', 'fsdp'):
 A dimension that the mesh axis does not divide is replicated instead, so any
 preset works on any mesh.
 
-The mesh axes must be of type `AxisType.Auto` (see `make_mesh`): the layers
-leave it to XLA's sharding propagation to all-gather FSDP-sharded weights. With
-`Explicit` axes (the default of `jax.make_mesh` in recent JAX) a matmul between
-a batch-sharded activation and an 'fsdp'-sharded kernel is a type error.
+The mesh axes must be of type `AxisType.Auto` (sharding.make_mesh builds them so):
+the layers leave it to XLA's sharding propagation to all-gather FSDP-sharded weights.
 """
 from typing import Any, Sequence
 
@@ -38,14 +36,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("channels", None),
     ("norm", None),
 )
-
-
-def make_mesh(num_data: int, num_fsdp: int, devices: Sequence[Any] | None = None
-              ) -> jax.sharding.Mesh:
-  """A ('data', 'fsdp') mesh with Auto axes over `num_data * num_fsdp` devices."""
-  auto = jax.sharding.AxisType.Auto
-  return jax.make_mesh((num_data, num_fsdp), ("data", "fsdp"), axis_types=(auto, auto),
-                       devices=devices)
 
 
 def unbox(tree: Any) -> Any:

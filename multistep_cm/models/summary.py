@@ -5,10 +5,10 @@
 
 Everything is computed on abstract shapes: the count from `jax.eval_shape` of
 `init`, the stage shapes from `jax.eval_shape` of `apply` collecting the sown
-'intermediates', the FLOPs from XLA's cost analysis of the lowered `apply`
-(HLO before backend optimisation) given `ShapeDtypeStruct` parameters. The
-mid stack is unrolled for the FLOP count because XLA's cost analysis counts a
-loop body once, not once per iteration.
+'intermediates', the FLOPs on the jaxpr of `apply` given `ShapeDtypeStruct`
+parameters, by the package's one FLOP counter (flops.py: matmuls and convolutions,
+every block of the scanned mid stack counted), the one behind the trainer's logged
+MFU and the compile report.
 """
 import argparse
 import importlib.util
@@ -18,18 +18,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from multistep_cm import flops
 from multistep_cm.models import presets
-from multistep_cm.models import uvit
 
 
 def forward_flops(model: nn.Module, batch: int) -> float:
-  """FLOPs of one jitted forward pass at `batch`, from XLA's cost analysis."""
-  if isinstance(model, uvit.UViT):
-    model = model.clone(scan_blocks=False)
+  """Matmul and convolution FLOPs of one forward pass at `batch` (flops.count_flops)."""
   params = nn.meta.unbox(presets.abstract_variables(model)["params"])
-  apply = jax.jit(lambda p, *inputs: model.apply({"params": p}, *inputs, train=False))
-  cost = apply.lower(params, *presets.input_specs(model, batch)).cost_analysis()
-  return float(cost["flops"])
+  apply = lambda p, *inputs: model.apply({"params": p}, *inputs, train=False)
+  return flops.count_flops(jax.make_jaxpr(apply)(params, *presets.input_specs(model, batch))
+                           ).flops
 
 
 def stage_shapes(model: nn.Module, batch: int = 1) -> dict[str, tuple[int, ...]]:

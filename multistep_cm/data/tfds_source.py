@@ -38,6 +38,16 @@ import tensorflow_datasets as tfds
 from multistep_cm.data.sources import DatasetError
 from multistep_cm.data.sources import Source
 
+# TFDS names a config may give as data.dataset (all in tensorflow-datasets 4.9.10); any
+# other as 'tfds:<name>'. `downsampled_imagenet` (van den Oord et al. 2016) has no labels;
+# `imagenet_resized` (Chrabaszcz et al. 2017, box-resized whole images) has them.
+TFDS_DATASETS = (
+    "imagenet2012",
+    "downsampled_imagenet/32x32", "downsampled_imagenet/64x64",
+    "imagenet_resized/8x8", "imagenet_resized/16x16", "imagenet_resized/32x32",
+    "imagenet_resized/64x64",
+)
+
 # The manual-download archives `tfds build imagenet2012` looks for in manual_dir.
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 

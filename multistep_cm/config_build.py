@@ -1,0 +1,127 @@
+"""What a run's config describes, built in one place: schedule, model, data, step counts.
+
+The trainer, the samplers, the evaluators, the config checks and the toy experiment all
+derive these from a config through this module, so each derivation is written once. It
+is a leaf of the package: it imports the maths, the models and the data sources, and
+nothing that trains, samples or evaluates.
+"""
+import flax.linen as nn
+import jax
+import numpy as np
+
+from multistep_cm import models
+from multistep_cm.data import digits
+from multistep_cm.data import mixture as mixture_lib
+from multistep_cm.data import sources
+from multistep_cm.data import synthetic
+from multistep_cm.data import tfds_source
+from multistep_cm.diffusion import losses
+from multistep_cm.diffusion import schedules
+from multistep_cm.diffusion import segments
+
+# Modes whose loss calls a teacher network (CT's teacher is the data itself, §3).
+TEACHER_MODES = ("cd", "direct")
+# Every dataset a config may name besides 'tfds:<any TFDS name>'.
+DATASETS = ("digits", "mixture") + tfds_source.TFDS_DATASETS + (synthetic.NAME,)
+
+
+def get_schedule(config) -> schedules.Schedule:
+  """The noise schedule, `config.schedule.name` with `config.schedule.kwargs` (§1.2)."""
+  return schedules.get_schedule(config.schedule.name, **config.schedule.kwargs.to_dict())
+
+
+def get_model(config) -> nn.Module:
+  """The denoiser: `config.model.preset` with the config's overrides (models/presets.py)."""
+  return models.get_model_for_config(config)
+
+
+def teacher_architecture(model: nn.Module) -> nn.Module:
+  """The diffusion model a student was (or is) initialised from: the student's architecture
+  (§7.1) less an any-step student's segment conditioning, which a teacher does not have."""
+  if getattr(model, "segment_cond", "none") == "none":
+    return model
+  return model.clone(segment_cond="none", num_step_values=0)
+
+
+def needs_teacher(config) -> bool:
+  """Whether the loss calls a teacher network (config.teacher_checkpoint is then required)."""
+  return config.loss.mode in TEACHER_MODES
+
+
+def is_student(config) -> bool:
+  """A Multistep CM run (ct, cd, direct), as opposed to diffusion (teacher) training."""
+  return config.loss.mode != "diffusion"
+
+
+def step_counts(config) -> tuple[int, ...]:
+  """The step counts S a student is trained for and samples with: its S, or an any-step
+  run's set (`loss.anystep_counts`); () for a diffusion run."""
+  if not is_student(config):
+    return ()
+  counts = tuple(int(s) for s in config.loss.get("anystep_counts", ()))
+  return counts or (int(config.loss.student_steps),)
+
+
+def example_shape(config) -> tuple[int, ...]:
+  """The shape of one training example: [H, W, C] images, or [D] vectors (the mixture)."""
+  if config.data.dataset == "mixture":
+    return (int(config.data.data_dim),)
+  return (int(config.data.image_size), int(config.data.image_size),
+          int(config.data.num_channels))
+
+
+def data_key(config) -> str:
+  """The batch key holding the data: 'x' for the mixture's vectors, else 'image'."""
+  return "x" if config.data.dataset == "mixture" else "image"
+
+
+def make_source(config) -> sources.Source:
+  """The training data source of `config.data` (the data order is the pipeline's).
+
+  'digits' is embedded; 'mixture' is `mixture_size` points of the toy mixture drawn once
+  from the config's seed; a TFDS name (or 'tfds:<name>') is read from its prepared
+  array_record files.
+
+  Raises:
+    ValueError: an unknown dataset, naming what is allowed.
+    sources.DatasetError: a TFDS dataset that is missing or not prepared (with the
+      command that prepares it).
+  """
+  data = config.data
+  get = data.get
+  dataset, split = get("dataset"), get("split", "train")
+  if dataset == "digits":
+    return digits.DigitsSource(split, get("image_size", None) or 8)
+  if dataset == "mixture":
+    seed = int(config.get("seed", 0))
+    mix = mixture_lib.default_mixture(dim=int(get("data_dim", 8)), seed=seed)
+    x, _ = mix.sample(jax.random.PRNGKey(seed + 1), int(get("mixture_size", 65536)))
+    return sources.ArraySource({"x": np.asarray(x)}, num_classes=0)
+  if dataset in DATASETS or (isinstance(dataset, str) and dataset.startswith("tfds:")):
+    return tfds_source.TfdsSource(dataset.removeprefix("tfds:"), split, get("data_dir", None),
+                                  get("image_size", None), get("fast_decode", False))
+  raise ValueError(f"config.data.dataset={dataset!r} is not one of {DATASETS} or "
+                   f"'tfds:<name>'")
+
+
+def segment_boundaries(config, schedule, student_steps: int) -> tuple[float, ...]:
+  """The configured boundaries of S segments (`loss.boundaries`, diffusion/segments.py)."""
+  kind = config.loss.boundaries
+  kind = kind if isinstance(kind, str) else tuple(kind)
+  return segments.boundaries(kind, student_steps, schedule)
+
+
+def trained_boundaries(config, schedule=None) -> dict[str, list[float]]:
+  """`{str(S): boundaries}` snapped to the final teacher grid: what sampling must use.
+
+  The trainer stores them in every student checkpoint's metadata, where the sampling
+  commands read them back (runs.py).
+  """
+  schedule = get_schedule(config) if schedule is None else schedule
+  lc = config.loss
+  counts = step_counts(config)
+  s_max = max(counts)
+  num_steps = int(losses.steps_per_segment(lc.teacher_steps_end, s_max)) * s_max
+  kind = lc.boundaries if isinstance(lc.boundaries, str) else tuple(lc.boundaries)
+  return {str(s): segments.trained_boundaries(kind, s, schedule, num_steps) for s in counts}
+
