@@ -7,7 +7,7 @@ Stage `teacher` is the digits diffusion model; stages `cd<S>` and `ct<S>` start 
 EMA weights (as the paper's students start from the teacher, §7.1), and the CD stages
 distil it. Every stage trains for the same number of steps. Variants: size=8|16,
 steps=1/2/4/8 (the student step counts, '/'-separated), student_train_steps=N,
-anystep=segment_start|steps (issue #9: adds stage `cdany`, one CD model for all the step
+anystep=segment_start|steps (any-step training: adds stage `cdany`, one CD model for all the step
 counts, conditioned on its segment layout and trained as long as the separate CD stages
 together; `evaluate` samples it at each count).
 """

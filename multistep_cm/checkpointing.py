@@ -305,12 +305,3 @@ def tree_mismatches(stored, abstract) -> list[str]:
                for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
   return problems
 
-
-def tree_shapes_match(a, b) -> bool:
-  """True when two trees have the same structure and leaf shapes."""
-  try:
-    return all(x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                  strict=True)) and (
-        jax.tree.structure(a) == jax.tree.structure(b))
-  except ValueError:
-    return False

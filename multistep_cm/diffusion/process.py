@@ -18,8 +18,3 @@ def x_from_v(v, z, t, schedule):
   alpha, sigma = solvers.alpha_sigma(schedule, t)
   return solvers.bcast(alpha, z) * z - solvers.bcast(sigma, z) * v
 
-
-def v_target(x, eps, t, schedule):
-  """`v = alpha_t eps - sigma_t x`."""
-  alpha, sigma = solvers.alpha_sigma(schedule, t)
-  return solvers.bcast(alpha, x) * eps - solvers.bcast(sigma, x) * x

@@ -233,8 +233,8 @@ class UViT(nn.Module):
   num_step_values: int = 0
 
   def validate(self):
-    layers.validate_segment_cond(self.segment_cond, self.num_step_values)
     """Raises ValueError naming the first inconsistent attribute."""
+    layers.validate_segment_cond(self.segment_cond, self.num_step_values)
     levels = len(self.channels)
     for key in ("block_types", "num_blocks"):
       if len(getattr(self, key)) != levels:
