@@ -31,7 +31,7 @@ Trainer overrides: every --config.KEY=VALUE argument, every argument after --, a
 the whitespace-separated words of OVERRIDES go to multistep_cm.main unchanged.
 
 Example:
-  launch/gpu_single_node.sh --config=configs/imagenet64.py:small \
+  launch/gpu_single_node.sh --config=configs/imagenet64_diffusion.py:size=small \
       --workdir=/data/runs/in64_small --gpus=0,1,2,3 --config.batch_size=256
 EOF
 }

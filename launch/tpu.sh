@@ -73,7 +73,7 @@ Example (small model, 64 v5e chips, batch 2048):
   export PROJECT_ID=my-project ZONE=us-west4-a TPU_NAME=mcm-small
   launch/tpu.sh create --accelerator-type=v5litepod-64 --queued --spot
   launch/tpu.sh setup
-  launch/tpu.sh train --config=configs/imagenet64.py:small \
+  launch/tpu.sh train --config=configs/imagenet64_diffusion.py:size=small \
       --workdir=gs://my-bucket/mcm/in64_small --tfds-data-dir=gs://my-bucket/tfds \
       --config.batch_size=2048
   launch/tpu.sh logs

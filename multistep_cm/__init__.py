@@ -1,8 +1,19 @@
 """Multistep Consistency Models in JAX/Flax.
 
-Subpackages: `diffusion` (schedules, solvers, samplers, losses: pure maths),
-`models` (UViT and MLP denoisers); the trainer, input pipeline, checkpoints
-and evaluation sit beside them, one module per concern.
+Subpackages: `diffusion` (the maths, pure functions of arrays), `models` (the UViT and
+MLP denoisers, presets, sharding rules), `data` (sources and the input pipeline),
+`evaluation` (sample metrics, FID/IS, evaluation during training).
+
+Beside them, one module per concern:
+  * commands (`python -m multistep_cm.<name>`): `main` (training), `sample`, `evaluate`,
+    `compile_report`, `toy`;
+  * training: `train` (the host loop, imported by `main` alone), `train_step` (the
+    static step and train state), `checkpointing`, `optim`, `sharding`;
+  * configs: `config_base` (defaults), `config_build` (what a config builds),
+    `config_checks` (validation);
+  * sampling: `denoiser` (network -> x̂), `generation` (sharded sampling), `runs` (a
+    trained run read back), `images` (grids and PNG files);
+  * accounting: `flops` (the FLOP counter), `hardware` (chip peaks and HBM).
 """
 
 import os as _os

@@ -1,1 +1,10 @@
-"""Datasets and input pipelines: embedded digits, the toy Gaussian mixture, TFDS ImageNet."""
+"""Data: sources read by index and the input pipeline that feeds the trainer.
+
+`sources` (the `Source` interface, `ArraySource`, `DatasetError`), `digits` (the
+embedded 8x8 digits), `mixture` (the toy Gaussian mixture and its exact denoiser),
+`tfds_source` (prepared TFDS image datasets such as ImageNet, and their preprocessing),
+`prepare` (the command that prepares them), `synthetic` (an ImageNet-shaped TFDS dataset
+made on the spot, for tests and benchmarks), `pipeline` (the deterministic multi-host
+order, decoding ahead, global batches). `config_build.make_source` picks the source a
+config names.
+"""

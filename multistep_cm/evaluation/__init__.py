@@ -1,6 +1,9 @@
-"""Sample-quality metrics: FID and Inception Score, and the digits classifier metric.
+"""Sample quality: the metrics, the reports, and evaluation during training.
 
-`inception` holds the FID InceptionV3, `fid` the streaming statistics and the
-distances, `reference_stats` the command that computes reference statistics,
-`digits_metric` the classifier metric that runs on a laptop.
+`sample_metrics` picks a dataset's metric; `digits_metric` (the digits classifier's
+Fréchet distance and accuracy), `energy` (energy distance, for the mixture), `fid` (the
+streaming statistics, FID and IS), `inception` (the FID InceptionV3), `convert_inception`
+and `reference_stats` (the commands that make its weights and reference statistics),
+`tree_io` (arrays trees as .npz); `report` (the `evaluate` command's quality-vs-steps
+tables) and `in_training` (sample grids and evaluations while training).
 """

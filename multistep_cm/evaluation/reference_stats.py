@@ -7,7 +7,7 @@
       --weights=inception_fid.npz --output=ref.npz
 
 TFDS images go through the training pipeline's own preprocessing
-(`data/imagenet.py`: central square crop, antialiased bicubic resize to
+(`data/tfds_source.py`: central square crop, antialiased bicubic resize to
 `image_size`) and are rounded to uint8, exactly the images a model at that
 resolution is trained on; the FID network then upsamples them to 299x299
 (`inception.preprocess`). An `--images_npz` file holds uint8
@@ -42,8 +42,8 @@ def tfds_batches(dataset: str, split: str, image_size: int, batch_size: int,
   Raises:
     DatasetError: the dataset is not prepared; the message names the command.
   """
-  from multistep_cm.data import imagenet  # pylint: disable=g-import-not-at-top
-  source = imagenet.TfdsSource(dataset, split, data_dir, image_size)
+  from multistep_cm.data import tfds_source  # pylint: disable=g-import-not-at-top
+  source = tfds_source.TfdsSource(dataset, split, data_dir, image_size)
   total = len(source) if num_examples is None else min(num_examples, len(source))
   per_process = math.ceil(total / jax.process_count())
   start = min(total, jax.process_index() * per_process)
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> fid.FeatureStats:
                                         args.data_dir, args.num_examples)
     metadata.update(data=f"tfds:{args.dataset}/{args.split}", image_size=args.image_size,
                     preprocessing="training pipeline: center crop, bicubic antialiased "
-                    "resize (data/imagenet.py), uint8")
+                    "resize (data/tfds_source.py), uint8")
   else:
     images = load_images_npz(args.images_npz)
     if args.num_examples is not None:
