@@ -5,6 +5,8 @@ overrides any key with `--config.key=value`.
 """
 import ml_collections
 
+from multistep_cm.diffusion import losses
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -211,8 +213,7 @@ def imagenet_config(resolution: int, mode: str, size: str = "small", student_ste
     c.loss.huber_epsilon = 1e-4  # §3.6
     c.loss.guidance_scale = guidance
     c.optimizer.learning_rate = 5e-5  # NOT FOUND: our choice for fine-tuning
-    c.init_from = teacher  # all MCM runs start from the diffusion weights (§7.1)
-    c.teacher_checkpoint = teacher if mode in ("cd", "direct") else ""
+    _start_from(c, teacher)
   return c
 
 
@@ -248,8 +249,7 @@ def digits_config(mode: str, student_steps: int = 4, image_size: int = 8,
     c.optimizer.learning_rate = 3e-4
     c.optimizer.schedule = "cosine"
     c.optimizer.end_lr_fraction = 0.05
-    c.init_from = teacher
-    c.teacher_checkpoint = teacher if mode in ("cd", "direct") else ""
+    _start_from(c, teacher)
   return c
 
 
@@ -280,9 +280,15 @@ def mixture_config(mode: str, student_steps: int = 8, teacher: str = "",
     c.loss.student_steps = student_steps
     c.loss.anneal_steps = c.num_train_steps // 2
     c.optimizer.learning_rate = 3e-4
-    c.init_from = teacher
-    c.teacher_checkpoint = teacher if mode in ("cd", "direct") else ""
+    _start_from(c, teacher)
   return c
+
+
+def _start_from(c: ml_collections.ConfigDict, teacher: str):
+  """A student starts from the diffusion run `teacher` (§7.1) and, in the modes that call
+  a teacher network, distils it."""
+  c.init_from = teacher
+  c.teacher_checkpoint = teacher if c.loss.mode in losses.TEACHER_MODES else ""
 
 
 def set_anystep(config: ml_collections.ConfigDict, counts, segment_cond: str = "segment_start"):

@@ -19,8 +19,7 @@ from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import schedules
 from multistep_cm.diffusion import segments
 
-# Modes whose loss calls a teacher network (CT's teacher is the data itself, §3).
-TEACHER_MODES = ("cd", "direct")
+TEACHER_MODES = losses.TEACHER_MODES
 # Every dataset a config may name besides 'tfds:<any TFDS name>'.
 DATASETS = ("digits", "mixture") + tfds_source.TFDS_DATASETS + (synthetic.NAME,)
 

@@ -42,6 +42,8 @@ from multistep_cm.diffusion import solvers
 
 Schedule = schedules_lib.Schedule
 MODES = ("ct", "cd", "direct")
+# The modes whose target calls a teacher network; CT's teacher step uses the data (§3).
+TEACHER_MODES = ("cd", "direct")
 WEIGHTINGS = ("snr_plus_one", "v_space")
 HUBER_REDUCTIONS = ("mean", "sum", "elementwise")
 TEACHER_SOLVERS = ("addim", "ddim")

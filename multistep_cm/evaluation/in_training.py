@@ -81,8 +81,8 @@ class TrainingEvaluator:
     self.num_samples = int(ec.get("num_samples", 1000))
     self.batch_size = int(ec.get("batch_size", 500))
     self.seed = int(config.seed) + 2**16
-    # An any-step run is evaluated at each of its step counts.
-    counts = tuple(config.loss.get("anystep_counts", ()))
+    # A student is evaluated at each of its step counts (several for an any-step run).
+    counts = config_build.step_counts(config)
     self.specs = ([generation.spec_for_config(config, s) for s in counts] if counts
                   else [generation.spec_for_config(config)])
     self.metric = sample_metrics.make_metric(
