@@ -4,12 +4,13 @@
 
 For each preset: the median wall time of a jitted forward pass and of a jitted
 forward+backward (gradient of a squared error w.r.t. the parameters) after
-warm-up, the FLOPs of the same compiled executables from XLA's cost analysis,
-the achieved FLOP/s, and that over the dense float32 matmul FLOP/s of this
-machine measured in the same run (a square `jnp.dot`, timed the same way).
-The ratios are what is comparable across machines, not the times. The mid
-stack is unrolled (`scan_blocks=False`) because XLA's cost analysis counts a
-loop body once; JSON goes to stdout (and to --out).
+warm-up, the FLOPs of the same traced functions (matmuls and convolutions counted
+on the jaxpr by the package's FLOP counter, flops.py), the achieved FLOP/s, and
+that over the dense float32 matmul FLOP/s of this machine measured in the same run
+(a square `jnp.dot`, timed the same way). The ratios are what is comparable across
+machines, not the times. The mid stack is unrolled (`scan_blocks=False`), as in the
+recorded results; the jaxpr counter would count a scanned stack in full too, so this
+only affects the timings. JSON goes to stdout (and to --out).
 """
 import argparse
 
@@ -18,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from multistep_cm import flops as flops_lib
 from multistep_cm import models
-from multistep_cm import train
 
 DEFAULT_PRESETS = ("digits8", "digits16", "small32", "mlp_toy")
 
@@ -43,9 +44,10 @@ def bench_preset(name: str, batch: int, repeats: int, peak: float) -> dict:
 
   result = {"params": models.param_count(model), "batch": batch}
   for label, fn in (("forward", forward), ("forward_backward", jax.grad(loss))):
-    compiled = jax.jit(fn).lower(params, z, logsnr, labels).compile()
+    traced = jax.jit(fn).trace(params, z, logsnr, labels)
+    compiled = traced.lower().compile()
     seconds = common.median_seconds(compiled, params, z, logsnr, labels, repeats=repeats)
-    flops = train.cost_flops(compiled)
+    flops = flops_lib.count_flops(traced.jaxpr).flops
     result[label] = {"seconds": seconds, "flops": flops, "flops_per_s": flops / seconds,
                      "fraction_of_matmul": flops / seconds / peak}
   return result

@@ -36,6 +36,7 @@ import jax
 from benchmarks import common
 from benchmarks import train_step
 from multistep_cm import train
+from multistep_cm import train_step as train_step_lib
 from multistep_cm.data import pipeline as pipeline_lib
 from multistep_cm.models import summary
 
@@ -69,7 +70,7 @@ def loop(compiled, state, teacher, builder, data, start: int, num_steps: int,
     parts["to_global"].append(t2 - t1)
     parts["dispatch"].append(t3 - t2)
     if step % log_every == 0:
-      train._fetch_metrics(pending)  # pylint: disable=protected-access  # the trainer's fetch
+      train.fetch_metrics(pending)  # the trainer's fetch
       pending = []
   jax.block_until_ready(state)
   per_step = ((time.perf_counter() - begin) / num_steps,
@@ -92,12 +93,12 @@ def run(args) -> dict[str, Any]:
   config = summary.load_config(args.config)
   config = train_step.mode_config(config, config.loss.mode, args.batch or config.batch_size,
                                   {})
-  builder = train.StepBuilder(config)
-  compiled, _ = builder.compile()
+  builder = train_step_lib.StepBuilder(config)
+  compiled = builder.compile()
   state, device_batch, teacher = train_step.random_inputs(builder)
   shard_index, shard_count = pipeline_lib.batch_shard(builder.batch_sharding, config.batch_size)
   data = pipeline_lib.Pipeline(
-      train.make_source(config), config.batch_size, config.seed, shard_index, shard_count,
+      train.open_source(config), config.batch_size, config.seed, shard_index, shard_count,
       random_flip=bool(config.data.random_flip), num_threads=config.data.num_threads or None,
       prefetch=config.data.prefetch)
   log_every = args.log_every

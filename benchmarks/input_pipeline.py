@@ -12,9 +12,10 @@ per-core rate; it stays meaningful on a machine shared with other jobs.
 Derived, with the assumptions in the report: what one chip's train step consumes,
 (a) at the paper's measured speed (§7.3: steps/s of the small models on 64 TPU v5e
 chips at batch 2048), and (b) at 100% MFU, the most any step of that FLOP count
-can eat: peak FLOP/s / FLOPs per image, the FLOPs coming from compiling the real
-ImageNet configs here (`train_step --compile_only`; the diffusion step is the
-cheapest per image, so it eats fastest). Dividing by the host cores per chip
+can eat: peak FLOP/s / FLOPs per image, the FLOPs being the model FLOPs of the real
+ImageNet configs' train steps, counted on their jaxprs as the trainer's logged MFU
+counts them (`train_step --compile_only`; the diffusion step is the cheapest per
+image, so it eats fastest). Dividing by the host cores per chip
 gives the images/s per core the pipeline must deliver; `margin` is the measured
 per-core rate over that (target >= 3).
 """
@@ -28,6 +29,7 @@ from benchmarks import train_step
 from multistep_cm import hardware
 from multistep_cm.data import pipeline
 from multistep_cm.data import synthetic
+from multistep_cm.data import tfds_source
 
 TARGET = 3.0
 # §7.3 (paper App. A.2): steps/s on 64 TPU v5e chips, batch 2048, small models.
@@ -49,7 +51,7 @@ def measure(data_dir: str | None, sizes: list[int], args) -> dict[str, Any]:
   out = {}
   for size in sizes:
     for fast_decode in (False, True):
-      source = pipeline.TfdsSource(synthetic.NAME, "train", data_dir, size, fast_decode)
+      source = tfds_source.TfdsSource(synthetic.NAME, "train", data_dir, size, fast_decode)
       with pipeline.Pipeline(source, args.batch_size, seed=0, process_index=0, process_count=1,
                              random_flip=True, num_threads=args.num_threads) as data:
         rates = pipeline.measure_throughput(data, args.num_steps)
@@ -58,7 +60,7 @@ def measure(data_dir: str | None, sizes: list[int], args) -> dict[str, Any]:
 
 
 def step_flops_per_image(size: int, modes: str, preset: str | None) -> dict[str, float]:
-  """FLOPs per image of each mode's compiled step of the size's ImageNet config."""
+  """Model FLOPs per image of each mode's train step of the size's ImageNet config."""
   argv = ["--config", CONFIGS[size], "--batch", "8", "--modes", modes, "--compile_only"]
   report = train_step.run(train_step.parse_args(argv + (["--preset", preset] if preset else [])))
   return {mode: r["flops_per_step"] / report["batch"] for mode, r in report["modes"].items()}

@@ -8,6 +8,8 @@ is timed against K calls of the jitted denoiser `f(z, t) -> x̂` chained through
 their outputs (so each waits for the one before, as the sampler's steps do) and
 dispatched from Python. The ratio is the cost of the loop and the DDIM/aDDIM
 updates beyond the K network evaluations; the variants alternate, medians.
+`forward_flops` is the matmul and convolution FLOPs of one forward pass, counted
+on its jaxpr by the package's FLOP counter (flops.py).
 """
 import argparse
 import sys
@@ -18,10 +20,11 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks import train_step
+from multistep_cm import config_build
 from multistep_cm import denoiser
+from multistep_cm import flops
 from multistep_cm import generation
 from multistep_cm import models
-from multistep_cm import train
 from multistep_cm.models import summary
 
 TARGET = 1.05
@@ -35,7 +38,7 @@ def run(args) -> dict[str, Any]:
   base = train_step.mode_config(base, "cd", args.batch, {})
   if args.dtype:
     base.model.dtype = args.dtype
-  model, schedule = train.get_model(base), train.get_schedule(base)
+  model, schedule = config_build.get_model(base), config_build.get_schedule(base)
   keys = jax.random.split(jax.random.key(0), 3)
   params = train_step.random_params(model, keys[0])
   z = jax.random.normal(keys[1], models.input_specs(model, args.batch)[0].shape)
@@ -46,7 +49,9 @@ def run(args) -> dict[str, Any]:
     return denoiser.make_denoise_fn(model, params, schedule, labels)(
         z, jnp.full((z.shape[0],), t, jnp.float32))
 
-  forward = jax.jit(forward).lower(params, z, jnp.float32(0.5)).compile()
+  traced = jax.jit(forward).trace(params, z, jnp.float32(0.5))
+  forward_flops = flops.count_flops(traced.jaxpr).flops
+  forward = traced.lower().compile()
   runners, cases = {}, []
   for sampler in args.samplers.split(","):
     for steps in (int(k) for k in args.steps.split(",")):
@@ -83,7 +88,7 @@ def run(args) -> dict[str, Any]:
   return {"benchmark": "sampling", "date": common.today(), "machine": common.machine(),
           "command": " ".join(["python -m benchmarks.sampling"] + sys.argv[1:]),
           "config": args.config, "model": base.model.to_dict(), "batch": args.batch,
-          "forward_seconds": med["forward"], "forward_flops": train.cost_flops(forward),
+          "forward_seconds": med["forward"], "forward_flops": forward_flops,
           "timing": {"repeats": args.repeats, "warmup": args.warmup,
                      "order": "all variants alternate within each repetition; medians"},
           "cases": results}

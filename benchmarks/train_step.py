@@ -4,20 +4,23 @@
     python -m benchmarks.train_step --config=configs/imagenet64_cd.py --batch=max \
         --modes=diffusion,ct,cd --model=attention_impl=cudnn   # GPU: the largest batch
 
-Each step is the trainer's own (`train.StepBuilder`: sharded, donated, compiled
+Each step is the trainer's own (`train_step.StepBuilder`: sharded, donated, compiled
 ahead of time) built from one config with only `loss.mode` changed, run on a
 random state, a random teacher and a random batch already on the devices. Modes
 are timed in alternation after warm-up; the report has per mode the median step
-time (wall and process CPU), images/s, the FLOPs of the compiled step from XLA's
-cost analysis, the achieved FLOP/s per device and the MFU against the device's
-listed peak (`hardware.py`) or, on a CPU, against a dense float32 matmul timed in
-the same run; and the ratios CT/diffusion and CD/diffusion against theory (4/3,
-5/3: one and two extra forwards beside forward + backward) and the targets.
+time (wall and process CPU), images/s, the step's model FLOPs (`StepBuilder.flops`:
+matmuls and convolutions counted on the jaxpr by flops.py, traced with remat off;
+the numerator of the MFU the trainer logs), the achieved FLOP/s per device and the
+MFU against the device's listed peak (`hardware.py`) or, on a CPU, against a dense
+float32 matmul timed in the same run; and the ratios CT/diffusion and CD/diffusion
+against theory (4/3, 5/3: one and two extra forwards beside forward + backward) and
+the targets.
 
-XLA's cost analysis counts the body of a loop once: `StepBuilder.compile` adds the
-iterations of a scanned mid stack, but the Direct mode's FLOPs (a teacher loop of
-max(n_rel) iterations, a count known only at run time) are a lower bound. `--batch=max` compiles at doubling
-batch sizes and keeps the largest whose memory analysis fits the device's
+The jaxpr counter counts a scan's body `length` times (the scanned mid stack
+complete) but a `while` loop's body once: the Direct mode's teacher loop runs
+max(n_rel) iterations, a count known only at run time, so its FLOPs are a lower
+bound, which `flops_note` says (from `FlopCount.exact`). `--batch=max` compiles at
+doubling batch sizes and keeps the largest whose memory analysis fits the device's
 memory (`--memory_limit_gb` where the device does not report it).
 """
 import argparse
@@ -32,8 +35,7 @@ import ml_collections
 
 from benchmarks import common
 from multistep_cm import models
-from multistep_cm import train
-from multistep_cm import train_state as train_state_lib
+from multistep_cm import train_step as train_step_lib
 from multistep_cm.models import partitioning
 from multistep_cm.models import presets
 from multistep_cm.models import summary
@@ -67,16 +69,15 @@ def with_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collection
 
 
 def random_params(model, key):
-  """Fresh parameters of `model` (its own initialiser), unboxed."""
-  variables = model.init({"params": key}, *models.dummy_inputs(model, 1), train=False)
-  return partitioning.unbox(variables["params"])
+  """Fresh parameters of `model` (the trainer's initialiser), unboxed."""
+  return partitioning.unbox(train_step_lib.init_params(model, key))
 
 
-def random_inputs(builder: train.StepBuilder, seed: int = 0):
+def random_inputs(builder: train_step_lib.StepBuilder, seed: int = 0):
   """`(state, batch, teacher)` materialised under the step's shardings."""
   config = builder.config
   k_state, k_teacher, k_data, k_label = jax.random.split(jax.random.key(seed), 4)
-  create = lambda key: train_state_lib.create(
+  create = lambda key: train_step_lib.create_state(
       random_params(builder.model, key), builder.tx, jax.random.key_data(key),
       len(config.ema_decays))
   state = jax.jit(create, out_shardings=builder.layout.shardings)(k_state)
@@ -167,8 +168,8 @@ def run(args) -> dict[str, Any]:
       raise ValueError("--batch=max needs a device that reports its memory, or "
                        "--memory_limit_gb")
     # The last mode listed is searched; list the most memory-hungry (cd) last.
-    peak_bytes = lambda b: memory_bytes(train.StepBuilder(
-        mode_config(base, modes[-1], b, overrides)).compile()[0])["peak"]
+    peak_bytes = lambda b: memory_bytes(train_step_lib.StepBuilder(
+        mode_config(base, modes[-1], b, overrides)).compile())["peak"]
     search = largest_batch(peak_bytes, args.batch_start, limit)
     report["batch_search"] = search
     batch = search["batch"]
@@ -177,13 +178,17 @@ def run(args) -> dict[str, Any]:
 
   results, runners = {}, {}
   for mode in modes:
-    builder = train.StepBuilder(mode_config(base, mode, batch, overrides))
-    compiled, flops = builder.compile()
+    builder = train_step_lib.StepBuilder(mode_config(base, mode, batch, overrides))
+    traced = builder.trace()
+    model_flops, _ = builder.flops(traced)  # as the trainer logs: model FLOPs, all devices
+    compiled = builder.compile(traced)
     num_devices = builder.mesh.size
     results[mode] = {
-        "flops_per_step": flops * num_devices, "flops_per_step_per_device": flops,
-        "flops_note": ("lower bound: the teacher loop's body is counted once"
-                       if mode == "direct" else "complete"),
+        "flops_per_step": model_flops.flops,
+        "flops_per_step_per_device": model_flops.flops / num_devices,
+        "flops_note": ("exact: model FLOPs of matmuls and convolutions, every iteration "
+                       "counted" if model_flops.exact else
+                       "lower bound: a while loop's body (the teacher loop) counted once"),
         "memory_bytes_per_device": memory_bytes(compiled)}
     if args.compile_only:
       continue

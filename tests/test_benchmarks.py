@@ -7,10 +7,15 @@ import json
 
 import pytest
 
+from benchmarks import bench_models
 from benchmarks import host_overhead
 from benchmarks import input_pipeline
 from benchmarks import sampling
 from benchmarks import train_step
+from multistep_cm import config_build
+from multistep_cm import models
+from multistep_cm import train_step as train_step_lib
+from multistep_cm.models import summary
 
 
 def test_train_step_report_is_consistent(tmp_path):
@@ -35,6 +40,20 @@ def test_train_step_report_is_consistent(tmp_path):
   assert ratio["within_target"] == (ratio["wall"] <= ratio["target"])
   # The two extra forwards add FLOPs: more than diffusion, no more than the theory allows.
   assert 1.0 < ratio["flops"] < 5 / 3 + 0.1
+  # The FLOPs are the package's one count, the model FLOPs the trainer's logged MFU uses.
+  base = summary.load_config("configs/mixture_cd.py")
+  for mode in ("diffusion", "cd"):
+    count, _ = train_step_lib.StepBuilder(train_step.mode_config(base, mode, 16, {})).flops()
+    assert count.exact and report["modes"][mode]["flops_per_step"] == count.flops
+    assert report["modes"][mode]["flops_note"].startswith("exact")
+
+
+def test_train_step_marks_the_direct_flops_a_lower_bound():
+  report = train_step.main(["--config", "configs/mixture_cd.py", "--batch", "16",
+                            "--modes", "ct,direct", "--compile_only"])
+  assert report["modes"]["direct"]["flops_note"].startswith("lower bound")
+  assert report["modes"]["ct"]["flops_note"].startswith("exact")
+  assert report["modes"]["direct"]["memory_bytes_per_device"]["peak"] > 0
 
 
 def test_largest_batch_is_the_last_that_fits():
@@ -49,6 +68,9 @@ def test_sampling_report_is_consistent():
   report = sampling.main(["--config", "configs/mixture_cd.py", "--batch", "16",
                           "--steps", "1,3", "--samplers", "mcm", "--repeats", "2",
                           "--warmup", "1"])
+  # One forward's FLOPs, as the model summary counts them (flops.py).
+  model = config_build.get_model(summary.load_config("configs/mixture_cd.py"))
+  assert report["forward_flops"] == summary.forward_flops(model, 16) > 0
   for name, steps in (("mcm_1", 1), ("mcm_3", 3)):
     case = report["cases"][name]
     assert case["steps"] == steps
@@ -88,3 +110,14 @@ def test_input_pipeline_measures_and_derives_consumption(tmp_path):
   for row in rows:
     assert row["margin"] == pytest.approx(rate / row["images_per_s_per_core"])
 
+
+
+def test_bench_models_preset_is_consistent():
+  result = bench_models.bench_preset("mlp_toy", batch=4, repeats=2, peak=1e9)
+  fwd, fwd_bwd = result["forward"], result["forward_backward"]
+  # The forward's FLOPs as the model summary counts them; the backward adds about two forwards.
+  assert fwd["flops"] == summary.forward_flops(models.get_model("mlp_toy"), 4) > 0
+  assert 2.5 < fwd_bwd["flops"] / fwd["flops"] <= 3.0
+  for r in (fwd, fwd_bwd):
+    assert r["flops_per_s"] == pytest.approx(r["flops"] / r["seconds"])
+    assert r["fraction_of_matmul"] == pytest.approx(r["flops_per_s"] / 1e9)
