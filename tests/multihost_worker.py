@@ -1,11 +1,11 @@
 """`python -m multistep_cm.main` that also records the example ids each process feeds.
 
-Used by test_multihost.py as the worker command: it runs the real main job (same
-flags, same `jax.distributed` start-up) and, for every training step, appends the
-ids of the examples this process's input pipeline yielded to
-`$MCM_RECORD_DIR/indices_<process>.npy` ([steps, local batch] int64). The test
-reads them back to check that each process read only its own rows of every global
-batch.
+Used by test_multihost.py as the worker command, `python -m multihost_worker` with tests/
+on the path (helpers.popen_module): it runs the real main job (same flags, same
+`jax.distributed` start-up) and records the ids of the examples this process's input
+pipeline yielded, one row per training step, in `$MCM_RECORD_DIR/indices_<process>.npy`
+([steps, local batch] int64, rewritten at every step). The test reads them back to check
+that each process read only its own rows of every global batch.
 """
 import os
 

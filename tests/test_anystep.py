@@ -27,13 +27,15 @@ def test_segment_conditioning_starts_as_the_base_model(cond, segment):
   params = partitioning.unbox(student.init({"params": jax.random.PRNGKey(0)},
                                            *models.dummy_inputs(student, 4),
                                            **models.init_kwargs(student, 4))["params"])
+  new = "steps_embed" if cond == "steps" else "segment_dense"
+  for leaf in jax.tree.leaves(params["cond"][new]):
+    np.testing.assert_array_equal(leaf, 0.0)
   # Random, non-zero base weights (the output layer is zero-initialised).
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, l.shape) for k, l in
                                      zip(keys, leaves)])
-  new = "steps_embed" if cond == "steps" else "segment_dense"
-  params["cond"][new] = jax.tree.map(jnp.zeros_like, params["cond"][new])
+  params["cond"][new] = jax.tree.map(jnp.zeros_like, params["cond"][new])  # as initialised
   base_params = {k: v for k, v in params.items()}
   base_params["cond"] = {k: v for k, v in params["cond"].items() if k != new}
   z, logsnr = jax.random.normal(jax.random.PRNGKey(2), (4, 8)), jnp.linspace(-5, 5, 4)
@@ -68,8 +70,8 @@ def test_anystep_student_initialised_from_a_diffusion_checkpoint(tmp_path):
   assert run.step_counts == (1, 2, 4)
   # The sampler asks for a step count the run was trained for.
   with pytest.raises(ValueError, match="any-step"):
-    generation.sampler_spec(run, 8, None, "analytic", 0.0)
-  spec = generation.sampler_spec(run, 2, None, "analytic", 0.0)
+    run.sampler_spec(8)
+  spec = run.sampler_spec(2)
   assert spec.steps == 2 and spec.step_index == 1 and spec.boundaries == (0.0, 0.5, 1.0)
   out, _ = generation.generate(run.model, run.params, run.schedule, spec, 8)
   assert out.shape == (8, 8) and np.all(np.isfinite(out))
@@ -87,22 +89,21 @@ def test_checkpoint_stores_the_boundaries_sampling_uses(tmp_path):
   np.testing.assert_allclose(np.asarray(stored) * 16, np.round(np.asarray(stored) * 16),
                              atol=1e-6)
   assert stored[0] == 0 and stored[-1] == 1 and stored != (0.0, 0.25, 0.5, 0.75, 1.0)
-  spec = generation.sampler_spec(run, 0, None, "analytic", 0.0)
+  spec = run.sampler_spec()
   assert spec.boundaries == stored and "boundaries" in spec.describe()
 
 
 def test_sampling_walks_the_given_boundaries_and_passes_segment_starts():
   schedule = schedules.cosine()
   bounds = (0.0, 0.3, 0.8, 1.0)
-  seen = []
 
-  def f(z, t, t_step):  # x̂ = z at every step: DDIM then scales z by sigma_s / sigma_t ...
-    seen.append(None)
+  def f(z, t, t_step):  # x̂ = t + 10 t_step, whatever z
     return jnp.broadcast_to((t + 10 * t_step)[:, None], z.shape)
 
   z = jnp.ones((2, 3))
   out = sampling.sample_mcm(f, z, schedule, 3, bounds, segment_aware=True)
-  # ... and the last step (t = 0.3 -> t_step = 0) returns x̂ = t + 10 * 0.
+  # A step to t = 0 returns its x̂: the last step, from t = 0.3 with segment start 0, gives
+  # 0.3 + 10 * 0 (equal segments would end from t = 1/3; passing t for t_step, 3.3).
   np.testing.assert_allclose(out, 0.3, rtol=1e-6)
   plain = sampling.sample_mcm(lambda z, t: jnp.broadcast_to(t[:, None], z.shape), z, schedule,
                               3, bounds)

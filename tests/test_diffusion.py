@@ -276,7 +276,7 @@ def test_x_var_table_matches_exact_posterior_variance(mix):
   assert float(table(0.0)) == 0.0
 
 
-def test_sampler_with_table_and_guidance_run(mix):
+def test_addim_sampler_with_an_x_var_table_or_a_constant(mix):
   table = solvers.XVarTable(ts=jnp.array([0.0, 1.0]), values=jnp.array([0.0, 0.1]))
   z = jax.random.normal(jax.random.PRNGKey(0), (16, 8))
   den = lambda z, t: mix.denoise(z, t, COSINE)

@@ -15,7 +15,9 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import helpers
+
+REPO = pathlib.Path(helpers.REPO)
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
 
@@ -61,7 +63,8 @@ def env(tmp_path):
   assert not marker.exists(), "a dry run executed: " + marker.read_text()
 
 
-def run(env, script, *args, extra_env=None, ok=True, cwd=REPO):
+def run_script(env, script, *args, extra_env=None, ok=True, cwd=REPO):
+  """`bash launch/<script> args...` in `env` (the `env` fixture's, plus `extra_env`)."""
   result = subprocess.run(
       ["bash", str(LAUNCH / script), *args], env={**env, **(extra_env or {})}, cwd=cwd,
       capture_output=True, text=True, timeout=30)
@@ -81,7 +84,7 @@ def remote_command(argv):
 
 
 def tpu(env, *args, **kwargs):
-  return run(env, "tpu.sh", "--dry-run", *args, **kwargs)
+  return run_script(env, "tpu.sh", "--dry-run", *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -105,7 +108,7 @@ def test_usage_lists_every_flag_and_env_var(env, script):
   text = (LAUNCH / script).read_text() + (LAUNCH / "common.sh").read_text()
   pairs = re.findall(r"^\s+(--[a-z-]+)\) echo \+?([A-Z_]+)", text, re.M)
   assert len(pairs) >= 5
-  help_text = run(env, script, "--help").stdout
+  help_text = run_script(env, script, "--help").stdout
   for flag, var in pairs:
     assert flag in help_text and var in help_text, (flag, var)
 
@@ -337,7 +340,7 @@ def test_worker_commands_detach_then_stop(env, tmp_path, handles_sigterm):
 
 
 def test_slurm_dry_run_runs_the_trainer_on_every_task(env):
-  result = run(env, "gpu_slurm.sbatch", "--config.batch_size=2048", extra_env={
+  result = run_script(env, "gpu_slurm.sbatch", "--config.batch_size=2048", extra_env={
       "DRY_RUN": "1", "CONFIG": "configs/imagenet64.py:small",
       "WORKDIR": "gs://my-bucket/mcm/in64_small", "TFDS_DATA_DIR": "gs://my-bucket/tfds"})
   cd, srun = commands(result.stdout)
@@ -355,17 +358,17 @@ def test_slurm_asks_for_one_task_per_gpu(env):
                            re.M))
   assert header["ntasks-per-node"] == header["gpus-per-node"]
   assert "gpus-per-task" not in header  # each task must see all the node's GPUs
-  result = run(env, "gpu_slurm.sbatch", "--config=configs/x.py", "--workdir=/shared/w",
-               extra_env={"DRY_RUN": "1", "SLURM_NTASKS_PER_NODE": "8",
-                          "SLURM_GPUS_ON_NODE": "4"}, ok=False)
+  result = run_script(env, "gpu_slurm.sbatch", "--config=configs/x.py", "--workdir=/shared/w",
+                      extra_env={"DRY_RUN": "1", "SLURM_NTASKS_PER_NODE": "8",
+                                 "SLURM_GPUS_ON_NODE": "4"}, ok=False)
   assert result.returncode != 0 and len(result.stderr.splitlines()) == 1
   assert "one task per GPU" in result.stderr
 
 
 def test_single_node_dry_run_drives_all_gpus_from_one_process(env, tmp_path):
-  result = run(env, "gpu_single_node.sh", "--dry-run", "--config=configs/imagenet64.py:small",
-               "--workdir=runs/in64", "--gpus=0,1,2,3", "--config.batch_size=2048",
-               cwd=tmp_path)
+  result = run_script(env, "gpu_single_node.sh", "--dry-run",
+                      "--config=configs/imagenet64.py:small", "--workdir=runs/in64",
+                      "--gpus=0,1,2,3", "--config.batch_size=2048", cwd=tmp_path)
   cd, argv = commands(result.stdout)
   assert cd == ["cd", str(REPO)]
   assert argv[0] == "env" and "CUDA_VISIBLE_DEVICES=0,1,2,3" in argv
@@ -373,6 +376,6 @@ def test_single_node_dry_run_drives_all_gpus_from_one_process(env, tmp_path):
   assert argv[argv.index("python") + 1:] == [
       "-m", "multistep_cm.main", "--config=configs/imagenet64.py:small",
       f"--workdir={tmp_path}/runs/in64", "--config.batch_size=2048"]
-  missing = run(env, "gpu_single_node.sh", "--dry-run", "--config=configs/x.py", ok=False)
+  missing = run_script(env, "gpu_single_node.sh", "--dry-run", "--config=configs/x.py", ok=False)
   assert missing.returncode != 0 and len(missing.stderr.splitlines()) == 1
   assert "WORKDIR" in missing.stderr

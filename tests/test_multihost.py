@@ -14,11 +14,7 @@ with the same config (2x4 mesh, same seed), and the test compares:
     float32 rounding;
   * the input: each process fed exactly its own half of every global batch.
 """
-import contextlib
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -27,35 +23,31 @@ import pytest
 
 from multistep_cm import checkpointing
 from multistep_cm import train
-from helpers import read_scalars
-from helpers import set_keys
+from multistep_cm import train_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
+from helpers import file_config
+from helpers import free_port
+from helpers import main_args
+from helpers import popen_module
+from helpers import read_scalars
+from helpers import TINY_ANNEAL
+from helpers import TINY_MIXTURE
+
 TIMEOUT_S = 300
 
 # Mixture CD (the MLP denoiser) on a 2x4 mesh: FSDP-sharded parameters, batch split
 # over all 8 devices, a checkpoint mid-run and at the end.
 CONFIG = "configs/mixture_cd.py"
 OVERRIDES = {
-    "num_train_steps": 20, "batch_size": 64, "model.width": 32, "model.depth": 2,
-    "log_every_steps": 5, "checkpoint_every_steps": 10, "mesh.data": 2, "mesh.fsdp": 4,
-    "optimizer.warmup_steps": 5, "loss.student_steps": 2, "loss.teacher_steps_start": 8,
-    "loss.teacher_steps_end": 16, "loss.anneal_steps": 10,
+    **TINY_MIXTURE, **TINY_ANNEAL, "num_train_steps": 20, "log_every_steps": 5,
+    "checkpoint_every_steps": 10, "loss.student_steps": 2, "loss.anneal_steps": 10,
 }
 # Wall-clock rates differ from run to run; everything else logged must not.
 TIMING_TAGS = ("steps_per_sec", "examples_per_sec", "tflops_per_device", "mfu", "uptime")
 
 
 def _config(teacher: str):
-  from configs import mixture_cd  # pylint: disable=g-import-not-at-top
-  return set_keys(mixture_cd.get_config(f"teacher={teacher}"), OVERRIDES)
-
-
-def _free_port() -> int:
-  with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+  return file_config(f"{CONFIG}:teacher={teacher}", OVERRIDES)
 
 
 class MainJob:
@@ -69,24 +61,21 @@ class MainJob:
 
   def __init__(self, workdir, teacher, num_processes: int, devices_per_process: int,
                record_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-               PYTHONPATH=REPO, MCM_RECORD_DIR=str(record_dir))
-    flags = [f"--config={CONFIG}:teacher={teacher}", f"--workdir={workdir}",
-             *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
-             f"--coordinator_address=localhost:{_free_port()}",
-             f"--num_processes={num_processes}"]
-    self.commands = [[sys.executable, WORKER, *flags, f"--process_id={i}"]
-                     for i in range(num_processes)]
-    self.env, self.record_dir = env, record_dir
+    self.args = main_args(f"{CONFIG}:teacher={teacher}", workdir, OVERRIDES,
+                          f"--coordinator_address=localhost:{free_port()}",
+                          f"--num_processes={num_processes}")
+    self.num_processes, self.devices = num_processes, devices_per_process
+    self.record_dir = record_dir
     self.procs, self.logs = [], []
 
   def __enter__(self):
     self.deadline = time.monotonic() + TIMEOUT_S
-    for i, command in enumerate(self.commands):
+    for i in range(self.num_processes):
       self.logs.append(open(os.path.join(self.record_dir, f"process_{i}.log"), "w+"))
-      self.procs.append(subprocess.Popen(command, cwd=REPO, env=self.env, stdout=self.logs[-1],
-                                         stderr=subprocess.STDOUT))
+      # tests/multihost_worker.py: the main job, recording the example ids it feeds.
+      self.procs.append(popen_module(
+          "multihost_worker", *self.args, f"--process_id={i}", log=self.logs[-1],
+          devices=self.devices, env={"MCM_RECORD_DIR": self.record_dir}))
     return self
 
   def wait(self):
@@ -170,7 +159,7 @@ def test_two_processes_equal_one(tmp_path):
                                rtol=1e-5, err_msg=tag)
 
   # Same final train state: parameters, EMA, optimiser moments, counters.
-  builder = train.StepBuilder(config)
+  builder = train_step.StepBuilder(config)
   step_two, state_two = _restore_state(tmp_path / "two" / "workdir", builder)
   step_gloo, state_gloo = _restore_state(tmp_path / "one" / "workdir", builder)
   step_plain, state_plain = _restore_state(tmp_path / "plain", builder)

@@ -2,12 +2,17 @@
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
-import ml_collections
 import numpy as np
 import pytest
 
+from multistep_cm import config_base
+from multistep_cm import config_build
 from multistep_cm.data import digits
+from multistep_cm.data import mixture
 from multistep_cm.data import pipeline
+from multistep_cm.data import sources
+
+from helpers import data_config
 
 
 def _images(n, size=6):
@@ -17,7 +22,7 @@ def _images(n, size=6):
 
 
 def _source(n=50):
-  return pipeline.ArraySource({"image": _images(n), "label": np.arange(n) % 7})
+  return sources.ArraySource({"image": _images(n), "label": np.arange(n) % 7})
 
 
 def _equal(a, b):
@@ -97,7 +102,7 @@ def test_every_epoch_visits_every_example_once_in_its_own_order():
 
 def test_digits_source_matches_load_digits():
   images, labels = digits.load_digits("test", 16)
-  source = pipeline.DigitsSource("test", 16)
+  source = digits.DigitsSource("test", 16)
   assert len(source) == len(labels) and source.num_classes == 10
   data = pipeline.Pipeline(source, 32, seed=0, process_index=0, process_count=1, num_threads=0)
   batch = data.get_batch(2)
@@ -109,7 +114,7 @@ def test_digits_source_matches_load_digits():
 
 def test_flip_mirrors_the_width_axis_of_about_half_the_examples():
   images = _images(400)
-  source = pipeline.ArraySource({"image": images})
+  source = sources.ArraySource({"image": images})
   kwargs = dict(global_batch_size=400, seed=5, process_index=0, process_count=1, num_threads=0)
   flipped = pipeline.Pipeline(source, random_flip=True, **kwargs).get_batch(0)
   plain = pipeline.Pipeline(source, random_flip=False, **kwargs).get_batch(0)
@@ -123,7 +128,7 @@ def test_flip_mirrors_the_width_axis_of_about_half_the_examples():
 
 
 def test_unlabelled_arrays_get_the_null_class():
-  source = pipeline.ArraySource({"x": np.zeros((10, 2), np.float32)})
+  source = sources.ArraySource({"x": np.zeros((10, 2), np.float32)})
   assert source.num_classes == 0
   batch = pipeline.Pipeline(source, 4, 0, 0, 1, num_threads=0).get_batch(0)
   np.testing.assert_array_equal(batch["label"], np.zeros(4, np.int32))
@@ -136,17 +141,36 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="process_index"):
     pipeline.Pipeline(_source(), 8, seed=0, process_index=2, process_count=2)
   with pytest.raises(ValueError, match="random_flip"):
-    pipeline.Pipeline(pipeline.ArraySource({"x": np.zeros((4, 2))}), 2, 0, 0, 1, random_flip=True)
+    pipeline.Pipeline(sources.ArraySource({"x": np.zeros((4, 2))}), 2, 0, 0, 1, random_flip=True)
   with pytest.raises(ValueError, match=r"dataset='cifar10'.*imagenet2012"):
-    pipeline.make_source(ml_collections.ConfigDict({"dataset": "cifar10"}))
-  with pytest.raises(ValueError, match="ArraySource"):
-    pipeline.make_source({"dataset": "mixture"})
+    config_build.make_source(data_config(dataset="cifar10"))
 
 
 def test_make_source_digits():
-  source = pipeline.make_source(ml_collections.ConfigDict(
-      {"dataset": "digits", "split": "train", "image_size": 16}))
-  assert isinstance(source, pipeline.DigitsSource) and source[0]["image"].shape == (16, 16, 1)
+  source = config_build.make_source(data_config(dataset="digits", split="train", image_size=16))
+  assert isinstance(source, digits.DigitsSource) and source[0]["image"].shape == (16, 16, 1)
+
+
+def test_make_source_mixture_draws_the_configs_points_of_the_configs_mixture():
+  """`mixture_size` points of `data_dim` from the toy mixture of the config's seed: fixed by
+  the seed, unlabelled, and distributed as that mixture (per-mode frequencies)."""
+  config = config_base.mixture_config("diffusion", data_dim=4)
+  config.seed, config.data.mixture_size = 3, 4000
+  source = config_build.make_source(config)
+  assert isinstance(source, sources.ArraySource) and len(source) == 4000
+  assert source.num_classes == 0
+  x = source.get(np.arange(4000))["x"]
+  assert x.shape == (4000, 4) and x.dtype == np.float32
+  np.testing.assert_array_equal(config_build.make_source(config).get(np.arange(4000))["x"], x)
+  config.seed = 4
+  assert not np.allclose(config_build.make_source(config).get(np.arange(10))["x"], x[:10])
+  # Each point near its nearest mode of the seed-3 mixture, the modes as frequent as weighted.
+  mix = mixture.default_mixture(dim=4, seed=3)
+  dist = np.linalg.norm(x[:, None, :] - mix.means[None], axis=-1)  # [N, K]
+  nearest = dist.argmin(1)
+  assert np.all(dist.min(1) < 6 * mix.stds.max() * np.sqrt(4))
+  # 4000 draws: each frequency within 0.04 of its weight is > 5 standard deviations.
+  np.testing.assert_allclose(np.bincount(nearest, minlength=5) / 4000, mix.weights, atol=0.04)
 
 
 def test_to_global_shards_the_batch_over_8_devices():
@@ -184,7 +208,7 @@ def test_measure_throughput_reports_rates():
 
 
 def test_cached_epoch_order_equals_the_per_index_permutation():
-  source = pipeline.ArraySource({"x": np.arange(1000)[:, None]})
+  source = sources.ArraySource({"x": np.arange(1000)[:, None]})
   pipe = pipeline.Pipeline(source, 96, seed=3, process_index=0, process_count=1, num_threads=0)
   positions = np.arange(0, 5000, 7)  # several epochs, crossing their boundaries
   epochs, offsets = np.divmod(positions, 1000)

@@ -65,14 +65,14 @@ def test_unprepared_dataset_names_the_preparation_command(tmp_path):
 
 def test_tfds_images_are_the_training_pipelines(tmp_path):
   """Reference images are exactly the training pipeline's, as uint8."""
-  from multistep_cm.data import imagenet  # pylint: disable=g-import-not-at-top
+  from multistep_cm.data import tfds_source  # pylint: disable=g-import-not-at-top
   from multistep_cm.data import synthetic  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / "tfds")
   synthetic.build(data_dir, num_examples=5)
   batches, num_batches = reference_stats.tfds_batches(synthetic.NAME, "train", 16, 4, data_dir)
   got = np.concatenate(list(batches))
   assert num_batches == 2 and got.shape == (5, 16, 16, 3) and got.dtype == np.uint8
-  source = imagenet.TfdsSource(synthetic.NAME, "train", data_dir, 16)
+  source = tfds_source.TfdsSource(synthetic.NAME, "train", data_dir, 16)
   np.testing.assert_allclose(got / 127.5 - 1.0, source.get(np.arange(5))["image"], atol=1e-6)
 
 

@@ -12,35 +12,36 @@ import contextlib
 import errno
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
-import tiny_image_config
 
-from configs import mixture_diffusion
 from multistep_cm import checkpointing
+from multistep_cm import config_build
 from multistep_cm import config_checks
 from multistep_cm import train
+from multistep_cm import train_step
 from multistep_cm.data import pipeline as pipeline_lib
+from multistep_cm.data import sources
 from multistep_cm.data import synthetic
 
-from helpers import set_keys
+from helpers import file_config
+from helpers import free_port
+from helpers import run_main
+from helpers import started_main
+from helpers import TINY_MIXTURE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The tiny mixture run: a constant learning rate, so `num_train_steps` only says where to
-# stop and runs of different lengths share one compiled step.
-TINY = {
-    "batch_size": 64, "model.width": 32, "model.depth": 2, "mesh.data": 2, "mesh.fsdp": 4,
-    "optimizer.schedule": "constant", "optimizer.warmup_steps": 5, "log_every_steps": 10,
-    "checkpoint_every_steps": 0, "checkpoint_keep": 3,
-}
+MIXTURE = "configs/mixture_diffusion.py"
+TINY_IMAGE = "tests/tiny_image_config.py"
+# The tiny mixture run (helpers.TINY_MIXTURE) with a constant learning rate, so
+# `num_train_steps` only says where to stop and runs of different lengths share one
+# compiled step.
+TINY = {**TINY_MIXTURE, "optimizer.schedule": "constant", "checkpoint_every_steps": 0,
+        "checkpoint_keep": 3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,40 +59,9 @@ def jax_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def mixture(overrides, base=mixture_diffusion):
-  """The mixture config (or `base`'s) with `{dotted.key: value}` overrides, as
-  `--config.key=value` sets them."""
-  return set_keys(base.get_config(), overrides)
-
-
-def main_command(workdir, overrides, config="configs/mixture_diffusion.py"):
-  return [sys.executable, "-m", "multistep_cm.main", f"--config={config}",
-          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-
-
-def main_env(cache: str, devices: int = 8) -> dict[str, str]:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
-def run_main(cache, workdir, overrides, devices=8, config="configs/mixture_diffusion.py"):
-  return subprocess.run(main_command(workdir, overrides, config), cwd=REPO, timeout=300,
-                        env=main_env(cache, devices), capture_output=True, text=True)
-
-
-@contextlib.contextmanager
-def started_main(cache, workdir, overrides, log_path, devices=8, flags=()):
-  """`python -m multistep_cm.main` in the background, stderr into `log_path`; killed on exit."""
-  with open(log_path, "w") as log:
-    proc = subprocess.Popen(main_command(workdir, overrides) + list(flags), cwd=REPO,
-                            env=main_env(cache, devices), stdout=subprocess.DEVNULL, stderr=log)
-  try:
-    yield proc
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    proc.wait()
+def mixture(overrides):
+  """The config `run_main(MIXTURE, workdir, overrides)` trains, built in this process."""
+  return file_config(MIXTURE, overrides)
 
 
 def wait_for(condition, *procs, timeout=180.0, poll=0.05):
@@ -130,7 +100,7 @@ def checkpoint_dirs(workdir):
 
 def restore_all(workdir, config, devices=None):
   """Every checkpoint in `workdir`, restored in full: `{step: TrainState}`."""
-  abstract = train.StepBuilder(config, devices).layout.abstract
+  abstract = train_step.StepBuilder(config, devices).layout.abstract
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)), read_only=True,
                                     async_save=False)
   try:
@@ -164,7 +134,8 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_equals_an_uninterrup
   consumes, and ends with the same parameters."""
   workdir = tmp_path / "run"
   long_run = dict(TINY, num_train_steps=100_000, record_example_ids=True)
-  with started_main(jax_cache, workdir, long_run, tmp_path / "first.log") as proc:
+  with started_main(MIXTURE, workdir, long_run, log_path=tmp_path / "first.log",
+                    cache=jax_cache) as proc:
     wait_for(lambda: len(pipeline_lib.read_example_ids(str(workdir))) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
@@ -197,15 +168,13 @@ def test_preemption_of_one_host_stops_all_and_resumes_on_one_host_with_4_devices
   as one process on 4 devices: the checkpoint restores onto the new mesh, and the two
   parts together consume exactly the examples of an uninterrupted one-process run."""
   workdir = tmp_path / "run"
-  with socket.socket() as sock:  # a free port for the coordinator
-    sock.bind(("localhost", 0))
-    port = sock.getsockname()[1]
+  port = free_port()  # for the coordinator
   long_run = dict(TINY, num_train_steps=100_000, record_example_ids=True)
   with contextlib.ExitStack() as stack:
     procs = [stack.enter_context(started_main(
-        jax_cache, workdir, long_run, tmp_path / f"process{i}.log", devices=4,
-        flags=[f"--coordinator_address=localhost:{port}", "--num_processes=2",
-               f"--process_id={i}"])) for i in range(2)]
+        MIXTURE, workdir, long_run, f"--coordinator_address=localhost:{port}",
+        "--num_processes=2", f"--process_id={i}", log_path=tmp_path / f"process{i}.log",
+        devices=4, cache=jax_cache)) for i in range(2)]
     wait_for(lambda: len(pipeline_lib.read_example_ids(str(workdir), 1)) >= 3, *procs)
     procs[1].send_signal(signal.SIGTERM)
     assert [p.wait(timeout=120) for p in procs] == [75, 75]
@@ -216,8 +185,7 @@ def test_preemption_of_one_host_stops_all_and_resumes_on_one_host_with_4_devices
 
   total = stopped_at + 6
   on_4 = dict(long_run, num_train_steps=total, **{"mesh.data": 1, "mesh.fsdp": 4})
-  proc = run_main(jax_cache, workdir, on_4, devices=4)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_main(MIXTURE, workdir, on_4, devices=4, cache=jax_cache)
   assert "over 4 devices (1 processes)" in proc.stderr
   assert f"at step {stopped_at}." in proc.stderr  # "Resumed from ... at step k."
 
@@ -236,8 +204,8 @@ def test_preemption_of_one_host_stops_all_and_resumes_on_one_host_with_4_devices
   # add in different orders).
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)), read_only=True)
   try:
-    on_4_mesh = train.StepBuilder(mixture(on_4), devices=jax.devices()[:4]).layout.abstract
-    on_8_mesh = train.StepBuilder(mixture(long_run)).layout.abstract
+    on_4_mesh = train_step.StepBuilder(mixture(on_4), devices=jax.devices()[:4]).layout.abstract
+    on_8_mesh = train_step.StepBuilder(mixture(long_run)).layout.abstract
     for a, b in zip(jax.tree.leaves(ckpt.restore_state(stopped_at, on_4_mesh)[0]),
                     jax.tree.leaves(ckpt.restore_state(stopped_at, on_8_mesh)[0])):
       assert len(a.sharding.device_set) == 4
@@ -255,7 +223,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(
   # A checkpoint every step: the process spends most of its time inside a save.
   every_step = dict(TINY, num_train_steps=100_000, checkpoint_every_steps=1)
   for attempt in range(5):
-    with started_main(jax_cache, workdir, every_step, tmp_path / f"run{attempt}.log") as proc:
+    with started_main(MIXTURE, workdir, every_step, log_path=tmp_path / f"run{attempt}.log",
+                      cache=jax_cache) as proc:
       wait_for(lambda: checkpoint_dirs(workdir)[0], proc)
       wait_for(lambda: checkpoint_dirs(workdir)[1], proc, poll=0.002)
       proc.send_signal(signal.SIGKILL)
@@ -284,12 +253,12 @@ def test_nonfinite_skip_counts_the_steps_that_saw_a_nan_example(tmp_path, monkey
   counted (`skipped_updates`); training goes on and every checkpoint is finite."""
   config = mixture(dict(TINY, num_train_steps=30, checkpoint_every_steps=10,
                         record_example_ids=True, **{"data.mixture_size": 256}))
-  clean = train.make_source(config)
+  clean = config_build.make_source(config)
   x = np.array(clean.get(np.arange(len(clean)))["x"])
   nan_row = 17
   x[nan_row] = np.nan
-  monkeypatch.setattr(train, "make_source",
-                      lambda _: pipeline_lib.ArraySource({"x": x}, num_classes=0))
+  monkeypatch.setattr(config_build, "make_source",
+                      lambda _: sources.ArraySource({"x": x}, num_classes=0))
 
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result.step == 30
@@ -310,7 +279,7 @@ def test_nonfinite_stop_exits_5_naming_the_step_and_saves_nothing_after_it(tmp_p
   checkpoint at or after it, and every checkpoint is finite."""
   overrides = dict(TINY, num_train_steps=50, checkpoint_every_steps=1, nonfinite="stop",
                    **{"optimizer.learning_rate": 1e30})
-  proc = run_main(jax_cache, tmp_path, overrides)
+  proc = run_main(MIXTURE, tmp_path, overrides, check=False, cache=jax_cache)
   line = assert_one_line_error(proc, 5, "non-finite loss or gradient at step")
   bad_step = int(line.split("at step ")[1].split()[0])
   states = restore_all(tmp_path, mixture(overrides))
@@ -357,8 +326,7 @@ def test_config_errors_name_the_key_and_what_is_allowed(overrides, processes, ke
     (["--config.batch_size=many"], "--config.batch_size"),
 ])
 def test_main_rejects_a_bad_config_in_one_line_before_training(tmp_path, args, key):
-  proc = subprocess.run(main_command(tmp_path / "w", {}) + args, cwd=REPO, timeout=120,
-                        env=main_env(""), capture_output=True, text=True)
+  proc = run_main(MIXTURE, tmp_path / "w", None, *args, check=False, timeout=120)
   assert_one_line_error(proc, 2, key)
   assert not os.path.exists(tmp_path / "w")  # nothing written, nothing compiled
 
@@ -376,7 +344,8 @@ def test_missing_or_incompatible_teacher_fails_before_compiling(tmp_path, jax_ca
   train.train_and_evaluate(mixture(dict(TINY, num_train_steps=2)), str(teacher))
   student = {"loss.mode": "cd", "loss.student_steps": 2, "loss.teacher_steps_start": 8,
              "loss.teacher_steps_end": 16, "teacher_checkpoint": teacher, "model.width": 48}
-  proc = run_main(jax_cache, tmp_path / "student", dict(TINY, **student))
+  proc = run_main(MIXTURE, tmp_path / "student", dict(TINY, **student), check=False,
+                  cache=jax_cache)
   line = assert_one_line_error(proc, 4, str(teacher), "checkpoint (32,), model (48,)")
   assert line.startswith("error: config.teacher_checkpoint: "), line
   assert "Compiled the train step" not in proc.stderr
@@ -385,12 +354,10 @@ def test_missing_or_incompatible_teacher_fails_before_compiling(tmp_path, jax_ca
 # --- bad data -------------------------------------------------------------------------------
 
 
-TINY_IMAGE = os.path.join("tests", "tiny_image_config.py")
-
 
 def test_missing_dataset_exits_3_naming_the_prepare_command(tmp_path, jax_cache):
-  proc = run_main(jax_cache, tmp_path / "w", {"data.data_dir": tmp_path / "empty"},
-                  config=TINY_IMAGE)
+  proc = run_main(TINY_IMAGE, tmp_path / "w", {"data.data_dir": tmp_path / "empty"},
+                  check=False, cache=jax_cache)
   assert_one_line_error(proc, 3, "'synthetic_jpeg' is not prepared")
   # The command that fixes it follows on the next lines of the message.
   assert (f"python -m multistep_cm.data.prepare --dataset=synthetic_jpeg "
@@ -404,16 +371,16 @@ def test_corrupt_record_mid_training_exits_3_and_keeps_earlier_checkpoints(tmp_p
   the checkpoints of steps 1-3 are intact. (On one device: the data path is the point, and
   the image model compiles fastest there.)"""
   # Which example the pipeline reads first at step 4 (data step 3): 64 examples, batch 16.
-  order = pipeline_lib.Pipeline(pipeline_lib.ArraySource({"x": np.zeros((64, 1))}), 16, 0, 0, 1)
+  order = pipeline_lib.Pipeline(sources.ArraySource({"x": np.zeros((64, 1))}), 16, 0, 0, 1)
   # Not example 0, which the trainer reads before it starts to check the data's shape.
   corrupt = int(next(i for i in order.example_indices(order.positions(3)) if i))
   data_dir = str(tmp_path / "tfds")
   synthetic.build(data_dir, num_examples=64, size_range=(8, 16), corrupt=[corrupt])
 
   overrides = {"data.data_dir": data_dir}
-  proc = run_main(jax_cache, tmp_path / "w", overrides, devices=1, config=TINY_IMAGE)
+  proc = run_main(TINY_IMAGE, tmp_path / "w", overrides, check=False, devices=1, cache=jax_cache)
   assert_one_line_error(proc, 3, "'synthetic_jpeg'", "'train'", f"index {corrupt}")
-  states = restore_all(tmp_path / "w", mixture(overrides, base=tiny_image_config),
+  states = restore_all(tmp_path / "w", file_config(TINY_IMAGE, overrides),
                        devices=jax.devices()[:1])
   assert sorted(states) == [1, 2, 3]
   for state in states.values():
@@ -447,7 +414,8 @@ def test_read_only_workdir_exits_6_and_keeps_its_checkpoints(tmp_path, jax_cache
     config = mixture(dict(TINY, num_train_steps=4))
     train.train_and_evaluate(config, str(workdir))
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-    proc = run_main(jax_cache, workdir, dict(TINY, num_train_steps=8))
+    proc = run_main(MIXTURE, workdir, dict(TINY, num_train_steps=8), check=False,
+                    cache=jax_cache)
     assert_one_line_error(proc, 6, str(workdir), os.strerror(errno.EROFS))
     assert checkpoint_dirs(workdir) == ([4], [])
     assert_finite(restore_all(workdir, config)[4])
@@ -459,7 +427,8 @@ def test_full_disk_exits_6_keeps_earlier_checkpoints_and_resumes_once_freed(tmp_
   with tmpfs(tmp_path / "disk", "8m") as disk:
     workdir = disk / "w"
     overrides = dict(TINY, num_train_steps=100_000, checkpoint_every_steps=5)
-    with started_main(jax_cache, workdir, overrides, tmp_path / "run.log") as proc:
+    with started_main(MIXTURE, workdir, overrides, log_path=tmp_path / "run.log",
+                      cache=jax_cache) as proc:
       wait_for(lambda: checkpoint_dirs(workdir)[0], proc)
       filler = disk / "filler"
       with open(filler, "wb") as fh:

@@ -57,7 +57,7 @@ def test_sample_cli_writes_images_labels_metadata_and_grid(trained, tmp_path):
   _, _, student = trained
   out = tmp_path / "s.npz"
   proc = run_module("multistep_cm.sample", f"--workdir={student}", "--num_samples=20",
-                         "--labels=3,4", f"--output={out}", "--batch_size=16")
+                    "--labels=3,4", f"--output={out}", "--batch_size=16")
   assert "wrote" in proc.stdout
   with np.load(out) as f:
     images, labels, meta = f["images"], f["labels"], json.loads(str(f["metadata"]))
@@ -71,24 +71,24 @@ def test_sample_cli_writes_images_labels_metadata_and_grid(trained, tmp_path):
 def test_sample_cli_rejects_a_step_count_the_student_was_not_trained_for(trained, tmp_path):
   _, _, student = trained
   proc = run_module("multistep_cm.sample", f"--workdir={student}", "--steps=4",
-                         f"--output={tmp_path / 'x.npz'}", check=False)
+                    f"--output={tmp_path / 'x.npz'}", check=False)
   assert proc.returncode != 0 and "2-step Multistep CM" in proc.stderr
 
 
-def test_sampler_spec_for_diffusion_runs(trained):
+def test_sampler_spec_for_diffusion_and_student_runs(trained):
   _, teacher, student = trained
   t_run, s_run = runs.load_run(teacher), runs.load_run(student)
-  assert generation.sampler_spec(t_run, 16, "addim", "table", 0.0) == generation.SamplerSpec(
+  assert t_run.sampler_spec(16, "addim", "table") == generation.SamplerSpec(
       "addim", 16, "table")
-  assert generation.sampler_spec(s_run, 0, None, "analytic", 0.0).steps == 2
+  assert s_run.sampler_spec().steps == 2
   with pytest.raises(ValueError, match="--sampler applies to diffusion"):
-    generation.sampler_spec(s_run, 0, "ddim", "analytic", 0.0)
+    s_run.sampler_spec(0, "ddim")
 
 
 def test_addim_table_from_data_runs(trained):
   _, teacher, _ = trained
   run = runs.load_run(teacher)
-  data, labels = generation.table_data(run, 64, 0)
+  data, labels = run.training_examples(64, 0)
   table = generation.estimate_table(run.model, run.params, run.schedule, data, labels,
                                     num_points=8)
   values = np.asarray(table.values)

@@ -106,6 +106,7 @@ def test_anystep_grid_gives_each_example_its_own_nested_segments():
   # t_step is a boundary k / S of the example's own S; t lies in that segment.
   k = np.asarray(t_step) * s_of
   np.testing.assert_allclose(k, np.round(k), atol=1e-4)
+  assert np.all(np.asarray(t) > np.asarray(t_step))
   assert np.all(np.asarray(t) <= np.asarray(t_step) + 1 / s_of + 1e-6)
   # A single step count reproduces make_grid.
   one = losses.make_anystep_grid(jnp.float32(1280), (4,), [None], jnp.zeros(3, jnp.int32))

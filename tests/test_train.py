@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 
 from multistep_cm import checkpointing
+from multistep_cm import compile_report
 from multistep_cm import config_base
+from multistep_cm import config_build
 from multistep_cm import config_checks
+from multistep_cm import hardware
+from multistep_cm import optim
+from multistep_cm import sharding
 from multistep_cm import train
+from multistep_cm import train_step
 
 from helpers import abstract_params
+from helpers import file_config
 from helpers import read_scalars
 from helpers import run_main
 from helpers import set_keys
@@ -26,10 +33,11 @@ from helpers import tiny_mixture
 def test_main_trains_sharded_and_logs_to_tensorboard(tmp_path):
   """The main job end to end on a 2x4 mesh: loss finite and falling, scalars and images logged."""
   workdir = tmp_path / "digits"
-  run_main("configs/digits_diffusion.py", workdir, "--config.num_train_steps=60",
-           "--config.batch_size=32", "--config.log_every_steps=10", "--config.mesh.data=2",
-           "--config.mesh.fsdp=4", "--config.sample_every_steps=30", "--config.sample_num=4",
-           "--config.sample_steps=4", "--config.checkpoint_every_steps=30")
+  overrides = {
+      "num_train_steps": 60, "batch_size": 32, "log_every_steps": 10, "mesh.data": 2,
+      "mesh.fsdp": 4, "sample_every_steps": 30, "sample_num": 4, "sample_steps": 4,
+      "checkpoint_every_steps": 30}
+  run_main("configs/digits_diffusion.py", workdir, overrides)
   scalars, images = read_scalars(workdir)
   for tag in ("loss", "grad_norm", "learning_rate", "steps_per_sec", "examples_per_sec",
               "tflops_per_device"):
@@ -41,17 +49,25 @@ def test_main_trains_sharded_and_logs_to_tensorboard(tmp_path):
   assert os.path.exists(workdir / "config.json")
   assert json.load(open(workdir / "config.json"))["mesh"] == {"data": 2, "fsdp": 4}
   assert glob.glob(str(workdir / "samples_step60.png"))
-  # Parameters really are sharded over the fsdp axis of the 2x4 mesh.
+  # The last step's checkpoint restores onto the 2x4 mesh with parameters sharded over fsdp.
   ckpt, step = checkpointing.resolve(str(workdir))
   assert step == 60
+  config = file_config("configs/digits_diffusion.py", overrides)
+  state, _ = ckpt.restore_state(step, train_step.StepBuilder(config).layout.abstract)
+  params = jax.tree.leaves(state.params)
+  assert all(np.all(np.isfinite(np.asarray(p))) for p in params)
+  sharded = [p for p in params if "fsdp" in str(p.sharding.spec)]
+  assert sum(p.size for p in sharded) > 0.9 * sum(p.size for p in params)
+  for p in sharded:
+    assert p.addressable_shards[0].data.size * 4 == p.size
 
 
 def test_parameters_are_sharded_over_fsdp():
   config = tiny_digits()
-  mesh = train.sharding_lib.make_mesh(config.mesh)
-  model = train.get_model(config)
-  tx, _ = train.optim.make_optimizer(config.optimizer, config.num_train_steps)
-  layout = train.state_layout(model, tx, mesh, 1)
+  mesh = sharding.make_mesh(config.mesh)
+  model = config_build.get_model(config)
+  tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  layout = train_step.state_layout(model, tx, mesh, 1)
   specs = [s.spec for s in jax.tree.leaves(layout.shardings.params)]
   assert any("fsdp" in str(spec) for spec in specs)
   # Adam's moments follow their parameters.
@@ -64,11 +80,49 @@ def test_step_flops_count_every_block_of_a_scanned_stack():
   config = config_base.digits_config("diffusion")
   config.batch_size, config.model.mid_blocks = 8, 3
   config.mesh.data = config.mesh.fsdp = 1
-  one_device = jax.devices()[:1]  # the count does not depend on the mesh; compiles faster
-  _, scanned = train.StepBuilder(config, one_device).compile()
+  one_device = jax.devices()[:1]  # the count does not depend on the mesh
+  scanned, _ = train_step.StepBuilder(config, one_device).flops()
   config.model.scan_blocks = False
-  _, unrolled = train.StepBuilder(config, one_device).compile()
-  assert scanned == pytest.approx(unrolled, rel=0.02)
+  unrolled, _ = train_step.StepBuilder(config, one_device).flops()
+  assert scanned.exact and unrolled.exact
+  assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
+
+
+def test_logged_mfu_and_the_compile_report_count_the_same_flops(tmp_path, monkeypatch):
+  """The trainer's logged MFU and tflops_per_device use the model FLOPs per device of the
+  compile report (`model_flops_per_chip`): `mfu * peak / steps_per_sec` gives them back at
+  every log step. With remat on, the step's hardware FLOPs (recomputed forwards included)
+  differ from its model FLOPs, and XLA's figure differs from both, so a trainer counting
+  either, or FLOPs over all devices instead of per device, would fail here."""
+  peak = 1e12
+  monkeypatch.setattr(hardware, "peak_flops_per_device", lambda *_: peak)
+  config = tiny_digits("diffusion", steps=6, log_every_steps=2, sample_every_steps=0,
+                       checkpoint_every_steps=0)
+  config.model.remat = True
+  train.train_and_evaluate(config, str(tmp_path))
+  scalars, _ = read_scalars(str(tmp_path))
+  report = compile_report.build_report(config, "cpu")
+  expected = report["model_flops_per_chip"]
+  assert report["chips"] == 8 and report["flops_exact"]
+  assert report["hardware_flops_per_chip"] > 1.1 * expected  # remat recomputes forwards
+  assert report["xla_flops_per_chip"] != pytest.approx(expected, rel=1e-4)
+  # The speed the trainer divided by: its examples_per_sec / batch_size. Its steps_per_sec
+  # is that too, but clu's ReportProgress writes its own steps_per_sec (timed apart) at the
+  # same steps, so that tag holds two values per log step.
+  logged_speeds = {}
+  for step, value in scalars["steps_per_sec"]:
+    logged_speeds.setdefault(step, []).append(value)
+  steps = [s for s, _ in scalars["mfu"]]
+  assert steps == [2, 4, 6]
+  assert [s for s, _ in scalars["examples_per_sec"]] == steps
+  assert [s for s, _ in scalars["tflops_per_device"]] == steps
+  for (step, mfu), (_, examples_per_sec), (_, tflops) in zip(
+      scalars["mfu"], scalars["examples_per_sec"], scalars["tflops_per_device"]):
+    steps_per_sec = examples_per_sec / config.batch_size
+    assert any(v == pytest.approx(steps_per_sec, rel=1e-6) for v in logged_speeds[step])
+    # float32 scalars: a relative error of ~1e-7 each.
+    assert mfu * peak / steps_per_sec == pytest.approx(expected, rel=1e-5)
+    assert tflops * 1e12 / steps_per_sec == pytest.approx(expected, rel=1e-5)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -105,7 +159,8 @@ def test_cd_starts_from_a_diffusion_checkpoint(tmp_path):
 
 
 def test_student_initialised_from_teacher_weights(tmp_path):
-  """Before its first update the student equals the teacher's EMA weights (init_from)."""
+  """The student starts from the teacher's EMA weights (init_from): after one step at learning
+  rate 0 its parameters are still exactly those."""
   teacher_dir = str(tmp_path / "teacher")
   train.train_and_evaluate(tiny_mixture("diffusion", steps=20), teacher_dir)
   config = tiny_mixture("ct", steps=1, teacher=teacher_dir)
