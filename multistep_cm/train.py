@@ -24,8 +24,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -37,6 +35,7 @@ from multistep_cm import config_build
 from multistep_cm import config_checks
 from multistep_cm import hardware
 from multistep_cm import images
+from multistep_cm import metric_log
 from multistep_cm import train_step as train_step_lib
 from multistep_cm.data import pipeline as pipeline_lib
 from multistep_cm.evaluation import in_training
@@ -119,8 +118,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
                                config.teacher_weights, key="config.teacher_checkpoint")
   source = open_source(config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                                asynchronous=True)
+  writer = metric_log.create_writer(workdir, just_logging=jax.process_index() > 0)
 
   # 2. The train state, sharded.
   ckpt = checkpointing.Checkpointer(
@@ -155,10 +153,10 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   traced = builder.trace()
   model_flops, _ = builder.flops(traced)
   compiled = builder.compile(traced)
-  metric_log = _MetricLog(writer, config, start_step, model_flops.flops / builder.mesh.size,
+  scalar_log = _ScalarLog(writer, config, start_step, model_flops.flops / builder.mesh.size,
                           hardware.peak_flops_per_device())
   logging.info("Compiled the train step in %.1fs: %.3g model FLOPs per device per step.",
-               time.time() - t0, metric_log.flops_per_device)
+               time.time() - t0, scalar_log.flops_per_device)
   grid = in_training.make_sample_grid(config, builder.model, builder.schedule, builder.mesh)
   evaluator = None
   if in_training.enabled(config):
@@ -169,14 +167,8 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
         builder.teacher_model)
 
   # 5. The loop.
-  hooks = []
-  if jax.process_index() == 0:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                 writer=writer,
-                                                 every_steps=config.log_every_steps))
-    if config.profile_steps:
-      hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                            logdir=workdir, first_profile=start_step + 10))
+  hooks = (metric_log.progress_hooks(config, workdir, start_step)
+           if jax.process_index() == 0 else [])
   result = TrainResult(step=start_step)
   step = start_step
   ids_log = (pipeline_lib.ExampleIdLog(workdir, jax.process_index(), start_step)
@@ -191,12 +183,12 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
                                      builder.batch_sharding, config.batch_size)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = compiled(state, batch, teacher_params)
-      metric_log.add(metrics)
+      scalar_log.add(metrics)
       for hook in hooks:
         hook(step)
       final = step == config.num_train_steps
       if _due(step, config.log_every_steps) or final:
-        result.final_metrics = metric_log.write(step, state, ckpt)
+        result.final_metrics = scalar_log.write(step, state, ckpt)
       if grid is not None and (_due(step, config.sample_every_steps) or final):
         samples = grid(state.ema["ema0"])
         writer.write_images(step, {"samples": samples[None]})
@@ -208,14 +200,14 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
       preempted = stop.requested() or (jax.process_count() > 1 and
                                        ckpt.reached_preemption(step))
       if _due(step, config.checkpoint_every_steps) or preempted:
-        _save_checkpoint(ckpt, config, step, state, metric_log.first_nonfinite())
+        _save_checkpoint(ckpt, config, step, state, scalar_log.first_nonfinite())
       if preempted:
         logging.warning("Stopping at step %d after saving a checkpoint.", step)
         result.preempted = True
         break
     result.step = step
     if not result.preempted and ckpt.latest_step() != step:
-      _save_checkpoint(ckpt, config, step, state, metric_log.first_nonfinite())
+      _save_checkpoint(ckpt, config, step, state, scalar_log.first_nonfinite())
     ckpt.wait_until_finished()  # a save that failed in the background fails the run
   finally:
     # Also on errors: no checkpoint or decoding thread left running, and a close that
@@ -311,7 +303,7 @@ def _load_teacher(config, abstract):
 # --- metrics -----------------------------------------------------------------------------------
 
 
-class _MetricLog:
+class _ScalarLog:
   """The step's metrics stay on the device until a log step; then one host transfer, their
   means since the last log, the speed, and the non-finite policy."""
 

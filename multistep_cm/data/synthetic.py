@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from multistep_cm.data import tfds_source
 
-NAME = "synthetic_jpeg"
+NAME = tfds_source.SYNTHETIC
 
 
 def synthetic_jpeg(index: int, width: int, height: int, quality: int = 90) -> bytes:

@@ -25,6 +25,10 @@ which then goes through step 3 as before. The crop geometry is unchanged; the
 first reduction becomes libjpeg's DCT-domain filter instead of the bicubic one,
 much like ADM's box-halving. It only helps when the shorter side is >= 4x the
 target (e.g. 64 px from typical ImageNet photos); see benchmarks/input_pipeline.py.
+
+TensorFlow Datasets (and with it TensorFlow) is imported only when a dataset is opened or
+prepared (`_tfds`), so the trainer starts where TensorFlow is not installed and reads
+the embedded data there.
 """
 import importlib.resources.abc
 import io
@@ -33,8 +37,6 @@ import sys
 
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
-
 from multistep_cm.data.sources import DatasetError
 from multistep_cm.data.sources import Source
 
@@ -47,6 +49,9 @@ TFDS_DATASETS = (
     "imagenet_resized/8x8", "imagenet_resized/16x16", "imagenet_resized/32x32",
     "imagenet_resized/64x64",
 )
+
+# The ImageNet-shaped dataset data/synthetic.py writes for tests and benchmarks.
+SYNTHETIC = "synthetic_jpeg"
 
 # The manual-download archives `tfds build imagenet2012` looks for in manual_dir.
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -95,6 +100,12 @@ def preprocess_image(data: bytes, image_size: int, channels: int = 3,
   return array.astype(np.float32) / 127.5 - 1.0
 
 
+def _tfds():
+  """The `tensorflow_datasets` module, imported on first use (it imports TensorFlow)."""
+  import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+  return tensorflow_datasets
+
+
 def ensure_tfds_can_prepare():
   """Works around tensorflow/datasets#11212 (open in tfds 4.9.10).
 
@@ -119,7 +130,7 @@ def prepare_command(name: str, data_dir: str | None) -> str:
 
 def _needs_manual_download(name: str) -> bool:
   try:
-    return bool(tfds.builder_cls(name.split("/")[0].split(":")[0]).MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return bool(_tfds().builder_cls(name.split("/")[0].split(":")[0]).MANUAL_DOWNLOAD_INSTRUCTIONS)
   except Exception:  # pylint: disable=broad-except
     return False  # unknown names are reported by `tfds.builder` itself
 
@@ -162,6 +173,7 @@ class TfdsSource(Source):
       DatasetError: the dataset is unknown, not prepared, not in array_record
         format, or has no split `split`; the message says how to fix it.
     """
+    tfds = _tfds()
     self.name, self.split, self.fast_decode = name, split, fast_decode
     where = f"in data_dir={data_dir}" if data_dir else "in TFDS's default data_dir"
     try:
@@ -224,7 +236,7 @@ def _open_error(builder, name, split, data_dir, where, error) -> DatasetError:
     return DatasetError(f"TFDS dataset {name!r} is not prepared {where} (nothing valid at "
                         f"{builder.data_path}).\n{_how_to_prepare(name, data_dir)}")
   formats = builder.info.available_file_formats()
-  if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+  if _tfds().core.FileFormat.ARRAY_RECORD not in formats:
     found = ", ".join(sorted(f.value for f in formats)) or "unknown"
     return DatasetError(
         f"TFDS dataset {name!r} is prepared {where} as {found}, but the input pipeline reads "
