@@ -4,6 +4,8 @@ Timings are never asserted (they depend on the machine); what is checked is that
 each derived figure is the arithmetic of the measured ones it claims to be.
 """
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -121,3 +123,34 @@ def test_bench_models_preset_is_consistent():
   for r in (fwd, fwd_bwd):
     assert r["flops_per_s"] == pytest.approx(r["flops"] / r["seconds"])
     assert r["fraction_of_matmul"] == pytest.approx(r["flops_per_s"] / 1e9)
+
+
+def test_device_check_dry_run_lists_the_plan_and_names_what_is_missing():
+  from helpers import child_env, REPO, run_module  # pylint: disable=g-import-not-at-top
+  proc = run_module("benchmarks.device_check", "--dry-run", devices=1)
+  assert "plan:" in proc.stdout and "cd/no_remat/xla" in proc.stdout, proc.stdout
+  assert "not a GPU" in proc.stdout  # this machine has none
+  code = ("import sys; sys.modules['ml_collections'] = None; sys.modules['tqdm'] = None; "
+          "from benchmarks import device_check; sys.exit(device_check.main(['--dry-run']))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(devices=1),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.count("\n") == 1 and "ml_collections, tqdm" in proc.stderr, proc.stderr
+
+
+def test_device_check_runs_its_plan_within_the_budget(tmp_path):
+  """On the CPU with a spent budget: the peak and the batch probe run, every variant and
+  the sampling are listed as skipped, and the report and table still come out."""
+  from benchmarks import device_check  # pylint: disable=g-import-not-at-top
+  args = ["--allow_cpu", "--config=configs/digits_cd.py", "--budget_s=0", "--reserve_s=0",
+          "--matmul_size=64", "--probe_batch=8", "--memory_limit_gb=0.05", "--repeats=1",
+          f"--out={tmp_path}"]
+  assert device_check.main(args) == 0
+  report = json.loads((tmp_path / "device_check.json").read_text())
+  probe = report["batch_probe"]["memory_bytes"]
+  fixed = probe["argument"] + probe["output"] - probe["alias"]
+  expected = int((0.9 * 0.05 * 2**30 - fixed) / (probe["temp"] / 8)) // 8 * 8
+  assert report["batch"] == max(8, expected)
+  assert not report["steps"]
+  assert len(report["skipped"]) == len(device_check.variants()) + 1  # + the sampling
+  assert report["skipped"][0] == "cd/no_remat/xla" and report["skipped"][-1] == "sampling"
