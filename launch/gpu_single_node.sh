@@ -14,7 +14,7 @@ Usage: launch/gpu_single_node.sh [flags] [--config.KEY=VALUE ...] [-- EXTRA_TRAI
 Starts, in the foreground and from the repository root:
   python -m multistep_cm.main --config=CONFIG --workdir=WORKDIR [overrides]
 as one process that uses every GPU in GPUS (default: all visible ones).
-Install first: pip install -c constraints.txt -e '.[cuda]'
+Install first: pip install -c constraints.txt -e '.[cuda12]' (CUDA 13: '.[cuda13]')
 
 Flags (each also read from the environment variable named after it; flags win)
   --config CONFIG               configs/<name>.py[:variant] (required)
