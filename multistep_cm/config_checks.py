@@ -1,12 +1,22 @@
 """Config validation before anything compiles: one line naming the key and what is allowed.
 
+Every key a run reads has one row in `SCHEMA`: its type and allowed range or set (the
+model's keys come from `MODEL_SCHEMA`, a schedule's keyword arguments must be finite
+numbers that the schedule accepts). `validate` checks each leaf of a config against its
+row, refuses keys no row names (a typo would otherwise be ignored), then checks what
+involves several keys (divisibility, the mesh, the segment grid, the model as built).
+Allowed but suspicious values are refused or warned about, as `SCHEMA` says.
+
 `validate_run` is what the main job calls first, for a single-run config or every
 stage of a staged one, so a mistake in a later stage fails before the first trains.
 Checks that need files (the teacher checkpoint, the dataset) run in the trainer,
 still before anything is allocated or compiled (train.py, step 1).
 """
+import dataclasses
 import math
+from typing import Any, Callable
 
+from absl import logging
 import jax
 
 from multistep_cm import config_build
@@ -17,18 +27,242 @@ from multistep_cm.data import digits
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import schedules
+from multistep_cm.diffusion import segments
+from multistep_cm.evaluation import sample_metrics
+from multistep_cm.models import layers
+from multistep_cm.models import uvit
 
 DATASETS = config_build.DATASETS
 NONFINITE = ("skip", "stop")
+MAX_INT = 2**31 - 1  # steps and counters are int32 on the device
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
 
 
-def _one_of(key: str, value, allowed):
-  if value not in allowed:
-    raise ConfigError(f"config.{key} must be one of {tuple(allowed)}, got {value!r}")
+# --- the schema: one row per key ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one key allows: `check(value)` returns None if allowed, else what is allowed
+  (the text of the error); `warn(value)` returns a warning for an allowed but suspicious
+  value, else None."""
+  check: Callable[[Any], str | None]
+  warn: Callable[[Any], str | None] = lambda value: None
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def integer(lo: int, hi: int = MAX_INT, also=()) -> Rule:
+  allowed = f"an integer in [{lo}, {hi}]" + "".join(f" or {a}" for a in also)
+  return Rule(lambda v: None if (_is_int(v) and (lo <= v <= hi or v in also)) else allowed)
+
+
+def number(lo: float, hi: float, lo_open=False, hi_open=False, warn_above=None) -> Rule:
+  allowed = (f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+             f"{')' if hi_open else ']'}")
+
+  def check(v):
+    ok = _is_number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    return None if ok else allowed
+
+  warn = lambda v: (f"{v:g} is above {warn_above:g}, which is unusual" if warn_above is not None
+                    and v > warn_above else None)
+  return Rule(check, warn)
+
+
+def boolean() -> Rule:
+  return Rule(lambda v: None if isinstance(v, bool) else "true or false")
+
+
+def one_of(*values) -> Rule:
+  return Rule(lambda v: None if isinstance(v, str) and v in values else f"one of {values}")
+
+
+def text(empty: bool = True, none: bool = False) -> Rule:
+  allowed = "a string" + ("" if empty else " (not empty)") + (" or None" if none else "")
+  return Rule(lambda v: None if ((v is None and none) or (isinstance(v, str) and (empty or v)))
+              else allowed)
+
+
+def sequence(item: Rule, min_len: int = 1, max_len: int = 64, what: str = "") -> Rule:
+  allowed = f"a list of {min_len} to {max_len} {what or 'values'}"
+
+  def check(v):
+    if not isinstance(v, (list, tuple)) or not min_len <= len(v) <= max_len:
+      return allowed
+    return allowed if any(item.check(x) for x in v) else None
+
+  return Rule(check)
+
+
+def either(*rules: Rule) -> Rule:
+  def check(v):
+    found = [r.check(v) for r in rules]
+    return None if any(f is None for f in found) else " or ".join(found)
+  return Rule(check)
+
+
+def _dataset(v):
+  if isinstance(v, str) and (v in DATASETS or (v.startswith("tfds:") and len(v) > 5)):
+    return None
+  return f"one of {DATASETS} or 'tfds:<name>'"
+
+
+def _weights(v):
+  if isinstance(v, str) and (v == "params" or (v.startswith("ema") and v[3:].isdigit())):
+    return None
+  return "'params' or an EMA name ('ema0', 'ema1', ...)"
+
+
+def _boundaries(v):
+  if isinstance(v, str):
+    return None if v in segments.KINDS else f"one of {segments.KINDS} or S + 1 times"
+  return sequence(number(0.0, 1.0), 2, 1025).check(v) and (
+      f"one of {segments.KINDS} or S + 1 increasing times from 0 to 1")
+
+
+_STEPS = integer(0)  # an interval in steps; 0: off
+SCHEMA: dict[str, Rule] = {
+    "seed": integer(0),
+    "data.dataset": Rule(_dataset),
+    "data.split": text(empty=False),
+    "data.image_size": integer(0, 4096),  # 0: vector data (the mixture)
+    "data.num_channels": integer(1, 4),
+    "data.num_classes": integer(0, 100_000),
+    "data.data_dir": text(none=True),
+    "data.random_flip": boolean(),
+    "data.fast_decode": boolean(),
+    "data.data_dim": integer(1, 65_536),
+    "data.mixture_size": integer(1, 10_000_000),
+    "data.num_threads": integer(0, 1024),
+    "data.prefetch": integer(0, 64),
+    "batch_size": integer(1, 2**24),
+    "num_train_steps": integer(1),
+    "schedule.name": one_of(*schedules.NAMES),
+    "loss.mode": one_of("diffusion", *losses.MODES),
+    "loss.label_dropout": number(0.0, 1.0, hi_open=True),
+    "loss.student_steps": integer(1, 4096),
+    "loss.teacher_steps_start": integer(1, 1 << 20),
+    "loss.teacher_steps_end": integer(1, 1 << 20),
+    "loss.anneal_steps": integer(0),
+    "loss.eta": number(0.0, 1.0),
+    "loss.teacher_solver": one_of(*losses.TEACHER_SOLVERS),
+    "loss.guidance_scale": number(0.0, 100.0, warn_above=20.0),
+    "loss.huber_epsilon": number(0.0, 1e3, lo_open=True),
+    "loss.huber_reduction": one_of(*losses.HUBER_REDUCTIONS),
+    "loss.weighting": one_of(*losses.WEIGHTINGS),
+    "loss.direct_x_var": one_of(*losses.DIRECT_X_VAR_RULES),
+    "loss.boundaries": Rule(_boundaries),
+    "loss.anystep_counts": sequence(integer(1, 4096), 0, 16, "step counts"),  # empty: off
+    "teacher_checkpoint": text(),
+    "teacher_weights": Rule(_weights),
+    "init_from": text(),
+    "init_weights": Rule(_weights),
+    "optimizer.name": one_of(*optim.OPTIMIZERS),
+    # Refused above 10; above 1 only warned about (a step size that large is almost
+    # always a typo, but an optimiser without normalisation could use one).
+    "optimizer.learning_rate": number(0.0, 10.0, warn_above=1.0),
+    "optimizer.warmup_steps": integer(0),
+    "optimizer.schedule": one_of(*optim.LR_SCHEDULES),
+    "optimizer.end_lr_fraction": number(0.0, 1.0),
+    "optimizer.b1": number(0.0, 1.0, hi_open=True),
+    "optimizer.b2": number(0.0, 1.0, hi_open=True),
+    "optimizer.eps": number(0.0, 1.0, lo_open=True),
+    "optimizer.weight_decay": number(0.0, 1.0),
+    "optimizer.grad_clip_norm": number(0.0, 1e6),  # 0: no clipping
+    # An EMA decay outside [0, 1) is refused (1 would freeze the EMA at the initialisation).
+    "ema_decays": sequence(number(0.0, 1.0, hi_open=True), 1, 8, "decays in [0, 1)"),
+    "ema_warmup": boolean(),
+    "nonfinite": one_of(*NONFINITE),
+    "mesh.data": integer(1, 1 << 20, also=(-1,)),
+    "mesh.fsdp": integer(1, 1 << 20, also=(-1,)),
+    "log_every_steps": _STEPS,
+    "checkpoint_every_steps": _STEPS,
+    "checkpoint_keep": integer(0, 10_000),
+    "checkpoint_keep_period": _STEPS,
+    "async_checkpoints": boolean(),
+    "sample_every_steps": _STEPS,
+    "sample_num": integer(1, 4096),
+    "sample_steps": integer(1, 4096),
+    "sample_sampler": one_of(*sampling.SAMPLERS),
+    "profile_steps": integer(0, 10_000),
+    "record_example_ids": boolean(),
+    "evals.every_steps": _STEPS,
+    "evals.num_samples": integer(1, 1_000_000),
+    "evals.batch_size": integer(1, 1 << 16),
+    "evals.metric": one_of(*sample_metrics.KINDS),
+    "evals.ode_error": boolean(),
+    "evals.ode_steps": integer(1, 4096),
+    "evals.inception_weights": text(),
+    "evals.reference_stats": text(),
+}
+
+# The model's keys: attributes of the UViT and the MLP (models/uvit.py, models/mlp.py).
+_WIDTH = integer(1, 1 << 16)
+MODEL_SCHEMA: dict[str, Rule] = {
+    "preset": one_of(*sorted(models.PRESETS)),
+    "image_size": integer(1, 4096), "num_channels": integer(1, 4),
+    "num_classes": integer(0, 100_000), "data_dim": integer(1, 65_536),
+    "block_types": sequence(one_of("res", "attn"), 1, 8, "'res' or 'attn'"),
+    "channels": sequence(_WIDTH, 1, 8, "widths"), "num_blocks": sequence(integer(0, 64), 1, 8),
+    "mid_channels": _WIDTH, "mid_blocks": integer(0, 256), "emb_dim": _WIDTH,
+    "head_dim": integer(1, 4096), "mlp_ratio": integer(1, 64), "num_groups": integer(1, 1024),
+    "width": _WIDTH, "depth": integer(1, 256),
+    "dropout": either(number(0.0, 1.0, hi_open=True),
+                      sequence(number(0.0, 1.0, hi_open=True), 1, 9, "rates in [0, 1)")),
+    "dtype": one_of("float32", "bfloat16", "float16"),
+    "remat": boolean(), "remat_policy": one_of("none", *sorted(layers.REMAT_POLICIES)),
+    "scan_blocks": boolean(), "attention_impl": one_of(*uvit.ATTENTION_IMPLS),
+    "segment_cond": one_of(*layers.SEGMENT_CONDITIONS), "num_step_values": integer(0, 64),
+}
+
+
+def _leaves(tree, prefix=""):
+  """`(dotted key, value)` of every leaf; lists and tuples are leaves."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def rule_for(key: str) -> Rule | None:
+  """The row of `SCHEMA` (or `MODEL_SCHEMA`, or the schedule's kwargs) for `key`."""
+  if key in SCHEMA:
+    return SCHEMA[key]
+  if key.startswith("model."):
+    return MODEL_SCHEMA.get(key[len("model."):])
+  if key.startswith("schedule.kwargs."):
+    return number(-1e6, 1e6)
+  return None
+
+
+def check_keys(config) -> list[str]:
+  """Raises ConfigError on the first key whose value its row does not allow, or that no row
+  names; returns the warnings for allowed but suspicious values."""
+  tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  warnings = []
+  for key, value in _leaves(tree):
+    rule = rule_for(key)
+    if rule is None:
+      raise ConfigError(f"config.{key} is not a key this framework reads (a typo?); "
+                        "the keys are listed in multistep_cm/config_base.py")
+    allowed = rule.check(value)
+    if allowed is not None:
+      raise ConfigError(f"config.{key} must be {allowed}, got {value!r}")
+    warning = rule.warn(value)
+    if warning:
+      warnings.append(f"config.{key}: {warning}")
+  return warnings
 
 
 def validate_run(config, num_devices: int | None = None, num_processes: int | None = None):
@@ -63,66 +297,35 @@ def _check_image_size(config):
 
 
 def validate(config, num_devices: int | None = None, num_processes: int | None = None):
-  """Raises ConfigError on the first inconsistent key."""
+  """Raises ConfigError on the first key that is not allowed, alone or with the others;
+  logs a warning for each allowed but suspicious value."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes
+  for warning in check_keys(config):
+    logging.warning("%s", warning)
   lc = config.loss
 
-  dataset = config.data.dataset
-  if not (dataset in DATASETS or str(dataset).startswith("tfds:")):
-    raise ConfigError(f"config.data.dataset must be one of {DATASETS} or 'tfds:<name>', "
-                      f"got {dataset!r}")
-  if config.batch_size < 1 or config.batch_size % num_devices:
+  # What involves several keys, or what the keys build.
+  if config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size must be a positive multiple of the {num_devices} "
                       f"devices, got {config.batch_size}")
   if config.batch_size % num_processes:
     raise ConfigError(f"config.batch_size must be a multiple of the {num_processes} processes, "
                       f"got {config.batch_size}")
-  if config.num_train_steps < 1:
-    raise ConfigError(f"config.num_train_steps must be >= 1, got {config.num_train_steps}")
   try:
     sharding.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(f"{e} (-1 in one of them takes the rest)") from None
-  for key in ("log_every_steps", "checkpoint_every_steps", "checkpoint_keep"):
-    if config[key] < 0:
-      raise ConfigError(f"config.{key} must be >= 0, got {config[key]}")
-
-  _one_of("loss.mode", lc.mode, ("diffusion",) + losses.MODES)
-  _one_of("loss.weighting", lc.weighting, losses.WEIGHTINGS)
-  _one_of("loss.huber_reduction", lc.huber_reduction, losses.HUBER_REDUCTIONS)
-  _one_of("loss.teacher_solver", lc.teacher_solver, losses.TEACHER_SOLVERS)
-  _one_of("loss.direct_x_var", lc.direct_x_var, losses.DIRECT_X_VAR_RULES)
-  _one_of("schedule.name", config.schedule.name, schedules.NAMES)
   try:
-    config_build.get_schedule(config)
+    schedule = config_build.get_schedule(config)
   except ValueError as e:
     raise ConfigError(f"config.schedule.kwargs: {e}") from None
-  _one_of("sample_sampler", config.sample_sampler, sampling.SAMPLERS)
-  _one_of("optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
-  _one_of("optimizer.schedule", config.optimizer.schedule, optim.LR_SCHEDULES)
-  _one_of("nonfinite", config.nonfinite, NONFINITE)
-  lr = config.optimizer.learning_rate
-  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-    raise ConfigError(f"config.optimizer.learning_rate must be a finite number >= 0, got {lr!r}")
-  if not config.ema_decays or not all(0.0 <= d < 1.0 for d in config.ema_decays):
-    raise ConfigError(f"config.ema_decays must be a non-empty list of decays in [0, 1), got "
-                      f"{tuple(config.ema_decays)}")
+  if config.data.dataset != "mixture" and config.data.image_size < 1:
+    raise ConfigError(f"config.data.image_size must be >= 1 for image data "
+                      f"(data.dataset={config.data.dataset!r}), got {config.data.image_size}")
 
   if config_build.is_student(config):
-    s = lc.student_steps
-    if s < 1 or lc.teacher_steps_end % s or s > lc.teacher_steps_start:
-      raise ConfigError(
-          f"config.loss.student_steps must divide loss.teacher_steps_end "
-          f"({lc.teacher_steps_end}) and be at most loss.teacher_steps_start "
-          f"({lc.teacher_steps_start}) so every segment holds whole teacher steps, got {s}")
-    if lc.huber_epsilon <= 0:
-      raise ConfigError(f"config.loss.huber_epsilon must be > 0, got {lc.huber_epsilon}")
-  for key in ("teacher_weights", "init_weights"):  # which EMAs exist, their checkpoint says
-    value = config[key]
-    if value != "params" and not (value.startswith("ema") and value[3:].isdigit()):
-      raise ConfigError(f"config.{key} must be 'params' or an EMA name ('ema0', 'ema1', ...), "
-                        f"got {value!r}")
+    _check_segments(config, schedule)
   if config_build.needs_teacher(config) and not config.teacher_checkpoint:
     raise ConfigError(f"config.teacher_checkpoint must name a diffusion run's workdir or "
                       f"checkpoint for loss.mode={lc.mode!r}")
@@ -130,9 +333,39 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ConfigError("config.loss.guidance_scale needs a class-conditional model "
                       "(config.data.num_classes > 0)")
 
-  _one_of("model.preset", config.model.preset, sorted(models.PRESETS))
   _check_image_size(config)
   try:
     config_build.get_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
+
+
+def _check_segments(config, schedule):
+  """Every segment of every step count holds whole teacher steps; the boundaries and the
+  any-step counts fit the student."""
+  lc = config.loss
+  if lc.teacher_steps_start > lc.teacher_steps_end:
+    raise ConfigError(f"config.loss.teacher_steps_start must be at most loss.teacher_steps_end "
+                      f"({lc.teacher_steps_end}), got {lc.teacher_steps_start}")
+  counts = config_build.step_counts(config)
+  key = "loss.anystep_counts" if lc.anystep_counts else "loss.student_steps"
+  for s in counts:
+    if lc.teacher_steps_end % s or s > lc.teacher_steps_start:
+      raise ConfigError(
+          f"config.{key} must divide loss.teacher_steps_end ({lc.teacher_steps_end}) and be "
+          f"at most loss.teacher_steps_start ({lc.teacher_steps_start}) so every segment "
+          f"holds whole teacher steps, got {s}")
+  if lc.anystep_counts:
+    if len(set(counts)) != len(counts):
+      raise ConfigError(f"config.loss.anystep_counts must not repeat a count, got {counts}")
+    if config.model.segment_cond == "none":
+      raise ConfigError("config.loss.anystep_counts needs model.segment_cond 'steps' or "
+                        "'segment_start' (config_base.set_anystep sets both)")
+    if lc.student_steps != max(counts):
+      raise ConfigError(f"config.loss.student_steps must be the largest of "
+                        f"loss.anystep_counts ({max(counts)}), got {lc.student_steps}")
+  for s in counts:
+    try:
+      config_build.segment_boundaries(config, schedule, s)
+    except ValueError as e:
+      raise ConfigError(f"config.loss.boundaries: {e}") from None
