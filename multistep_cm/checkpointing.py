@@ -7,7 +7,7 @@ A checkpoint at step k is a directory `<workdir>/checkpoints/<k>` with items:
   * `train`: step, rng and the non-finite-update counters;
   * `meta`: JSON: step, the input position (the next step; the data order is a
     function of (seed, step), data/pipeline.py), batch size, seed, EMA decays, model
-    preset, loss mode, student steps.
+    preset, loss mode, student steps, and a checksum of every array (`checksums`).
 Keeping them as separate items lets a student load a teacher's `ema` alone,
 without its optimiser state. Restoring takes abstract arrays with shardings, so a
 checkpoint restores onto any mesh (another device count included).
@@ -18,6 +18,15 @@ complete (on GCS: a commit marker file), so a process killed mid-save leaves the
 previous checkpoint as the latest one. Readers never list temporary directories;
 the next writer deletes them when it opens the directory, so no manual cleanup is
 needed after a crash.
+
+Neither orbax nor tensorstore checks that the bytes read back are the bytes written
+(zarr3's crc32c covers the shard index only), so every save records two 32-bit sums
+of each array's words, position-weighted so that any change of one word changes the
+first (`tree_checksums`, computed on the devices, sharded arrays included), and every
+restore recomputes them: a checkpoint whose bytes changed, or that cannot be read at
+all (a truncated file), raises `CorruptCheckpointError` naming the step and the array.
+The trainer then falls back to the newest checkpoint that verifies (train.py).
+Checkpoints written before checksums existed restore unverified.
 
 Errors are this project's: a checkpoint that is missing or does not fit the model
 raises `CheckpointError` (naming the path and the first mismatching arrays); a
@@ -35,6 +44,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "ema", "opt_state", "train", "meta")
@@ -42,6 +52,67 @@ ITEMS = ("params", "ema", "opt_state", "train", "meta")
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing or does not fit what the config asks for."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint whose bytes cannot be read back (`unreadable`), or are not the bytes
+  written (an array does not match its checksum)."""
+
+  def __init__(self, message: str, unreadable: bool = False):
+    super().__init__(message)
+    self.unreadable = unreadable
+
+
+# --- checksums ---------------------------------------------------------------------------------
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The array's bits as a flat uint32 vector (narrower types widened, wider ones split)."""
+  itemsize = x.dtype.itemsize
+  if itemsize == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+  if itemsize == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()  # [..., 2] -> flat
+  if itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).ravel()
+  return x.astype(jnp.uint32).ravel()  # bool, int8, uint8
+
+
+@jax.jit
+def _sums(leaves):
+  """Per leaf: `sum((2i + 1) w_i)` and `sum((w_i ^ (i * 0x9E3779B9)) * 0x85EBCA6B)` mod 2^32.
+
+  A change of one word by any nonzero amount d changes the first sum by (2i + 1) d, which
+  is nonzero mod 2^32 because 2i + 1 is odd; the second catches most other changes.
+  """
+  out = []
+  for x in leaves:
+    w = _words(x)
+    i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+    out.append(jnp.stack([jnp.sum(w * (2 * i + 1), dtype=jnp.uint32),
+                          jnp.sum((w ^ (i * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B),
+                                  dtype=jnp.uint32)]))
+  return out
+
+
+def tree_checksums(tree, prefix: str = "") -> dict[str, str]:
+  """`{path: 16 hex digits}` for every array of `tree` (paths as `jax.tree_util.keystr`)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = jax.device_get(_sums([jnp.asarray(leaf) for _, leaf in flat]))
+  return {prefix + jax.tree_util.keystr(path): f"{int(a):08x}{int(b):08x}"
+          for (path, _), (a, b) in zip(flat, sums)}
+
+
+def verify(tree, stored: dict[str, str] | None, prefix: str, where: str):
+  """Raises CorruptCheckpointError unless every array of `tree` matches its stored checksum
+  (`stored` of a checkpoint written before checksums: nothing to check)."""
+  if not stored:
+    return
+  for path, value in tree_checksums(tree, prefix).items():
+    if stored.get(path) != value:
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is corrupt: array {path} does not match its checksum "
+          f"(stored {stored.get(path)}, read {value})")
 
 
 # Write failures that mean "this filesystem cannot take the checkpoint" (the
@@ -106,12 +177,14 @@ class Checkpointer:
     Raises:
       OSError: this or the previous (background) save could not be written.
     """
+    items = {"params": state.params, "ema": state.ema, "opt_state": state.opt_state,
+             "train": state.counters()}
+    checksums = {}
+    for name, tree in items.items():
+      checksums.update(tree_checksums(tree, name))
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        ema=ocp.args.StandardSave(state.ema),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        train=ocp.args.StandardSave(state.counters()),
-        meta=ocp.args.JsonSave(meta))
+        **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
+        meta=ocp.args.JsonSave({**meta, "checksums": checksums}))
     try:
       return self.manager.save(step, args=args, force=force)
     except Exception as e:  # pylint: disable=broad-except
@@ -122,35 +195,67 @@ class Checkpointer:
 
     Raises:
       CheckpointError: the checkpoint's parameters do not fit `abstract_state`.
+      CorruptCheckpointError: its bytes cannot be read, or do not match their checksums.
     """
     self.check_fits(step, "params", abstract_state.params)
-    try:
+    items = {"params": abstract_state.params, "ema": abstract_state.ema,
+             "opt_state": abstract_state.opt_state, "train": abstract_state.counters()}
+    with self._reading(step):
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_state.params),
-          ema=ocp.args.StandardRestore(abstract_state.ema),
-          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-          train=ocp.args.StandardRestore(abstract_state.counters()),
+          **{name: ocp.args.StandardRestore(tree) for name, tree in items.items()},
           meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-      raise CheckpointError(
-          f"checkpoint {self.directory}/{step} could not be restored "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    for name in items:
+      verify(restored[name], restored["meta"].get("checksums"), name,
+             f"{self.directory}/{step}")
     state = abstract_state.replace(params=restored["params"], ema=restored["ema"],
                                    opt_state=restored["opt_state"], **restored["train"])
     return state, restored["meta"]
+
+  @contextlib.contextmanager
+  def _reading(self, step: int):
+    """Failures to read the arrays (a truncated or garbled file; orbax raises anything from
+    ValueError to a bare Exception) as CorruptCheckpointError(unreadable=True). Whether the
+    config or the bytes are at fault is for the caller to decide: the structure was
+    checked beforehand from the metadata, and an older checkpoint that reads shows it."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(
+          f"checkpoint {self.directory}/{step} could not be read "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})", unreadable=True) from None
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore_params(self, step: int, abstract_params, which: str = "ema0"):
-    """One parameter tree: `which` is "params" (raw) or an EMA name ("ema0", ...)."""
-    if which == "params":
+    """One parameter tree, verified: `which` is "params" (raw) or an EMA name ("ema0", ...).
+
+    Raises:
+      CorruptCheckpointError: its bytes cannot be read, or do not match their checksums.
+    """
+    item, prefix = _item_and_prefix(which)
+    target = abstract_params if item == "params" else {which: abstract_params}
+    with self._reading(step):
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params)))
-      return restored["params"]
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        ema=ocp.args.StandardRestore({which: abstract_params})))
-    return restored["ema"][which]
+          **{item: ocp.args.StandardRestore(target)}, meta=ocp.args.JsonRestore()))
+    verify(restored[item], restored["meta"].get("checksums"), item, f"{self.directory}/{step}")
+    return restored[item] if item == "params" else restored[item][which]
+
+  def quarantine(self, step: int) -> str:
+    """Moves the checkpoint of `step` out of the checkpoint directory, to
+    `<directory>_corrupt/<step>` (process 0; every process waits), so training can go on
+    past it; returns where it went."""
+    target = f"{self.directory}_corrupt/{step}"
+    if jax.process_index() == 0:
+      epath.Path(target).parent.mkdir(parents=True, exist_ok=True)
+      if epath.Path(target).exists():
+        target = f"{target}.{len(list(epath.Path(target).parent.iterdir()))}"
+      epath.Path(self.directory, str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    self.manager.reload()
+    return target
 
   def stored_tree(self, step: int, item: str, prefix: str = ""):
     """The metadata tree (shapes, dtypes) of item `item` at `step`, under key `prefix`."""

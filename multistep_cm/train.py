@@ -209,6 +209,11 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     if not result.preempted and ckpt.latest_step() != step:
       _save_checkpoint(ckpt, config, step, state, scalar_log.first_nonfinite())
     ckpt.wait_until_finished()  # a save that failed in the background fails the run
+    if stop.requested() and not result.preempted:
+      # The signal came after the last step (during the final save): this run is complete,
+      # but a staged run must not start its next stage.
+      logging.warning("Stopping after the final step %d: a stop was requested.", step)
+      result.preempted = True
   finally:
     # Also on errors: no checkpoint or decoding thread left running, and a close that
     # fails (a full disk fails them all) is logged without hiding the error being raised.
@@ -257,14 +262,9 @@ def open_source(config):
 def _initial_state(config, builder, ckpt) -> TrainState:
   """Resume from the workdir, else initialise from `config.init_from`, else from scratch."""
   layout = builder.layout
-  latest = ckpt.latest_step()
-  if latest is not None:
-    try:
-      state, meta = ckpt.restore_state(latest, layout.abstract)
-    except checkpointing.CheckpointError as e:
-      raise checkpointing.CheckpointError(
-          f"{e}. Resume this workdir with the config it was trained with, or train this "
-          "config in a new workdir.") from None
+  restored = _restore_newest_verified(ckpt, layout.abstract)
+  if restored is not None:
+    state, meta = restored
     for key in ("batch_size", "seed"):
       if meta.get(key) != config[key]:
         logging.warning("Resuming with %s=%s but the checkpoint was written with %s: the "
@@ -288,6 +288,45 @@ def _initial_state(config, builder, ckpt) -> TrainState:
     logging.info("Student initialised from %s (%s).", config.init_from, config.init_weights)
     return jax.jit(create, out_shardings=layout.shardings)(loaded)
   return jax.jit(lambda rng: create(fresh(rng)), out_shardings=layout.shardings)(init_rng)
+
+
+def _restore_newest_verified(ckpt, abstract):
+  """`(state, meta)` of the newest checkpoint that reads back and verifies, or None if the
+  workdir has none.
+
+  A checkpoint whose arrays do not match their checksums is corrupt. One that cannot be
+  read at all is corrupt if an older one of the same run can (else the config, not the
+  bytes, is the likelier cause, and the error is raised as it is). Corrupt checkpoints
+  are moved aside (`Checkpointer.quarantine`), each with one warning naming its step and
+  array, and the run goes on from the newest good one.
+
+  Raises:
+    CheckpointError: the checkpoints do not fit the config, or none of them restores.
+  """
+  failed = []
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      restored = ckpt.restore_state(step, abstract)
+    except checkpointing.CorruptCheckpointError as e:
+      failed.append((step, e))
+      continue
+    except checkpointing.CheckpointError as e:
+      raise checkpointing.CheckpointError(
+          f"{e}. Resume this workdir with the config it was trained with, or train this "
+          "config in a new workdir.") from None
+    for bad_step, error in failed:
+      where = ckpt.quarantine(bad_step)
+      logging.warning("%s; moved it to %s and resuming from step %d instead.", error, where,
+                      step)
+    return restored
+  if failed:
+    step, error = failed[0]
+    hint = ("no older checkpoint reads either: if the config changed since, resume with the "
+            "one it was trained with, else start again in a new workdir"
+            if error.unreadable else "and no older checkpoint verifies: start again in a "
+            "new workdir")
+    raise checkpointing.CheckpointError(f"{error}; {hint}.")
+  return None
 
 
 def _load_teacher(config, abstract):
