@@ -5,7 +5,9 @@ The values are set in the config's dict (as a config file could write them, past
 ml_collections' type checks on the command line) and checked with `validate_run`, what
 the main job runs first; a few go through `python -m multistep_cm.main` for the exit code.
 """
+import glob
 import math
+import os
 
 import ml_collections
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from multistep_cm import config_checks
 
 from helpers import file_config
+from helpers import REPO
 from helpers import run_main
 
 # Single runs covering every key the shipped configs set: the digits pipeline's stages, the
@@ -115,3 +118,22 @@ def test_main_exits_2_with_one_line(tmp_path, override, key):
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_the_fuzzed_runs_cover_every_key_of_every_shipped_config():
+  """The runs above hold every leaf key of every config file in configs/ (every stage of a
+  staged one), so each of those keys is fuzzed; and every shipped value fits its row."""
+  fuzzed = set()
+  for name in CONFIGS:
+    fuzzed |= set(_leaves(_single_run(*CONFIGS[name]).to_dict()))
+  shipped = set()
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    name = os.path.basename(path)
+    arg = "teacher=/t" if ("_cd" in name or "_direct" in name) else None  # they need one
+    config = file_config(path if arg is None else f"{path}:{arg}")
+    runs = [config.stages[s] for s in config.stage_order] if "stages" in config else [config]
+    for run in runs:
+      keys = set(_leaves(run.to_dict()))
+      shipped |= keys
+      config_checks.check_keys(run)  # raises ConfigError on a value outside its row
+  assert shipped <= fuzzed, sorted(shipped - fuzzed)
