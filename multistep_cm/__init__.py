@@ -8,7 +8,8 @@ Beside them, one module per concern:
   * commands (`python -m multistep_cm.<name>`): `main` (training), `sample`, `evaluate`,
     `compile_report`, `toy`;
   * training: `train` (the host loop, imported by `main` alone), `train_step` (the
-    static step and train state), `checkpointing`, `optim`, `sharding`;
+    static step and train state), `checkpointing`, `optim`, `sharding`, `metric_log`
+    (TensorBoard events and progress);
   * configs: `config_base` (defaults), `config_build` (what a config builds),
     `config_checks` (validation);
   * sampling: `denoiser` (network -> x̂), `generation` (sharded sampling), `runs` (a
