@@ -69,10 +69,8 @@ class CorruptCheckpointError(CheckpointError):
 def _words(x: jax.Array) -> jax.Array:
   """The array's bits as a flat uint32 vector (narrower types widened, wider ones split)."""
   itemsize = x.dtype.itemsize
-  if itemsize == 4:
+  if itemsize in (4, 8):  # 8-byte types become [..., 2] words, flattened
     return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
-  if itemsize == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()  # [..., 2] -> flat
   if itemsize == 2:
     return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).ravel()
   return x.astype(jnp.uint32).ravel()  # bool, int8, uint8

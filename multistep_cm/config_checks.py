@@ -226,11 +226,12 @@ MODEL_SCHEMA: dict[str, Rule] = {
 }
 
 
-def _leaves(tree, prefix=""):
-  """`(dotted key, value)` of every leaf; lists and tuples are leaves."""
+def leaves(tree, prefix=""):
+  """`(dotted key, value)` of every leaf of a nested dict (a config's `to_dict()`); lists and
+  tuples are leaves."""
   for key, value in tree.items():
     if isinstance(value, dict):
-      yield from _leaves(value, f"{prefix}{key}.")
+      yield from leaves(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
 
@@ -251,7 +252,7 @@ def check_keys(config) -> list[str]:
   names; returns the warnings for allowed but suspicious values."""
   tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   warnings = []
-  for key, value in _leaves(tree):
+  for key, value in leaves(tree):
     rule = rule_for(key)
     if rule is None:
       raise ConfigError(f"config.{key} is not a key this framework reads (a typo?); "

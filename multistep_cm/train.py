@@ -133,7 +133,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     return TrainResult(step=start_step)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(builder.layout.abstract.params))
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+    writer.write_hparams({k: v for k, v in config_checks.leaves(config.to_dict())
                           if isinstance(v, (int, float, str, bool))})
   logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", config.model.preset,
                num_params / 1e6, start_step, config.num_train_steps)
@@ -400,16 +400,6 @@ def fetch_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
         out[f"{key}/{i}"] = float(v)
     else:
       out[key] = float(value.mean())
-  return out
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
   return out
 
 

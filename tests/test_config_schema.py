@@ -47,14 +47,6 @@ def _single_run(path, stage):
   return config if stage is None else config[stage.split(".")[0]][stage.split(".")[1]]
 
 
-def _leaves(tree, prefix=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}"
-
-
 def _with(tree, key, value):
   *parents, leaf = key.split(".")
   node = tree
@@ -69,7 +61,7 @@ def test_every_key_refuses_wrong_values_in_one_line(name):
   base = _single_run(*CONFIGS[name])
   config_checks.validate(base, num_devices=8, num_processes=1)  # as shipped: valid
   tried = refused = 0
-  for key in _leaves(base.to_dict()):
+  for key, _ in config_checks.leaves(base.to_dict()):
     rule = config_checks.rule_for(key)
     assert rule is not None, f"config.{key} has no row in the schema"
     for values in BAD_VALUES.values():
@@ -125,7 +117,7 @@ def test_the_fuzzed_runs_cover_every_key_of_every_shipped_config():
   staged one), so each of those keys is fuzzed; and every shipped value fits its row."""
   fuzzed = set()
   for name in CONFIGS:
-    fuzzed |= set(_leaves(_single_run(*CONFIGS[name]).to_dict()))
+    fuzzed |= {k for k, _ in config_checks.leaves(_single_run(*CONFIGS[name]).to_dict())}
   shipped = set()
   for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
     name = os.path.basename(path)
@@ -133,7 +125,7 @@ def test_the_fuzzed_runs_cover_every_key_of_every_shipped_config():
     config = file_config(path if arg is None else f"{path}:{arg}")
     runs = [config.stages[s] for s in config.stage_order] if "stages" in config else [config]
     for run in runs:
-      keys = set(_leaves(run.to_dict()))
+      keys = {k for k, _ in config_checks.leaves(run.to_dict())}
       shipped |= keys
       config_checks.check_keys(run)  # raises ConfigError on a value outside its row
   assert shipped <= fuzzed, sorted(shipped - fuzzed)
