@@ -431,11 +431,12 @@ def test_full_disk_exits_6_keeps_earlier_checkpoints_and_resumes_once_freed(tmp_
                       cache=jax_cache) as proc:
       wait_for(lambda: checkpoint_dirs(workdir)[0], proc)
       filler = disk / "filler"
-      with open(filler, "wb") as fh:
-        with contextlib.suppress(OSError):  # ENOSPC: the disk is full
-          while True:
-            fh.write(b"\0" * 65536)
-            fh.flush()
+      # ENOSPC: the disk is full. Closing the file can raise it too (its buffer flushed
+      # again), so the close is inside the suppression as well.
+      with contextlib.suppress(OSError), open(filler, "wb") as fh:
+        while True:
+          fh.write(b"\0" * 65536)
+          fh.flush()
       proc.wait(timeout=120)
     log = (tmp_path / "run.log").read_text()
     assert proc.returncode == 6, log[-3000:]
