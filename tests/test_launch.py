@@ -306,8 +306,13 @@ def test_worker_commands_detach_then_stop(env, tmp_path, handles_sigterm):
     started = _remote_sh(env, home, "train", *TRAIN[3:])
     assert started.returncode == 0, started.stderr  # returned: the trainer is detached
     pid = int(pidfile.read_text())
-    deadline = time.monotonic() + 5  # setsid runs in the child, maybe a moment later
-    while os.getpgid(pid) != pid and time.monotonic() < deadline:
+    # Wait until the stand-in runs (its first line is in the log): until then the
+    # child may be inside one of its execs (setsid, nohup, the interpreter), where
+    # /proc/PID/cmdline reads empty for a moment and the guard below cannot see it.
+    log_dir = home / "multistep_cm_logs"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+        "args: " in f.read_text() for f in log_dir.glob("worker-*.log")):
       time.sleep(0.02)
     assert os.getpgid(pid) == pid  # leads its own process group
     again = _remote_sh(env, home, "train", *TRAIN[3:])
