@@ -23,7 +23,10 @@ _RUNTIME = [
     "scipy>=1.13",
     "absl-py>=2.1",
     "scikit-learn>=1.5",  # ships the embedded 8x8 digits dataset
-    "pillow>=10.0",  # PNG sample grids
+    "pillow>=10.1",  # PNG sample grids; 10.1: the built-in font at any size (their labels)
+    # evaluate's quality-vs-NFE figure (a log axis, legend, ticks: not worth drawing by hand);
+    # imported only there, never by the trainer.
+    "matplotlib>=3.8",
     "tqdm>=4.66",  # progress bars on long sampling and evaluation runs
     # tensorflow-datasets 4.9.10 imports it when preparing datasets but declares it only for
     # Python < 3.9 (tensorflow/datasets#11212).

@@ -12,7 +12,9 @@ FD / accuracy / label entropy, the mixture's energy distance, or FID / IS with t
 Inception network (`--inception_weights`, `--reference_stats`). The table, written as
 markdown and JSON (`<output>.md`, `<output>.json`; default `<workdir>/eval_<weights>`),
 names the weights used, the checkpoint step, the number of samples, the network and
-the reference statistics.
+the reference statistics. Beside it, `<output>.png` plots the primary metric against NFE
+(a line per diffusion sampler, a point per student), and the same figure goes to
+TensorBoard as image `quality_vs_nfe` of a run named after the output (`<output>/`).
 """
 import json
 import os
@@ -53,8 +55,10 @@ def main(argv):
   with open(prefix + ".json", "w") as fh:
     json.dump({"header": header, "rows": rows}, fh, indent=2,
               default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+  report.write_figure(rows, header, prefix)
   print(markdown)
-  print(f"wrote {prefix}.md and {prefix}.json")
+  print(f"wrote {prefix}.md, {prefix}.json, {prefix}.png (quality against NFE) and its "
+        f"TensorBoard events in {prefix}/")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Samples as pictures: uint8 conversion, a grid of samples, PNG files (local or GCS)."""
+"""Samples as pictures: uint8 conversion, a readable grid of samples, PNG files (local or GCS)."""
+import dataclasses
+
 import numpy as np
 
 
@@ -7,16 +9,88 @@ def to_uint8(samples: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(samples) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H, cols*W, C] grid, as square as fits."""
-  images = to_uint8(images)
-  n, h, w, c = images.shape
-  cols = int(np.ceil(np.sqrt(n)))
-  rows = int(np.ceil(n / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i, img in enumerate(images):
-    r, q = divmod(i, cols)
-    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+# Grids are read by people: each tile upscaled (nearest neighbour, so pixels stay pixels) to
+# at least MIN_TILE pixels, tiles apart by a gap of background, one row per class with the
+# label written beside it.
+MIN_TILE = 64
+BACKGROUND = 255  # white: digits are white on black, so black tiles stand apart on it
+INK = 0  # the labels' colour
+
+
+@dataclasses.dataclass(frozen=True)
+class GridLayout:
+  """Where each sample of a grid goes: `rows` holds `(label text, sample indices)` per row."""
+  tile_h: int
+  tile_w: int
+  scale: int
+  gap: int
+  label_w: int  # the label column's width (0: no labels)
+  rows: tuple[tuple[str, tuple[int, ...]], ...]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    cols = max(len(idx) for _, idx in self.rows)
+    return (self.gap + len(self.rows) * (self.tile_h + self.gap),
+            self.label_w + self.gap + cols * (self.tile_w + self.gap))
+
+  def tile_origin(self, row: int, col: int) -> tuple[int, int]:
+    """Top-left pixel of the tile at (row, col)."""
+    return (self.gap + row * (self.tile_h + self.gap),
+            self.label_w + self.gap + col * (self.tile_w + self.gap))
+
+
+def _font(tile_h: int):
+  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+  # Pillow's built-in font (no file to download); a fixed-size bitmap font where Pillow
+  # was built without FreeType.
+  return ImageFont.load_default(size=max(10, min(32, tile_h * 3 // 8)))
+
+
+def grid_layout(num: int, height: int, width: int, labels=None,
+                min_tile: int = MIN_TILE) -> GridLayout:
+  """The layout of `num` samples of `height` x `width`: with `labels`, one row per distinct
+  label (in increasing order, samples in their order); without, as square as fits."""
+  scale = max(1, -(-min_tile // min(height, width)))
+  tile_h, tile_w = height * scale, width * scale
+  gap = max(2, tile_h // 16)
+  if labels is None:
+    cols = int(np.ceil(np.sqrt(num)))
+    rows = tuple(("", tuple(range(r, min(r + cols, num)))) for r in range(0, num, cols))
+    return GridLayout(tile_h, tile_w, scale, gap, 0, rows)
+  labels = np.asarray(labels)
+  if labels.shape != (num,):
+    raise ValueError(f"image grid: {num} samples but labels of shape {labels.shape}")
+  rows = tuple((str(label), tuple(int(i) for i in np.flatnonzero(labels == label)))
+               for label in np.unique(labels))
+  font = _font(tile_h)
+  label_w = 2 * gap + max(int(np.ceil(font.getlength(text))) for text, _ in rows)
+  return GridLayout(tile_h, tile_w, scale, gap, label_w, rows)
+
+
+def image_grid(samples: np.ndarray, labels=None, min_tile: int = MIN_TILE) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H', cols*W', C] picture (`grid_layout`):
+  tiles upscaled to at least `min_tile` pixels, a background gap between them, and with
+  `labels` ([N] ints) one row per label, the label written at its left."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+  samples = to_uint8(samples)
+  n, h, w, c = samples.shape
+  layout = grid_layout(n, h, w, labels, min_tile)
+  grid = np.full(layout.shape + (c,), BACKGROUND, np.uint8)
+  for r, (_, indices) in enumerate(layout.rows):
+    for q, i in enumerate(indices):
+      y, x = layout.tile_origin(r, q)
+      grid[y:y + layout.tile_h, x:x + layout.tile_w] = np.repeat(
+          np.repeat(samples[i], layout.scale, axis=0), layout.scale, axis=1)
+  if layout.label_w:
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    draw, font = ImageDraw.Draw(picture), _font(layout.tile_h)
+    for r, (text, _) in enumerate(layout.rows):
+      y, _ = layout.tile_origin(r, 0)
+      # Right-aligned against the row's first tile, centred on the row.
+      draw.text((layout.label_w - layout.gap, y + layout.tile_h // 2), text,
+                fill=INK if c == 1 else (INK,) * c, font=font, anchor="rm")
+    grid = np.array(picture).reshape(grid.shape)
   return grid
 
 

@@ -21,6 +21,7 @@ import sys
 
 import jax
 import ml_collections
+import numpy as np
 
 from multistep_cm import config_base
 from multistep_cm import config_build
@@ -214,3 +215,45 @@ def read_scalars(workdir):
       scalars.setdefault(tag, []).extend((e.step, float(e.value)) for e in acc.Scalars(tag))
     images.update(tags["images"])
   return scalars, images
+
+
+def read_images(logdir):
+  """Images `{tag: [(step, uint8 array)]}` from the event files (tensorboard's reader): TF2
+  summaries (clu) hold [width, height, png, ...] string tensors, classic ones
+  (tensorboardX) image events."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+
+  def decode(png):
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+  out = {}
+  for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    for tag in acc.Tags()["tensors"]:
+      if acc.SummaryMetadata(tag).plugin_data.plugin_name == "images":
+        out.setdefault(tag, []).extend(
+            (e.step, decode(tensor_util.make_ndarray(e.tensor_proto)[2])) for e in acc.Tensors(tag))
+    for tag in acc.Tags()["images"]:
+      out.setdefault(tag, []).extend((e.step, decode(e.encoded_image_string))
+                                     for e in acc.Images(tag))
+  return out
+
+
+def read_hparams(logdir):
+  """The hyperparameters `{dotted.key: value}` TensorBoard's HParams dashboard shows (clu's
+  `write_hparams`)."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+    acc = event_accumulator.EventAccumulator(path)
+    acc.Reload()
+    for content in acc.PluginTagToContent("hparams").values():
+      info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+      for key, value in info.hparams.items():
+        out[key] = getattr(value, value.WhichOneof("kind"))
+  return out

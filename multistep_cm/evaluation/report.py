@@ -1,4 +1,5 @@
-"""Quality-vs-steps tables of trained runs (the `evaluate` command's logic).
+"""Quality-vs-steps tables of trained runs and their quality-vs-NFE figure (the `evaluate`
+command's logic).
 
 Every table says what produced its numbers: the weights and checkpoint step of each
 row, the sampler, the number of samples and seed, and the metric's network and
@@ -6,8 +7,10 @@ reference (evaluation/sample_metrics.py).
 """
 import datetime
 import os
+import re
 
 from absl import logging
+import numpy as np
 
 from multistep_cm import generation
 from multistep_cm import runs
@@ -60,3 +63,70 @@ def to_markdown(rows, header) -> str:
     lines.append(f"| {r['run']} | {r['sampler']} | {r['nfe']} | {vals} | "
                  f"step {r['checkpoint_step']} |")
   return "\n".join(lines) + "\n"
+
+
+# Axis names of the metrics' primary numbers (sample_metrics.SampleMetric.primary).
+_METRIC_NAMES = {"fd": "digits FD", "fid": "FID", "energy_distance": "energy distance"}
+
+
+def _sampler_family(sampler: str) -> str:
+  """A sampler's description without its step count: the name of its curve."""
+  return re.sub(r", \d+ steps?\b", "", sampler)
+
+
+def quality_figure(rows, header):
+  """The report as a figure: the primary metric against NFE (log axis), a line per diffusion
+  run and sampler, a point per student at its S. A `matplotlib.figure.Figure`, drawn without
+  pyplot (no GUI backend, nothing global is switched)."""
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  primary = header["primary"]
+  curves, points = {}, []
+  for r in rows:
+    if not isinstance(r.get(primary), float):
+      continue
+    nfe = int(r.get("nfe", r.get("steps", 0)))
+    if r["mode"] == "diffusion":
+      curves.setdefault(f"{r['run']}: {_sampler_family(r['sampler'])}", []).append(
+          (nfe, r[primary]))
+    else:
+      points.append((f"{r['run']}: {r['mode'].upper()}, S={r.get('steps', nfe)}", nfe,
+                     r[primary]))
+  fig = figure.Figure(figsize=(7, 4.5), dpi=100)
+  ax = fig.add_subplot()
+  for label, xy in curves.items():
+    x, y = zip(*sorted(xy))
+    ax.plot(x, y, marker="o", markersize=4, label=label)
+  for label, x, y in points:
+    ax.plot([x], [y], linestyle="none", marker="*", markersize=14, label=label)
+  ax.set_xscale("log", base=2)
+  ax.xaxis.set_major_formatter("{x:g}")
+  ax.set_xlabel("NFE (network evaluations per sample), log scale")
+  # The primary number is lower-is-better for every metric (sample_metrics.py).
+  ax.set_ylabel(f"{_METRIC_NAMES.get(primary, primary)}, lower is better")
+  ax.set_title(f"{os.path.basename(header['workdir'].rstrip('/'))}: {header['num_samples']} "
+               f"samples per point, seed {header['seed']}, weights {header['weights']}",
+               fontsize="medium")
+  ax.grid(True, which="both", alpha=0.3)
+  if curves or points:
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  return fig
+
+
+def write_figure(rows, header, prefix: str) -> str:
+  """Writes `quality_figure` as `<prefix>.png` and, as image `quality_vs_nfe` at the newest
+  checkpoint step, to TensorBoard events in the directory `<prefix>` (a run of that name
+  beside the trained ones under `tensorboard --logdir`). Returns the PNG's path."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from multistep_cm import metric_log  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  quality_figure(rows, header).savefig(buffer, format="png")
+  with open(prefix + ".png", "wb") as fh:
+    fh.write(buffer.getvalue())
+  picture = np.asarray(Image.open(buffer).convert("RGB"))
+  writer = metric_log.create_writer(prefix)
+  writer.write_images(max((r["checkpoint_step"] for r in rows), default=0),
+                      {"quality_vs_nfe": picture[None]})
+  writer.close()
+  return prefix + ".png"
