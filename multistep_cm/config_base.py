@@ -3,6 +3,8 @@
 An experiment file calls `base_config()` and sets what differs; the command line
 overrides any key with `--config.key=value`.
 """
+import math
+
 import ml_collections
 
 from multistep_cm.diffusion import losses
@@ -42,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- objective (diffusion/losses.py) ---
   c.loss = ml_collections.ConfigDict()
-  c.loss.mode = "diffusion"  # 'diffusion', 'ct', 'cd', 'direct'
+  c.loss.mode = "diffusion"  # 'diffusion', 'ct', 'cd', 'direct', 'pd'
   c.loss.label_dropout = 0.1  # diffusion: labels replaced by the null class (for guidance)
   c.loss.student_steps = 8  # S
   c.loss.teacher_steps_start = 64  # N_teacher anneal (§3.2): 64 -> 1280 over anneal_steps
@@ -55,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.huber_reduction = "mean"  # 'mean', 'sum', 'elementwise'
   c.loss.weighting = "snr_plus_one"  # or 'v_space' (diffusion/losses.py explains the default)
   c.loss.direct_x_var = "analytic"  # Direct CM with aDDIM: 'analytic' or 'data'
+  # Progressive Distillation (mode 'pd'; diffusion/losses.py gives the reasons): the
+  # student's N is loss.student_steps, its teacher takes 2N steps (teacher_steps_* unused).
+  c.loss.pd_midpoint_x_var = "data"  # the second aDDIM step's x_var: 'first_step', 'analytic'
+  c.loss.pd_weighting = "snr_trunc"  # max(SNR, 1) on the squared x-error, or 'snr_plus_one'
   # Segment boundaries (diffusion/segments.py): 'uniform' (the paper), 'logsnr', 'karras',
   # or S + 1 explicit times from 0 to 1.
   c.loss.boundaries = "uniform"
@@ -300,3 +306,72 @@ def set_anystep(config: ml_collections.ConfigDict, counts, segment_cond: str = "
   config.model.segment_cond = segment_cond
   config.model.num_step_values = len(counts)
   return config
+
+
+def pd_stages(make_stage, start_steps: int, end_steps: int, teacher: str,
+              steps_per_halving: int) -> ml_collections.ConfigDict:
+  """Progressive Distillation as a staged run: halvings N = start/2, start/4, ..., end.
+
+  Stage `pd<N>` trains an N-step student against the 2N-step teacher before it: the
+  diffusion run `teacher` for the first halving (which also initialises it: the
+  official code starts from the teacher's EMA weights), then the previous stage, whose
+  weights also initialise it. The official outer loop (spec baselines §2.1): the
+  optimizer reset per halving (a fresh stage), the learning rate annealed linearly to 0
+  over each halving, no warm-up, no EMA (decay 0, so 'ema0' is the parameters).
+
+  Args:
+    make_stage: `make_stage(N, teacher) -> config` of one PD student (mode 'pd').
+    start_steps: the diffusion teacher's step count in the first halving (a power-of-two
+      multiple of `end_steps`, at least 2 * end_steps).
+    end_steps: the last student's N.
+    teacher: the diffusion run (workdir, checkpoint or 'stage:<name>').
+    steps_per_halving: training steps of every halving.
+  """
+  halvings = math.log2(start_steps / end_steps) if start_steps > 0 and end_steps > 0 else 0
+  if halvings < 1 or halvings != int(halvings):
+    raise ValueError(f"progressive distillation: start={start_steps} must be end={end_steps} "
+                     f"times a power of two (at least 2)")
+  c = ml_collections.ConfigDict()
+  c.stages = ml_collections.ConfigDict()
+  order = []
+  n, previous = start_steps // 2, teacher
+  while n >= end_steps:
+    stage = pd_outer_loop(make_stage(n, previous), steps_per_halving)
+    c.stages[f"pd{n}"] = stage
+    order.append(f"pd{n}")
+    n, previous = n // 2, f"stage:pd{n}"
+  c.stage_order = tuple(order)
+  return c
+
+
+def pd_outer_loop(config: ml_collections.ConfigDict, steps_per_halving: int):
+  """One halving as the official code trains it: `steps_per_halving` steps, the learning rate
+  annealed linearly to 0 without warm-up, no EMA (decay 0: 'ema0' is the parameters)."""
+  config.num_train_steps = steps_per_halving
+  config.optimizer.schedule = "linear"
+  config.optimizer.end_lr_fraction = 0.0
+  config.optimizer.warmup_steps = 0
+  config.ema_decays = (0.0,)
+  return config
+
+
+def pd_halvings(start_steps: int, student_steps: int) -> int:
+  """How many halvings a PD chain from a `start_steps`-step teacher takes to reach
+  `student_steps`: the equal-compute budget of experiment (b), in units of halvings."""
+  return int(round(math.log2(start_steps / student_steps)))
+
+
+def imagenet_pd_config(resolution: int, size: str = "small", teacher: str = "",
+                       start: int = 1024, end: int = 1, halving_steps: int = 50_000,
+                       solver: str = "addim", guidance: float = 0.0):
+  """Progressive Distillation of an ImageNet diffusion run, the official ImageNet64 outer
+  loop (spec baselines §2.1): from 1024 teacher steps, 50k steps per halving at batch
+  2048, Adam at 1e-4; the teacher's steps with aDDIM as the paper re-implemented it."""
+
+  def pd_student(n, previous):
+    stage = imagenet_config(resolution, "pd", size, n, previous, guidance)
+    stage.loss.teacher_solver = solver
+    stage.optimizer.learning_rate = 1e-4  # the official ImageNet64 distillation config
+    return stage
+
+  return pd_stages(pd_student, start, end, teacher, halving_steps)

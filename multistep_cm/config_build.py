@@ -47,7 +47,9 @@ def needs_teacher(config) -> bool:
 
 
 def is_student(config) -> bool:
-  """A Multistep CM run (ct, cd, direct), as opposed to diffusion (teacher) training."""
+  """A few-step student (Multistep CM: ct, cd, direct; or a Progressive Distillation halving,
+  pd), as opposed to diffusion (teacher) training. Every student samples with DDIM between
+  its segment boundaries (Algorithm 2); a PD student's are its N uniform steps."""
   return config.loss.mode != "diffusion"
 
 

@@ -161,6 +161,8 @@ SCHEMA: dict[str, Rule] = {
     "loss.huber_reduction": one_of(*losses.HUBER_REDUCTIONS),
     "loss.weighting": one_of(*losses.WEIGHTINGS),
     "loss.direct_x_var": one_of(*losses.DIRECT_X_VAR_RULES),
+    "loss.pd_midpoint_x_var": one_of(*losses.PD_MIDPOINT_X_VAR),
+    "loss.pd_weighting": one_of(*losses.PD_WEIGHTINGS),
     "loss.boundaries": Rule(_boundaries),
     "loss.anystep_counts": sequence(integer(1, 4096), 0, 16, "step counts"),  # empty: off
     "teacher_checkpoint": text(),
@@ -325,7 +327,9 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ConfigError(f"config.data.image_size must be >= 1 for image data "
                       f"(data.dataset={config.data.dataset!r}), got {config.data.image_size}")
 
-  if config_build.is_student(config):
+  if lc.mode == "pd":
+    _check_pd(config)
+  elif config_build.is_student(config):
     _check_segments(config, schedule)
   if config_build.needs_teacher(config) and not config.teacher_checkpoint:
     raise ConfigError(f"config.teacher_checkpoint must name a diffusion run's workdir or "
@@ -339,6 +343,21 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     config_build.get_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
+
+
+def _check_pd(config):
+  """A Progressive Distillation student has one step count and N uniform steps (the teacher's
+  2N halve them); it samples with DDIM on that grid."""
+  lc = config.loss
+  if lc.boundaries != "uniform":
+    raise ConfigError(f"config.loss.boundaries must be 'uniform' for loss.mode='pd' (the "
+                      f"student halves the teacher's uniform steps), got {lc.boundaries!r}")
+  if lc.anystep_counts:
+    raise ConfigError(f"config.loss.anystep_counts must be empty for loss.mode='pd' (one "
+                      f"student per halving), got {tuple(lc.anystep_counts)}")
+  if config.model.get("segment_cond", "none") != "none":
+    raise ConfigError(f"config.model.segment_cond must be 'none' for loss.mode='pd' (its "
+                      f"steps are not segments), got {config.model.segment_cond!r}")
 
 
 def _check_segments(config, schedule):

@@ -9,6 +9,11 @@
    * `ct`: consistency training from samples (x_teacher = x);
    * `direct`: Direct CM (§10): regress onto the teacher's full DDIM solve from t
      to the segment start.
+   * `pd`: Progressive Distillation (the paper's baseline, Table 3): halvings from a
+     `--pd_start`-step exact teacher, `--train_steps` steps each, the first student
+     from the pretrained MLP, each next one from (and distilling) the one before;
+     evaluated at each S it passes. `--equal_compute` trains the other modes' S-step
+     students as many steps as the PD chain takes to reach S.
 3. Report, per mode and S, the energy distance of S-step samples to the true
    mixture and to the teacher's 512-step aDDIM sampler, and the ODE error: the RMS
    distance to the teacher's 512-step DDIM solve (the probability-flow ODE) from the
@@ -65,6 +70,10 @@ _ANYSTEP = flags.DEFINE_enum("anystep", "", ["", "steps", "segment_start", "none
                              "this way ('none': not told; the grids are nested, the ablation).")
 _SKIP_SEPARATE = flags.DEFINE_bool("skip_separate", False, "With --anystep: only the any-step "
                                    "models.")
+_PD_START = flags.DEFINE_integer("pd_start", 64, "PD: the exact teacher's steps in the first "
+                                 "halving (a power of two times each S).")
+_EQUAL_COMPUTE = flags.DEFINE_bool("equal_compute", False, "Train each S-step student of the "
+                                   "other modes as many steps as PD's halvings to S together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON here.")
 
@@ -92,6 +101,8 @@ class ToySettings:
   boundaries: str = "uniform"
   direct_solver: str = "ddim"  # the Direct-CM paper's solver (§10.2)
   num_eval: int = 10_000
+  pd_start: int = 64  # PD: the first halving's teacher steps (student: pd_start / 2)
+  equal_compute: bool = False  # other modes at S: PD's steps to S (halvings x train_steps)
   seed: int = 0
   chunk: int = 250  # train steps per compiled call (lax.scan): no per-step host syncs
 
@@ -116,13 +127,23 @@ def toy_config(settings: ToySettings, mode: str, student_steps: int = 1):
   c.loss.boundaries = settings.boundaries
   if mode == "direct":
     c.loss.teacher_solver = settings.direct_solver
+  if mode == "pd":  # one halving, trained as the official outer loop trains it
+    config_base.pd_outer_loop(c, settings.train_steps)
+  elif mode != "diffusion" and settings.equal_compute:
+    c.num_train_steps = config_base.pd_halvings(settings.pd_start,
+                                                student_steps) * settings.train_steps
+    c.loss.anneal_steps = c.num_train_steps // 2
   return c
 
 
-def _train(config, model, schedule, params, mix, key, teacher_fn_factory=None, chunk=250):
-  """Trains with the trainer's own loss and step; returns the EMA parameters and losses."""
+def _train(config, model, schedule, params, mix, key, teacher_fn_factory=None, chunk=250,
+           teacher_params=None):
+  """Trains with the trainer's own loss and step; returns the EMA parameters and losses.
+
+  The teacher is `teacher_fn_factory` (the exact denoiser), else `model` with
+  `teacher_params` (a PD halving after the first)."""
   tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-  loss_fn = train_step.make_loss_fn(config, model, schedule,
+  loss_fn = train_step.make_loss_fn(config, model, schedule, teacher_model=model,
                                     teacher_fn_factory=teacher_fn_factory)
   step_fn = train_step.make_train_step(config, loss_fn, tx, lr_schedule)
   k_state, k_data = jax.random.split(key)
@@ -132,7 +153,7 @@ def _train(config, model, schedule, params, mix, key, teacher_fn_factory=None, c
   def one_step(state, _):
     x = mix.sample(jax.random.fold_in(k_data, state.step), batch_size)[0]
     state, metrics = step_fn(state, {"x": x, "label": jnp.zeros((batch_size,), jnp.int32)},
-                             None)
+                             teacher_params)
     return state, metrics["loss"]
 
   run_chunk = jax.jit(lambda s: jax.lax.scan(one_step, s, None, length=chunk))
@@ -210,6 +231,11 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
 
   for mode in modes:
     factory = exact_factory if mode in config_build.TEACHER_MODES else None
+    if mode == "pd":
+      rows += _progressive_distillation(settings, student_steps, pretrained, mix, schedule,
+                                        exact_factory, jax.random.fold_in(k_train, 5),
+                                        student_rows)
+      continue
     if separate:
       for s in student_steps:
         config = toy_config(settings, mode, s)
@@ -232,6 +258,24 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
   return rows
 
 
+def _progressive_distillation(settings, student_steps, pretrained, mix, schedule, exact_factory,
+                              key, student_rows):
+  """The PD chain N = pd_start/2, ..., min(S): the first halving distils the exact denoiser,
+  each later one the student before it; rows at every N in `student_steps`."""
+  rows, params, teacher_params = [], pretrained, None
+  n = settings.pd_start // 2
+  while n >= min(student_steps):
+    config = toy_config(settings, "pd", n)
+    model = config_build.get_model(config)
+    params, _ = _train(config, model, schedule, params, mix, jax.random.fold_in(key, n),
+                       exact_factory if teacher_params is None else None, settings.chunk,
+                       teacher_params)
+    if n in student_steps:
+      rows += student_rows(config, f"PD ({config.loss.teacher_solver} teacher)", [n], params)
+    teacher_params, n = params, n // 2
+  return rows
+
+
 def format_table(rows) -> str:
   lines = ["| model | steps | ED to truth | ED to teacher (512 aDDIM) | ODE error (RMS) |",
            "|---|---|---|---|---|"]
@@ -248,10 +292,17 @@ def main(argv):
   settings = ToySettings(pretrain_steps=_PRETRAIN_STEPS.value, train_steps=_TRAIN_STEPS.value,
                          batch=_BATCH.value, num_eval=_NUM_EVAL.value,
                          weighting=_WEIGHTING.value, huber_epsilon=_HUBER.value,
-                         boundaries=_BOUNDARIES.value, seed=_SEED.value)
+                         boundaries=_BOUNDARIES.value, pd_start=_PD_START.value,
+                         equal_compute=_EQUAL_COMPUTE.value, seed=_SEED.value)
   for mode in _MODES.value:
     if mode not in losses.MODES:
       raise app.UsageError(f"--modes: {mode!r} is not one of {losses.MODES}")
+  if "pd" in _MODES.value or _EQUAL_COMPUTE.value:
+    for s in (int(v) for v in _STUDENT_STEPS.value):
+      if s < 1 or _PD_START.value % s or (_PD_START.value // s) & (_PD_START.value // s - 1) \
+          or _PD_START.value == s:
+        raise app.UsageError(f"--student_steps: {s} is not --pd_start={_PD_START.value} "
+                             f"halved one or more times")
   rows = run(settings, [int(s) for s in _STUDENT_STEPS.value], _MODES.value,
              anystep=_ANYSTEP.value, separate=not _SKIP_SEPARATE.value)
   print(format_table(rows))

@@ -333,7 +333,9 @@ def _load_teacher(config, abstract):
   params, meta = checkpointing.load_params(config.teacher_checkpoint, abstract,
                                            config.teacher_weights,
                                            key="config.teacher_checkpoint")
-  if meta.get("mode") not in (None, "diffusion"):
+  # A PD halving's teacher is the previous halving's student (mode 'pd').
+  expected = (None, "diffusion", "pd") if config.loss.mode == "pd" else (None, "diffusion")
+  if meta.get("mode") not in expected:
     logging.warning("The teacher checkpoint %s was trained with mode %r, not diffusion.",
                     config.teacher_checkpoint, meta.get("mode"))
   return params

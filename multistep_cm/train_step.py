@@ -7,8 +7,8 @@ loop (train.py), so the same step serves the trainer, the TPU compile report
     position (= the step);
   * `state_layout`: the abstract state and the shardings of every part of it, from the
     models' logical axis rules;
-  * `make_loss_fn`: the loss of `config.loss.mode` (diffusion, or the MCM objective of
-    diffusion/losses.py) on one batch;
+  * `make_loss_fn`: the loss of `config.loss.mode` (diffusion, the MCM objective or
+    Progressive Distillation of diffusion/losses.py) on one batch;
   * `make_train_step`: one optimiser update with EMA and the non-finite guard;
   * `StepBuilder`: the jitted step with explicit shardings and the state donated,
     traced, lowered and compiled on demand, and its FLOPs (flops.py).
@@ -149,7 +149,7 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
   lc = config.loss
   mode = lc.mode
   num_classes = model.num_classes
-  grid_fn = segment_grid_fn(config, schedule) if mode != "diffusion" else None
+  grid_fn = segment_grid_fn(config, schedule) if mode not in ("diffusion", "pd") else None
   data_key = config_build.data_key(config)
   needs_teacher = config_build.needs_teacher(config)
 
@@ -166,6 +166,10 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
       t = losses.sample_diffusion_times(k_time, x.shape[0])
       student = lambda z, t: denoiser.apply_x(model, params, z, t, schedule, labels, k_drop)
       per_example = losses.diffusion_loss(student, x, eps, t, schedule)
+    elif mode == "pd":
+      per_example, metrics = _pd_loss(config, model, schedule, params, teacher_model,
+                                      teacher_params, teacher_fn_factory, x, labels, eps,
+                                      k_time, k_drop)
     else:
       n_teacher = losses.teacher_steps(step, lc.teacher_steps_start, lc.teacher_steps_end,
                                        lc.anneal_steps)
@@ -203,6 +207,31 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
     return loss, metrics
 
   return loss_fn
+
+
+def _pd_loss(config, model, schedule, params, teacher_model, teacher_params, teacher_fn_factory,
+             x, labels, eps, k_time, k_drop):
+  """Progressive Distillation's per-example loss and metrics (diffusion/losses.py)."""
+  lc = config.loss
+  n = int(lc.student_steps)
+  if teacher_fn_factory is not None:
+    teacher_fn = teacher_fn_factory(teacher_params, labels)
+  else:
+    teacher_fn = denoiser.make_denoise_fn(
+        teacher_model, teacher_params, schedule, labels, guidance_scale=lc.guidance_scale,
+        return_conditional=True)
+  i = losses.sample_pd_steps(k_time, x.shape[0], n)
+  student = lambda z, t, r: denoiser.apply_x(model, params, z, t, schedule, labels, r)
+  per_example, _ = losses.pd_loss(
+      student, x, eps, i, k_drop, schedule=schedule, student_steps=n, teacher_fn=teacher_fn,
+      teacher_solver=lc.teacher_solver, eta=lc.eta, midpoint_x_var=lc.pd_midpoint_x_var,
+      weighting=lc.pd_weighting)
+  metrics = {"teacher_steps": jnp.float32(2 * n)}
+  if n <= 16:  # one scalar per student step: only for the few-step halvings
+    step_sum = jax.ops.segment_sum(per_example, i, n)
+    step_count = jax.ops.segment_sum(jnp.ones_like(per_example), i, n)
+    metrics["loss_per_segment"] = step_sum / jnp.maximum(step_count, 1.0)
+  return per_example, metrics
 
 
 def make_train_step(config, loss_fn, tx, lr_schedule):

@@ -1,4 +1,4 @@
-"""Training objectives: the diffusion v-loss and the Multistep CM loss (spec §3, §10).
+"""Training objectives: the diffusion v-loss, the Multistep CM loss (spec §3, §10) and PD.
 
 Functions here are pure: they take the network as a function and the random
 draws (noise, times) as arrays, so tests can set every draw, and return
@@ -28,6 +28,27 @@ Choices where the paper is ambiguous (§13), with the defaults used here:
     the paper's literal reading is the default.
   * The target uses the online parameters under stop-gradient (the paper's
     `nograd`), no EMA target network (§3.3).
+
+Progressive Distillation (`pd_loss`, mode "pd"), the paper's distillation baseline
+(spec Tables 3 and 5: "PD re-implemented using aDDIM"), as the official
+diffusion_distillation code defines one halving (shared/spec/baselines_and_text.md §2.1):
+the N-step student draws its step i ~ U{0..N-1}, t = (i + 1) / N; the teacher takes two
+steps t -> t - 1/(2N) -> t - 1/N; the target x̃ is the inverse DDIM of (z_t, z_teacher),
+or the teacher's second x̂ when t - 1/N = 0; the loss is the weighted squared x-error.
+Each halving is a stage (config_base.pd_stages); the student of halving k is the teacher
+of halving k + 1. What the paper leaves open, with our defaults (config keys):
+  * `loss.teacher_solver`: "addim" (the paper's re-implementation) or "ddim" (Salimans
+    & Ho). aDDIM's first step takes x_var from Algorithm 1, line 10, as CD does.
+  * `loss.pd_midpoint_x_var`, x_var of the second aDDIM step: "data" (default: the same
+    rule at z_mid, eta times the squared error of the teacher's x̂ there against the true
+    x, as the Direct CM's "data" solve does on every step), "first_step" (reuse the first
+    step's), or "analytic" (0.1 / (2 + SNR)).
+  * `loss.pd_weighting`: "snr_trunc" (default: `max(SNR, 1)`, the official ImageNet64
+    config's `snr_trunc` = max(x-MSE, eps-MSE)) or "snr_plus_one" (its v-MSE). Squared
+    error, not pseudo-Huber: PD's own loss; the paper does not say it changed it.
+  * The starting N and the steps per halving are the staged config's arguments (the
+    official ImageNet64 run starts from 1024 teacher steps, 50k steps per halving, lr
+    annealed linearly to 0 in each, optimizer reset, no EMA: config_base.pd_config).
 """
 import math
 from typing import Callable, NamedTuple
@@ -41,13 +62,17 @@ from multistep_cm.diffusion import segments
 from multistep_cm.diffusion import solvers
 
 Schedule = schedules_lib.Schedule
-MODES = ("ct", "cd", "direct")
+# The Multistep CM objectives (mcm_loss) and Progressive Distillation (pd_loss).
+MCM_MODES = ("ct", "cd", "direct")
+MODES = MCM_MODES + ("pd",)
 # The modes whose target calls a teacher network; CT's teacher step uses the data (§3).
-TEACHER_MODES = ("cd", "direct")
+TEACHER_MODES = ("cd", "direct", "pd")
 WEIGHTINGS = ("snr_plus_one", "v_space")
 HUBER_REDUCTIONS = ("mean", "sum", "elementwise")
 TEACHER_SOLVERS = ("addim", "ddim")
 DIRECT_X_VAR_RULES = ("data", "analytic")
+PD_WEIGHTINGS = ("snr_trunc", "snr_plus_one")
+PD_MIDPOINT_X_VAR = ("data", "first_step", "analytic")
 
 
 # --- distances and weights --------------------------------------------------------------------
@@ -280,8 +305,8 @@ def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, sched
     `(loss [B], aux)`; aux holds `t`, `t_step`, `segment` and `x_target` per example
     (unused outputs cost nothing under jit).
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mode not in MCM_MODES:
+    raise ValueError(f"mode must be one of {MCM_MODES}, got {mode!r}")
   if teacher_solver not in TEACHER_SOLVERS:
     raise ValueError(f"teacher_solver must be one of {TEACHER_SOLVERS}, got {teacher_solver!r}")
   if direct_x_var not in DIRECT_X_VAR_RULES:
@@ -316,3 +341,116 @@ def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, sched
   loss = weighted_distance(x_target - x_hat, t, schedule, weighting, huber_epsilon,
                            huber_reduction)
   return loss, {"t": t, "t_step": t_step, "segment": segment, "x_target": x_target}
+
+
+# --- Progressive Distillation (Salimans & Ho 2022; the paper's baseline, Tables 3 and 5) -------
+
+
+def pd_times(i, student_steps: int):
+  """`(t, t_mid, s)` of student step `i` (`[B]` int in {0..N-1}) on N uniform steps:
+  `t = (i + 1) / N`, `t_mid = t - 1 / (2N)`, `s = i / N`.
+
+  Computed from integers over the teacher's denominator 2N, so s == 0 exactly when i = 0.
+  """
+  two_n = jnp.float32(2 * student_steps)
+  i = jnp.asarray(i, jnp.int32)
+  t = (2 * i + 2).astype(jnp.float32) / two_n
+  t_mid = (2 * i + 1).astype(jnp.float32) / two_n
+  s = (2 * i).astype(jnp.float32) / two_n
+  return t, t_mid, s
+
+
+def sample_pd_steps(key, batch: int, student_steps: int):
+  """`i ~ U{0..N-1}` per example: the student's step, on its own uniform grid."""
+  return jax.random.randint(key, (batch,), 0, student_steps, jnp.int32)
+
+
+def _teacher_step(x_guided, x_var, z, t, s, schedule, solver):
+  if solver == "ddim":
+    return solvers.ddim(x_guided, z, t, s, schedule)
+  return solvers.addim(x_guided, z, t, s, schedule, x_var)
+
+
+def pd_target(teacher_fn: Callable, x, z_t, i, *, schedule: Schedule, student_steps: int,
+              teacher_solver: str = "addim", eta: float = 0.75,
+              midpoint_x_var: str = "data"):
+  """PD's target x̃ for the student step from t = (i+1)/N to s = i/N: `(x̃, z_teacher)`.
+
+  The teacher takes two steps t -> t - 1/(2N) -> s; x̃ is the x for which one
+  student DDIM step from z_t lands on the teacher's z_s, the inverse DDIM of eq. (5)
+  (the official code's `x_target`). At the last step (s = 0) a DDIM step's x is
+  unconstrained by the endpoint, so the target is the teacher's second x̂, as in the
+  official code's `i == 0` case (the aDDIM endpoint would carry its added noise).
+  """
+  if teacher_solver not in TEACHER_SOLVERS:
+    raise ValueError(f"teacher_solver must be one of {TEACHER_SOLVERS}, got {teacher_solver!r}")
+  if midpoint_x_var not in PD_MIDPOINT_X_VAR:
+    raise ValueError(f"midpoint_x_var must be one of {PD_MIDPOINT_X_VAR}, got "
+                     f"{midpoint_x_var!r}")
+  t, t_mid, s = pd_times(i, student_steps)
+  x_guided, x_cond = _split_teacher_output(teacher_fn(z_t, t))
+  # The first aDDIM step's x_var: Algorithm 1, line 10 (the conditional output, §5.5).
+  x_var = solvers.training_x_var(x_cond, x, eta)
+  z_mid = _teacher_step(x_guided, x_var, z_t, t, t_mid, schedule, teacher_solver)
+  x_guided_mid, x_cond_mid = _split_teacher_output(teacher_fn(z_mid, t_mid))
+  if midpoint_x_var == "data":
+    x_var_mid = solvers.training_x_var(x_cond_mid, x, eta)
+  elif midpoint_x_var == "analytic":
+    x_var_mid = solvers.analytic_x_var(t_mid, schedule)
+  else:  # "first_step"
+    x_var_mid = x_var
+  z_teacher = _teacher_step(x_guided_mid, x_var_mid, z_mid, t_mid, s, schedule, teacher_solver)
+  last = solvers.bcast(s <= 0.0, x)
+  # At s = 0, c(t, 0) = 1 and inverse DDIM is z_teacher itself: finite, then replaced.
+  x_target = jnp.where(last, x_guided_mid, solvers.inverse_ddim(z_teacher, z_t, t, s, schedule))
+  return x_target, z_teacher
+
+
+def pd_weight(t, schedule: Schedule, weighting: str):
+  """The weight of the squared x-error: `max(SNR, 1)` ("snr_trunc") or `SNR + 1` (v-loss)."""
+  a, sigma = solvers.alpha_sigma(schedule, t)
+  snr = jnp.square(a) / jnp.square(sigma)
+  if weighting == "snr_trunc":
+    return jnp.maximum(snr, 1.0)
+  if weighting == "snr_plus_one":
+    return snr + 1.0
+  raise ValueError(f"pd weighting must be one of {PD_WEIGHTINGS}, got {weighting!r}")
+
+
+def pd_loss(student_fn: Callable, x, eps, i, dropout_rng, *, schedule: Schedule,
+            student_steps: int, teacher_fn: Callable, teacher_solver: str = "addim",
+            eta: float = 0.75, midpoint_x_var: str = "data", weighting: str = "snr_trunc"):
+  """One Progressive Distillation halving's loss per example: `(loss [B], aux)`.
+
+  The student (N steps) learns to do in one DDIM step of 1/N what the teacher does in
+  two of 1/(2N) (module docstring, "Progressive Distillation").
+
+  Args:
+    student_fn: `student_fn(z, t, rng) -> x̂`.
+    x: data `[B, ...]`; eps: the noise of z_t.
+    i: `[B]` int, the student step in {0..N-1} (`sample_pd_steps`): t = (i + 1) / N.
+    dropout_rng: the student's dropout key.
+    schedule: the noise schedule.
+    student_steps: N.
+    teacher_fn: `teacher_fn(z, t) -> x̂` or `(x̂_guided, x̂_cond)`: the diffusion model
+      (first halving) or the previous halving's student.
+    teacher_solver: "addim" (the paper's re-implementation) or "ddim" (Salimans & Ho).
+    eta: xvar_frac of the aDDIM steps.
+    midpoint_x_var: x_var of the second aDDIM step: "data" (eta times its own x̂'s
+      squared error against x), "first_step" (the first step's) or "analytic".
+    weighting: "snr_trunc" (`max(SNR, 1)`) or "snr_plus_one" (the v-loss).
+
+  Returns:
+    aux holds `t` and `x_target` per example.
+  """
+  if teacher_fn is None:
+    raise ValueError("mode 'pd' needs a teacher_fn")
+  t = pd_times(i, student_steps)[0]
+  z_t = process.diffuse(x, eps, t, schedule)
+  x_target, _ = pd_target(teacher_fn, x, z_t, i, schedule=schedule,
+                          student_steps=student_steps, teacher_solver=teacher_solver, eta=eta,
+                          midpoint_x_var=midpoint_x_var)
+  x_target = jax.lax.stop_gradient(x_target)
+  x_hat = student_fn(z_t, t, dropout_rng)
+  loss = pd_weight(t, schedule, weighting) * solvers.batch_mean(jnp.square(x_target - x_hat), x)
+  return loss, {"t": t, "x_target": x_target}
