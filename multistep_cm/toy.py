@@ -5,7 +5,8 @@
 1. Pretrain a small MLP as a diffusion model on mixture samples (the v-loss), as
    the paper initialises every student from the diffusion model (§7.1).
 2. From that initialisation, for each mode and student step count S:
-   * `cd`: distil the exact denoiser E[x | z_t] with the aDDIM teacher step (§3, §5.5);
+   * `cd`: distil the exact denoiser E[x | z_t] with the aDDIM teacher step (§3, §5.5),
+     or with DDIM's (`--teacher_solver=ddim`, the paper's Table 4 comparison);
    * `ct`: consistency training from samples (x_teacher = x);
    * `direct`: Direct CM (§10): regress onto the teacher's full DDIM solve from t
      to the segment start.
@@ -70,6 +71,8 @@ _ANYSTEP = flags.DEFINE_enum("anystep", "", ["", "steps", "segment_start", "none
                              "this way ('none': not told; the grids are nested, the ablation).")
 _SKIP_SEPARATE = flags.DEFINE_bool("skip_separate", False, "With --anystep: only the any-step "
                                    "models.")
+_TEACHER_SOLVER = flags.DEFINE_enum("teacher_solver", "addim", list(losses.TEACHER_SOLVERS),
+                                     "CD's teacher step (aDDIM, the paper's; DDIM: Table 4).")
 _PD_START = flags.DEFINE_integer("pd_start", 64, "PD: the exact teacher's steps in the first "
                                  "halving (a power of two times each S).")
 _EQUAL_COMPUTE = flags.DEFINE_bool("equal_compute", False, "Train each S-step student of the "
@@ -100,6 +103,7 @@ class ToySettings:
   weighting: str = "snr_plus_one"
   boundaries: str = "uniform"
   direct_solver: str = "ddim"  # the Direct-CM paper's solver (§10.2)
+  teacher_solver: str = "addim"  # CD's teacher step: the paper's aDDIM (§5.5) or DDIM (Table 4)
   num_eval: int = 10_000
   pd_start: int = 64  # PD: the first halving's teacher steps (student: pd_start / 2)
   equal_compute: bool = False  # other modes at S: PD's steps to S (halvings x train_steps)
@@ -127,6 +131,8 @@ def toy_config(settings: ToySettings, mode: str, student_steps: int = 1):
   c.loss.boundaries = settings.boundaries
   if mode == "direct":
     c.loss.teacher_solver = settings.direct_solver
+  elif mode == "cd":
+    c.loss.teacher_solver = settings.teacher_solver
   if mode == "pd":  # one halving, trained as the official outer loop trains it
     config_base.pd_outer_loop(c, settings.train_steps)
   elif mode != "diffusion" and settings.equal_compute:
@@ -292,8 +298,9 @@ def main(argv):
   settings = ToySettings(pretrain_steps=_PRETRAIN_STEPS.value, train_steps=_TRAIN_STEPS.value,
                          batch=_BATCH.value, num_eval=_NUM_EVAL.value,
                          weighting=_WEIGHTING.value, huber_epsilon=_HUBER.value,
-                         boundaries=_BOUNDARIES.value, pd_start=_PD_START.value,
-                         equal_compute=_EQUAL_COMPUTE.value, seed=_SEED.value)
+                         boundaries=_BOUNDARIES.value, teacher_solver=_TEACHER_SOLVER.value,
+                         pd_start=_PD_START.value, equal_compute=_EQUAL_COMPUTE.value,
+                         seed=_SEED.value)
   for mode in _MODES.value:
     if mode not in losses.MODES:
       raise app.UsageError(f"--modes: {mode!r} is not one of {losses.MODES}")
