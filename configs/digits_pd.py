@@ -14,7 +14,7 @@ Variants: size=8|16, teacher=PATH, start=64 (the teacher's steps in the first ha
 end=1 (the last student's steps), halving_steps=1000 (steps per halving),
 solver=addim|ddim (the teacher's steps), compare=1/2/4/8: also MCM-CD students at those
 step counts, each trained as many steps as the PD chain takes to reach that count
-(experiment (b): PD vs CD at equal training compute; README).
+(experiment (b): PD vs CD at equal training compute; README), batch=128 (every stage).
 """
 import ml_collections
 
@@ -23,7 +23,7 @@ from multistep_cm import config_base
 
 def get_config(arg=None):
   a = config_base.parse_arg(arg, size=8, teacher="", start=64, end=1, halving_steps=1000,
-                            solver="addim", compare="")
+                            solver="addim", compare="", batch=128)
   teacher = a.teacher or "stage:teacher"
 
   def pd_student(n, previous):
@@ -43,4 +43,6 @@ def get_config(arg=None):
     c.stages[f"cd{s}"] = stage
     order.append(f"cd{s}")
   c.stage_order = tuple(order)
+  for name in order:
+    c.stages[name].batch_size = a.batch
   return c
