@@ -13,8 +13,9 @@
    * `pd`: Progressive Distillation (the paper's baseline, Table 3): halvings from a
      `--pd_start`-step exact teacher, `--train_steps` steps each, the first student
      from the pretrained MLP, each next one from (and distilling) the one before;
-     evaluated at each S it passes. `--equal_compute` trains the other modes' S-step
-     students as many steps as the PD chain takes to reach S.
+     evaluated at each S it passes; the teacher's two steps are `--teacher_solver`'s.
+     `--equal_compute` trains the other modes' S-step students as many steps as the
+     PD chain takes to reach S.
 3. Report, per mode and S, the energy distance of S-step samples to the true
    mixture and to the teacher's 512-step aDDIM sampler, and the ODE error: the RMS
    distance to the teacher's 512-step DDIM solve (the probability-flow ODE) from the
@@ -134,6 +135,7 @@ def toy_config(settings: ToySettings, mode: str, student_steps: int = 1):
   elif mode == "cd":
     c.loss.teacher_solver = settings.teacher_solver
   if mode == "pd":  # one halving, trained as the official outer loop trains it
+    c.loss.teacher_solver = settings.teacher_solver
     config_base.pd_outer_loop(c, settings.train_steps)
   elif mode != "diffusion" and settings.equal_compute:
     c.num_train_steps = config_base.pd_halvings(settings.pd_start,
