@@ -1,13 +1,17 @@
 """Images/s per host core of the ImageNet 64 and 128 input pipelines, against what the step eats.
 
   python -m benchmarks.input_pipeline --out benchmarks/results/input_pipeline_DATE_TAG.json
+  python -m benchmarks.input_pipeline --workers=threads,processes --rounds=3 ...
 
 Measured: a synthetic ImageNet-shaped dataset (JPEG quality 90, widths and heights
 uniform in [333, 500] like ImageNet's typical 500x375 photos) is written as
-array_record, then `Pipeline.iterate` (TFDS read, decode, centre crop, resize,
+array_record, then `Pipeline.iterate` (Grain: TFDS read, decode, centre crop, resize,
 flip) is timed for each image size, with exact and with `fast_decode` JPEG
-decoding. `images_per_cpu_s` (images per second of process CPU time) is the
-per-core rate; it stays meaningful on a machine shared with other jobs.
+decoding, and for each kind of decode worker in `--workers` (Grain's threads or
+worker processes), the variants alternated over `--rounds` rounds, medians reported.
+`images_per_cpu_s` (images per second of CPU time, the worker processes' included)
+is the per-core rate; it stays meaningful on a machine shared with other jobs.
+`measured` holds the first kind listed; `measured_by_workers` every kind.
 
 Derived, with the assumptions in the report: what one chip's train step consumes,
 (a) at the paper's measured speed (§7.3: steps/s of the small models on 64 TPU v5e
@@ -20,6 +24,7 @@ gives the images/s per core the pipeline must deliver; `margin` is the measured
 per-core rate over that (target >= 3).
 """
 import argparse
+import statistics
 import sys
 import tempfile
 from typing import Any
@@ -43,20 +48,27 @@ CONFIGS = {64: "configs/imagenet64_cd.py", 128: "configs/imagenet128_cd.py"}
 
 
 def measure(data_dir: str | None, sizes: list[int], args) -> dict[str, Any]:
-  """Per size and decode mode: the pipeline's measured rates."""
+  """Per kind of decode worker, size and decode mode: the pipeline's rates (round medians)."""
   data_dir = data_dir or tempfile.mkdtemp(prefix="synthetic_tfds_")
   builder = synthetic.SyntheticJpeg(data_dir=data_dir)
   if not builder.is_prepared():
     synthetic.build(data_dir, num_examples=args.num_examples, size_range=(333, 500))
-  out = {}
-  for size in sizes:
-    for fast_decode in (False, True):
-      source = tfds_source.TfdsSource(synthetic.NAME, "train", data_dir, size, fast_decode)
-      with pipeline.Pipeline(source, args.batch_size, seed=0, process_index=0, process_count=1,
-                             random_flip=True, num_threads=args.num_threads) as data:
-        rates = pipeline.measure_throughput(data, args.num_steps)
-      out.setdefault(str(size), {})["fast_decode" if fast_decode else "exact"] = rates
-  return out
+  runs = {}
+  for _ in range(args.rounds):  # variants alternated, so drift on a shared machine hits all
+    for workers in args.workers.split(","):
+      for size in sizes:
+        for fast_decode in (False, True):
+          source = tfds_source.TfdsSource(synthetic.NAME, "train", data_dir, size, fast_decode)
+          with pipeline.Pipeline(source, args.batch_size, seed=0, process_index=0,
+                                 process_count=1, random_flip=True,
+                                 num_threads=args.num_threads, workers=workers) as data:
+            rates = pipeline.measure_throughput(data, args.num_steps)
+          mode = "fast_decode" if fast_decode else "exact"
+          runs.setdefault(workers, {}).setdefault(str(size), {}).setdefault(mode, []).append(rates)
+  return {workers: {size: {mode: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+                           for mode, rounds in by_mode.items()}
+                    for size, by_mode in by_size.items()}
+          for workers, by_size in runs.items()}
 
 
 def step_flops_per_image(size: int, modes: str, preset: str | None) -> dict[str, float]:
@@ -95,11 +107,12 @@ def consumption(flops: dict[int, dict[str, float]], rates) -> list[dict[str, Any
 
 def run(args) -> dict[str, Any]:
   sizes = [int(s) for s in args.sizes.split(",")]
-  rates = measure(args.data_dir, sizes, args)
+  by_workers = measure(args.data_dir, sizes, args)
+  rates = by_workers[args.workers.split(",")[0]]
   report = {"benchmark": "input_pipeline", "date": common.today(), "machine": common.machine(),
             "command": " ".join(["python -m benchmarks.input_pipeline"] + sys.argv[1:]),
-            "batch_size": args.batch_size, "num_steps": args.num_steps,
-            "measured": rates}
+            "batch_size": args.batch_size, "num_steps": args.num_steps, "rounds": args.rounds,
+            "measured": rates, "measured_by_workers": by_workers}
   if args.flops_modes:
     flops = {s: step_flops_per_image(s, args.flops_modes, args.flops_preset) for s in sizes}
     report.update(
@@ -118,7 +131,11 @@ def parse_args(argv=None):
   parser.add_argument("--num_examples", type=int, default=512)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--num_steps", type=int, default=16)
-  parser.add_argument("--num_threads", type=int, default=None, help="default: all cores")
+  parser.add_argument("--num_threads", type=int, default=None,
+                      help="decode threads or worker processes; default: all cores")
+  parser.add_argument("--workers", default="threads",
+                      help="comma-separated kinds of decode worker: threads, processes")
+  parser.add_argument("--rounds", type=int, default=1, help="alternations of the variants")
   parser.add_argument("--sizes", default="64,128")
   parser.add_argument("--flops_modes", default="diffusion,ct,cd",
                       help="train-step modes compiled for FLOPs per image ('' skips)")

@@ -25,8 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_flip = False
   c.data.data_dim = 8  # mixture only
   c.data.mixture_size = 65536  # mixture only: points drawn once (fixed seed) for the source
-  c.data.num_threads = 0  # decode threads; 0 = the pipeline's default
+  c.data.num_threads = 0  # decode workers (threads or processes); 0 = the pipeline's default
   c.data.prefetch = 2
+  c.data.workers = "threads"  # Grain decodes in 'threads' or worker 'processes' (README: Data)
 
   c.batch_size = 128  # global, over all devices and hosts
   c.num_train_steps = 2000

@@ -24,6 +24,7 @@ from multistep_cm import models
 from multistep_cm import optim
 from multistep_cm import sharding
 from multistep_cm.data import digits
+from multistep_cm.data import pipeline
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import schedules
@@ -145,6 +146,7 @@ SCHEMA: dict[str, Rule] = {
     "data.mixture_size": integer(1, 10_000_000),
     "data.num_threads": integer(0, 1024),
     "data.prefetch": integer(0, 64),
+    "data.workers": one_of(*pipeline.WORKERS),
     "batch_size": integer(1, 2**24),
     "num_train_steps": integer(1),
     "schedule.name": one_of(*schedules.NAMES),

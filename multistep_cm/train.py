@@ -148,7 +148,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   data = pipeline_lib.Pipeline(
       source, config.batch_size, config.seed, shard_index, shard_count,
       random_flip=bool(config.data.random_flip), num_threads=config.data.num_threads or None,
-      prefetch=config.data.prefetch)
+      prefetch=config.data.prefetch, workers=config.data.workers)
   t0 = time.time()
   traced = builder.trace()
   model_flops, _ = builder.flops(traced)

@@ -1,85 +1,74 @@
-"""The input pipeline: which examples each process feeds at each step, decoded ahead.
+"""The input pipeline: which examples each process feeds at each step, decoded ahead by Grain.
 
-The data order is a pure function of `(seed, step)`:
+The data order is a pure function of `(seed, step)`, because it is a Grain `MapDataset`
+(random access by index), not an iterator with a state:
   - Positions `[k*B, (k+1)*B)` of an infinite stream make the global batch of step
-    k (B = `global_batch_size`). Position `pos` belongs to epoch `pos // N` (N =
-    `len(source)`) and reads example `perm(seed, epoch)[pos % N]`, where `perm` is
-    a keyed pseudo-random bijection of [0, N) (a small Feistel block cipher with
-    cycle walking: the idea behind `tf.random_index_shuffle` and Grain's index
-    shuffle). Every epoch visits every example once, in its own order.
+    k (B = `global_batch_size`). Position `pos` belongs to epoch `e = pos // N` (N =
+    `len(source)`) and reads example `perm(s + e)[pos % N]`: the stream is
+    `MapDataset.range(N).shuffle(s).repeat()`, whose epoch e is Grain's keyed index
+    shuffle (`grain.experimental.index_shuffle`, a bijection of [0, N) computed per
+    index, so a batch costs O(batch) and no permutation is stored) under key `s + e`
+    (`permute`). Every epoch visits every example once, in its own order.
   - Process p of P reads only the contiguous positions
-    `[k*B + p*B/P, k*B + (p+1)*B/P)`, so the process-local batches, concatenated
+    `[k*B + p*B/P, k*B + (p+1)*B/P)`: the stream cut into blocks of B/P (`batch`),
+    every P-th block from the p-th (`[p::P]`). The process-local batches, concatenated
     in process order, are exactly the global batch a single process would read.
-  - Per-example randomness (the horizontal flip) is a hash of `(seed, pos)`, so it
-    does not depend on P either.
+  - Per-example randomness (the horizontal flip) comes from Grain's `random_map`, whose
+    generator is Philox keyed by a seed with the position in its counter, so it does not
+    depend on P either.
 Hence the checkpointable input state is just the next step number: a run resumed
 at step k, on any number of hosts, sees exactly what an uninterrupted run sees
-from step k. Nothing else needs saving. Batches carry `'index'` (the examples' ids
-in the source) so this can be checked on the data itself.
+from step k (step k is element k of the dataset; nothing is replayed). Nothing else
+needs saving. Batches carry `'index'` (the examples' ids in the source) so this can be
+checked on the data itself. The shuffle and flip seeds (32-bit, as Grain takes them)
+are derived from the run's seed by NumPy's `SeedSequence`.
 
-Decoding runs in a thread pool (Pillow releases the GIL to decode and resample), `prefetch`
-steps ahead of the consumer. `to_global` assembles the process-local arrays into
-global `jax.Array`s with `jax.make_array_from_process_local_data`.
+Decoding: Grain reads whole process-local batches ahead of the consumer, either in a
+thread pool (`workers='threads'`, `to_iter_dataset`; Pillow releases the GIL to decode
+and resample) or in worker processes (`workers='processes'`, `mp_prefetch`: worker w
+decodes steps w, w+W, ... and Grain interleaves them back in step order). The number
+and kind of workers change who decodes a batch, never what it holds. `to_global`
+assembles the process-local arrays into global `jax.Array`s with
+`jax.make_array_from_process_local_data`.
 
 Typical use in a trainer:
 
   source = config_build.make_source(config)
   shard_index, shard_count = pipeline.batch_shard(batch_sharding, config.batch_size)
   data = pipeline.Pipeline(source, config.batch_size, config.seed, shard_index, shard_count,
-                           random_flip=config.data.random_flip)
+                           random_flip=config.data.random_flip, workers=config.data.workers)
   for step, batch in zip(range(start_step, num_steps), data.iterate(start_step)):
     batch = pipeline.to_global(batch, batch_sharding)
 """
-import collections
 from collections.abc import Iterator, Mapping, Sequence
-import concurrent.futures
 import os
-import threading
 import time
 
+from absl import flags
+import grain
+from grain import experimental as grain_experimental
 import numpy as np
 
 from multistep_cm.data.sources import Source
 
-# ---------------------------------------------------------------------------
-# Counter-based randomness: a pure function of its integer inputs, identical on
-# every host and NumPy version (unlike a Generator's stream, which NumPy may change).
-
-_U64 = np.uint64
-_GOLDEN = _U64(0x9E3779B97F4A7C15)
-_SHUFFLE, _FLIP = 1, 2  # stream tags, so the permutation and the flips are independent
-_FEISTEL_ROUNDS = 6
-_MAX_CACHED_ORDER = 1 << 24  # epochs of up to 16M examples are held as one int64 array
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-  """splitmix64's finaliser: a bijective, well-mixed map of uint64 arrays."""
-  x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-  x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
-  return x ^ (x >> _U64(31))
-
-
-def _hash(*words) -> np.ndarray:
-  """uint64 hash of non-negative integers or integer arrays (broadcast together)."""
-  h = np.zeros(np.broadcast_shapes(*(np.shape(w) for w in words)) or (1,), _U64)
-  for w in words:
-    w = np.asarray(int(w) % (1 << 64), _U64) if np.ndim(w) == 0 else np.asarray(w).astype(_U64)
-    h = _mix(h ^ (w + _GOLDEN))
-  return h
+# The decode workers `Pipeline(workers=...)` (and config.data.workers) accept.
+WORKERS = ("threads", "processes")
+# The rounds of Grain's index shuffle in `MapDataset.shuffle` (its shuffle.py), so that
+# `permute` is the permutation the pipeline's dataset applies.
+_SHUFFLE_ROUNDS = 4
 
 
 def permute(offsets: np.ndarray, n: int, key: int) -> np.ndarray:
-  """Applies the keyed pseudo-random permutation of [0, n) to `offsets`.
+  """Applies Grain's keyed pseudo-random permutation of [0, n) to `offsets`.
 
-  A balanced Feistel network is a bijection of [0, 4^h) for any round function;
-  cycle walking (re-applying it until the value lands in [0, n)) restricts it to a
-  bijection of [0, n). Each offset is mapped independently, so a batch costs
-  O(batch), not O(n), and no permutation is ever stored.
+  This is the permutation `MapDataset.shuffle` gives epoch e under key `seed + e`. Each
+  offset is mapped independently, so a batch costs O(batch), not O(n).
 
   Args:
     offsets: int array of values in [0, n).
     n: the domain size, >= 1.
-    key: the permutation's key (non-negative int).
+    key: the permutation's key (non-negative int; Grain's keys are 32-bit, so only the
+      low 32 bits count).
 
   Returns:
     int64 array, same shape as `offsets`.
@@ -87,33 +76,44 @@ def permute(offsets: np.ndarray, n: int, key: int) -> np.ndarray:
   offsets = np.asarray(offsets, np.int64)
   if n < 1 or offsets.size and (offsets.min() < 0 or offsets.max() >= n):
     raise ValueError(f"offsets must lie in [0, {n})")
-  half = max(1, ((n - 1).bit_length() + 1) // 2)  # 4^half >= n, and < 4n
-  mask = _U64((1 << half) - 1)
-  keys = [_hash(key, r) for r in range(_FEISTEL_ROUNDS)]
-
-  def feistel(x):
-    left, right = x >> _U64(half), x & mask
-    for round_key in keys:
-      left, right = right, left ^ (_hash(round_key, right) & mask)
-    return (left << _U64(half)) | right
-
-  out = offsets.reshape(-1).astype(_U64)
-  todo = np.arange(out.size)
-  values = out.copy()
-  while todo.size:
-    values = feistel(values)
-    inside = values < _U64(n)
-    out[todo[inside]] = values[inside]
-    todo, values = todo[~inside], values[~inside]
-  return out.astype(np.int64).reshape(offsets.shape)
+  key = int(key) % 2**32
+  shuffle = grain_experimental.index_shuffle
+  out = [shuffle(int(o), n - 1, key, _SHUFFLE_ROUNDS) for o in offsets.ravel()]
+  return np.asarray(out, np.int64).reshape(offsets.shape)
 
 
-# ---------------------------------------------------------------------------
-# The pipeline.
+def _flip_coin(example_id: int, rng: np.random.Generator) -> tuple[int, bool]:
+  return example_id, bool(rng.integers(2))
+
+
+def _no_flip(example_id: int) -> tuple[int, bool]:
+  return example_id, False
+
+
+class _Read:
+  """(example ids, flips) of one process-local batch -> the batch's arrays.
+
+  A module-level class, so Grain can pickle it (with the source) into worker processes.
+  """
+
+  def __init__(self, source: Source):
+    self.source = source
+
+  def __call__(self, ids_and_flips) -> dict[str, np.ndarray]:
+    ids, flips = ids_and_flips
+    ids = np.asarray(ids, np.int64)
+    batch = dict(self.source.get(ids))
+    if flips.any():
+      image = batch["image"]
+      batch["image"] = np.where(flips.reshape((-1,) + (1,) * (image.ndim - 1)),
+                                image[:, :, ::-1], image)
+    batch["label"] = np.asarray(batch["label"], np.int32)
+    batch["index"] = ids
+    return batch
 
 
 class Pipeline:
-  """Deterministic, sharded, prefetching batches from a random-access `Source`.
+  """Deterministic, sharded, prefetching batches from a random-access `Source`, on Grain.
 
   See the module docstring for the order. Batches are dicts of process-local
   numpy arrays: the source's keys (e.g. `'image'` float32 [b, H, W, C]), plus
@@ -124,11 +124,11 @@ class Pipeline:
   def __init__(self, source: Source, global_batch_size: int, seed: int,
                process_index: int | None = None, process_count: int | None = None,
                random_flip: bool = False, shuffle: bool = True, num_threads: int | None = None,
-               prefetch: int = 2, chunk_size: int = 16):
+               prefetch: int = 2, chunk_size: int | None = None, workers: str = "threads"):
     """Configures the pipeline; nothing is read until a batch is asked for.
 
     Args:
-      source: random-access examples.
+      source: random-access examples (picklable, for `workers='processes'`).
       global_batch_size: examples per step over all processes.
       seed: selects the epoch permutations and the flips (non-negative int).
       process_index, process_count: this process's shard of each global batch;
@@ -138,15 +138,20 @@ class Pipeline:
       random_flip: mirror `'image'` along its width for half of the examples.
       shuffle: False reads positions in order (epoch e, position i -> example i),
         e.g. for evaluation.
-      num_threads: decoding threads; default: the CPU cores this process may use.
-        0 decodes in the calling thread.
-      prefetch: steps decoded ahead of the one `iterate` is yielding.
-      chunk_size: examples per decoding task.
+      num_threads: decode workers (threads or processes, see `workers`); default: the
+        CPU cores this process may use. 0 decodes in the calling thread.
+      prefetch: steps decoded ahead of the one `iterate` is yielding (at least one per
+        worker, so that every worker has a batch to decode).
+      chunk_size: unused; Grain decodes a whole process-local batch per task. Accepted
+        so that callers written for the earlier thread pool keep working.
+      workers: 'threads' (Grain's read threads) or 'processes' (Grain's `mp_prefetch`
+        worker processes, which need a picklable source).
 
     Raises:
       ValueError: for a batch size not divisible by the process count, a process
-        index out of range, or `random_flip` without an `'image'` key.
+        index out of range, `random_flip` without an `'image'` key, or unknown `workers`.
     """
+    del chunk_size
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
       process_index = jax.process_index() if process_index is None else process_index
@@ -161,15 +166,27 @@ class Pipeline:
     if random_flip and "image" not in source[0]:
       raise ValueError("random_flip=True needs examples with an 'image' [H, W, C] key; "
                        f"this source has {sorted(source[0])}")
+    if workers not in WORKERS:
+      raise ValueError(f"workers={workers!r} must be one of {WORKERS}")
     self.source, self.seed = source, int(seed)
     self.global_batch_size, self.random_flip, self.shuffle = global_batch_size, random_flip, shuffle
     self.process_index, self.process_count = process_index, process_count
     self.local_batch_size = global_batch_size // process_count
     self.num_threads = _available_cores() if num_threads is None else num_threads
-    self.prefetch, self.chunk_size = max(0, prefetch), max(1, chunk_size)
-    self._num_examples = len(source)
-    self._pool = None
-    self._orders, self._order_lock = {}, threading.Lock()
+    self.prefetch, self.workers = max(0, prefetch), workers
+    self._open = []  # iterators `close` stops
+
+    # The order (module docstring), as Grain datasets indexed by position and by step.
+    self._shuffle_seed, flip_seed = (
+        int(s) for s in np.random.SeedSequence(self.seed).generate_state(2, np.uint32))
+    ids = grain.MapDataset.range(len(source))
+    if shuffle:
+      ids = ids.shuffle(seed=self._shuffle_seed)
+    ids = ids.repeat()  # epoch e reshuffled under key seed + e
+    self._stream = (ids.random_map(_flip_coin, seed=flip_seed) if random_flip
+                    else ids.map(_no_flip))  # position -> (example id, flip)
+    local = self._stream.batch(self.local_batch_size, drop_remainder=True)
+    self._batches = local[process_index::process_count].map(_Read(source))  # step -> batch
 
   # -- The order: pure functions of (seed, step). --
 
@@ -180,124 +197,75 @@ class Pipeline:
 
   def example_indices(self, positions: np.ndarray) -> np.ndarray:
     """The source index read at each stream position."""
-    epochs, offsets = np.divmod(positions, self._num_examples)
-    if not self.shuffle:
-      return offsets
-    out = np.empty_like(offsets)
-    for epoch in np.unique(epochs):  # a batch spans at most a few epochs
-      sel = epochs == epoch
-      order = self._epoch_order(int(epoch))
-      out[sel] = (order[offsets[sel]] if order is not None else
-                  permute(offsets[sel], self._num_examples, self._epoch_key(int(epoch))))
-    return out
+    return np.asarray([self._stream[int(p)][0] for p in np.ravel(positions)],
+                      np.int64).reshape(np.shape(positions))
 
   def _epoch_key(self, epoch: int) -> int:
-    return int(_hash(self.seed, _SHUFFLE, epoch)[0])
-
-  def _epoch_order(self, epoch: int) -> np.ndarray | None:
-    """The whole epoch's permutation, computed once (numpy overhead, not the per-index work,
-    dominates a batch's permutation: digits cost 1.3 ms per batch, 1.7 ms per epoch); None
-    for datasets too large to hold one (> 2^24 examples)."""
-    if self._num_examples > _MAX_CACHED_ORDER:
-      return None
-    with self._order_lock:
-      if epoch not in self._orders:
-        if len(self._orders) >= 2:  # the current epoch and the next
-          self._orders.pop(min(self._orders))
-        self._orders[epoch] = permute(np.arange(self._num_examples), self._num_examples,
-                                      self._epoch_key(epoch))
-      return self._orders[epoch]
+    """The key of epoch `epoch`'s permutation (`permute`), as Grain's shuffle derives it."""
+    return (self._shuffle_seed + epoch) % 2**32
 
   def flips(self, positions: np.ndarray) -> np.ndarray:
     """Whether the example at each position is mirrored, bool."""
-    if not self.random_flip:
-      return np.zeros(positions.shape, bool)
-    return (_hash(self.seed, _FLIP, positions) & _U64(1)).astype(bool)
+    return np.asarray([self._stream[int(p)][1] for p in np.ravel(positions)],
+                      bool).reshape(np.shape(positions))
 
   # -- Reading. --
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
-    """The process-local batch of training step `step` (decoded now, in the pool)."""
-    return self._assemble(self._submit(step))
+    """The process-local batch of training step `step`, decoded now in the calling thread."""
+    return self._batches[step]
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict]:
     """Yields `get_batch(start_step)`, `get_batch(start_step + 1)`, ... decoding ahead.
 
-    A resumed run passes its restored step number as `start_step`.
+    A resumed run passes its restored step number as `start_step`: Grain starts reading
+    at that element, so no earlier batch is decoded.
 
     Args:
       start_step: the first step yielded.
       num_steps: how many batches to yield; None is endless.
     """
     stop = None if num_steps is None else start_step + num_steps
-    pending = collections.deque()
-    next_step = start_step
+    batches = iter(self._loader(self._batches[start_step:stop]))
+    self._open.append(batches)
     try:
-      while True:
-        while len(pending) <= self.prefetch and (stop is None or next_step < stop):
-          pending.append(self._submit(next_step))
-          next_step += 1
-        if not pending:
-          return
-        yield self._assemble(pending.popleft())
-    finally:
-      for tasks in pending:  # an abandoned iterator stops decoding what it will never yield
-        for task in tasks:
-          task.cancel()
+      if self.workers == "processes" and self.num_threads:
+        # Plain arrays: Grain's shared-memory views would outlive their module at exit.
+        for batch in batches:
+          yield {k: np.array(v) for k, v in batch.items()}
+      else:
+        yield from batches
+    finally:  # an abandoned iterator stops its workers
+      batches.close()
+      self._open.remove(batches)
+
+  def _loader(self, batches: grain.MapDataset) -> grain.IterDataset:
+    """`batches` read ahead by this pipeline's workers."""
+    inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    if self.num_threads == 0:
+      return batches.to_iter_dataset(inline)
+    if self.workers == "threads":
+      return batches.to_iter_dataset(grain.ReadOptions(
+          num_threads=self.num_threads,
+          prefetch_buffer_size=max(self.prefetch, self.num_threads)))
+    if not flags.FLAGS.is_parsed():
+      # Grain reads its absl flags when it starts workers; outside an absl app (tests,
+      # benchmarks) nothing parses them, so they keep their defaults.
+      flags.FLAGS.mark_as_parsed()
+    per_worker = max(1, -(-self.prefetch // self.num_threads))
+    return batches.to_iter_dataset(inline).mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=self.num_threads, per_worker_buffer_size=per_worker))
 
   def close(self):
-    """Stops the decoding threads; the pipeline restarts them if used again."""
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
+    """Stops the decoding workers of every open iterator."""
+    for batches in list(self._open):
+      batches.close()
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self.close()
-
-  def _submit(self, step: int) -> list:
-    """Starts decoding `step` in chunks; returns their futures (or results, with 0 threads)."""
-    positions = self.positions(step)
-    chunks = [positions[i:i + self.chunk_size] for i in range(0, len(positions), self.chunk_size)]
-    if self.num_threads == 0:
-      return [_Done(self._load(chunk)) for chunk in chunks]
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, "input")
-    return [self._pool.submit(self._load, chunk) for chunk in chunks]
-
-  def _load(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-    indices = self.example_indices(positions)
-    batch = dict(self.source.get(indices))
-    flips = self.flips(positions)
-    if flips.any():
-      image = batch["image"]
-      batch["image"] = np.where(flips.reshape((-1,) + (1,) * (image.ndim - 1)),
-                                image[:, :, ::-1], image)
-    batch["label"] = np.asarray(batch["label"], np.int32)
-    batch["index"] = indices
-    return batch
-
-  @staticmethod
-  def _assemble(tasks: list) -> dict[str, np.ndarray]:
-    chunks = [task.result() for task in tasks]  # re-raises a worker's DatasetError here
-    if len(chunks) == 1:
-      return chunks[0]
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-
-class _Done:
-  """A finished 'future', for decoding without threads."""
-
-  def __init__(self, value):
-    self._value = value
-
-  def result(self):
-    return self._value
-
-  def cancel(self):
-    return False
 
 
 def _available_cores() -> int:
@@ -403,19 +371,24 @@ def measure_throughput(pipeline: Pipeline, num_steps: int, start_step: int = 0,
                        warmup_steps: int = 1) -> dict[str, float]:
   """Images per second this process's pipeline delivers through `iterate`.
 
+  With worker processes the warm-up is at least one batch per worker (their start-up
+  is not timed) and the CPU time includes theirs.
+
   Returns:
     `images_per_s` (wall clock), `images_per_s_per_core` (over the decoding
-    threads, capped by the cores available), `images_per_cpu_s` (per second of
-    CPU time the process used: the per-core rate, robust to other load on the
-    machine), `cores`, `seconds`, `num_images`.
+    workers, capped by the cores available), `images_per_cpu_s` (per second of
+    CPU time the process and its workers used: the per-core rate, robust to other
+    load on the machine), `cores`, `seconds`, `num_images`.
   """
+  if pipeline.workers == "processes":
+    warmup_steps = max(warmup_steps, pipeline.num_threads)
   batches = pipeline.iterate(start_step)
   for _ in range(warmup_steps):
     next(batches)
-  wall, cpu = time.perf_counter(), time.process_time()
+  wall, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(num_steps):
     next(batches)
-  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
   batches.close()
   num_images = num_steps * pipeline.local_batch_size
   cores = max(1, min(pipeline.num_threads, _available_cores()))
@@ -427,3 +400,16 @@ def measure_throughput(pipeline: Pipeline, num_steps: int, start_step: int = 0,
       "seconds": wall,
       "num_images": float(num_images),
   }
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process and its live children (Grain's worker processes)."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  total = time.process_time()
+  for child in psutil.Process().children(recursive=True):
+    try:
+      times = child.cpu_times()
+      total += times.user + times.system
+    except psutil.NoSuchProcess:
+      pass
+  return total

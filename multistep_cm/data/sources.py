@@ -29,9 +29,11 @@ class DatasetError(RuntimeError):
 class Source:
   """Base class: `len(source)`, `source[i]` and the batched `source.get(indices)`.
 
-  Subclasses implement `__len__` and `__getitem__`; `get` stacks single examples
-  and may be overridden where a batched read is faster. Sources must be safe to
-  call from several threads at once (the pipeline decodes in a thread pool).
+  Subclasses implement `__len__` and `__getitem__` (which makes them Grain data
+  sources too); `get` stacks single examples and may be overridden where a batched
+  read is faster. Sources must be safe to call from several threads at once (Grain's
+  read threads), and picklable for Grain's worker processes
+  (`Pipeline(workers='processes')`).
   """
 
   num_classes: int = 0
