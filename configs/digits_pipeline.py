@@ -30,4 +30,13 @@ def get_config(arg=None):
     stage.num_train_steps = steps
     stage.checkpoint_every_steps = 1000
   c.stages[student].loss.anneal_steps = 1000
+  # A quality curve in TensorBoard (eval/fd, and the student's eval/ode_error) at under 10%
+  # of each stage's time (README: Quick start): 500 samples every 500 teacher steps (8
+  # points; 8 aDDIM steps, FD 22 against 17 at 64 steps in the digits study) and every 400
+  # student steps (5 points; its ODE error against a 32-step DDIM solve, computed once).
+  for stage, every in ((c.stages.teacher, 500), (c.stages[student], 400)):
+    stage.evals.every_steps = every
+    stage.evals.num_samples = 500
+  c.stages.teacher.evals.sample_steps = 8
+  c.stages[student].evals.ode_steps = 32
   return c

@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.every_steps = 0
   c.evals.num_samples = 1000
   c.evals.batch_size = 500
+  c.evals.sample_steps = 0  # diffusion runs: the evaluation sampler's steps (0: sample_steps)
   c.evals.metric = "auto"  # 'digits', 'energy', 'fid', 'none'; auto picks by dataset
   c.evals.ode_error = True  # students with a teacher: distance to the teacher's ODE solve
   c.evals.ode_steps = 256

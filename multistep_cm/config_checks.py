@@ -203,6 +203,7 @@ SCHEMA: dict[str, Rule] = {
     "evals.every_steps": _STEPS,
     "evals.num_samples": integer(1, 1_000_000),
     "evals.batch_size": integer(1, 1 << 16),
+    "evals.sample_steps": integer(0, 4096),
     "evals.metric": one_of(*sample_metrics.KINDS),
     "evals.ode_error": boolean(),
     "evals.ode_steps": integer(1, 4096),

@@ -1,5 +1,6 @@
 """Pictures people read: sample grids (images.py), the quality-vs-NFE figure (evaluate), and
-both through either TensorBoard writer (metric_log.py) back out of TensorBoard's reader."""
+both through the TensorFlow-free TensorBoard writer (metric_log.py) back out of TensorBoard's
+reader."""
 import numpy as np
 from PIL import Image
 import pytest
@@ -113,6 +114,7 @@ def test_quality_figure_lines_per_sampler_points_per_student_log_nfe():
   students = [line for line in ax.get_lines() if line.get_label().startswith("cd")]
   assert all(line.get_linestyle() == "None" for line in students)  # points, not lines
   assert ax.get_xscale() == "log"
+  assert ax.get_yscale() == "log"  # FD from 25 to 900: more than a factor of 10
   assert "NFE" in ax.get_xlabel() and ax.get_ylabel() == "digits FD, lower is better"
   assert {t.get_text() for t in ax.get_legend().get_texts()} == set(drawn)
 
@@ -121,15 +123,15 @@ def test_rows_nfe_is_the_x_axis_not_the_step_count():
   """A sampler costing two evaluations per step (Heun) is drawn at its NFE."""
   rows = [_row("teacher", "diffusion", "Heun, 4 steps", 7, 50.0),
           _row("teacher", "diffusion", "Heun, 8 steps", 15, 20.0)]
-  (line,) = report.quality_figure(rows, _HEADER).axes[0].get_lines()
+  (ax,) = report.quality_figure(rows, _HEADER).axes
+  (line,) = ax.get_lines()
   assert list(line.get_xdata()) == [7, 15]
+  assert ax.get_yscale() == "linear"  # FD from 20 to 50
 
 
-@pytest.mark.parametrize("tensorflow", [True, False], ids=["clu", "tensorboardX"])
-def test_figure_and_grid_reach_tensorboard_through_either_writer(tmp_path, monkeypatch,
-                                                                 tensorflow):
-  if not tensorflow:
-    monkeypatch.setattr(metric_log, "tensorflow_available", lambda: False)
+def test_figure_and_grid_reach_tensorboard_without_tensorflow(tmp_path, monkeypatch):
+  """Through tensorboardX's writer (clu's: test_sampling_eval.py, from a training run)."""
+  monkeypatch.setattr(metric_log, "tensorflow_available", lambda: False)
   prefix = str(tmp_path / "eval_ema0")
   png = report.write_figure(_ROWS, _HEADER, prefix)
   written = np.asarray(Image.open(png).convert("RGB"))

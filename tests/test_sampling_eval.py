@@ -7,13 +7,20 @@ import os
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
+from multistep_cm import config_build
 from multistep_cm import generation
+from multistep_cm import images
 from multistep_cm import runs
+from multistep_cm import sharding
 from multistep_cm import train
+from multistep_cm.evaluation import in_training
 from multistep_cm.evaluation import report
 
+from helpers import read_hparams
+from helpers import read_images
 from helpers import read_scalars
 from helpers import run_module
 from helpers import tiny_digits
@@ -119,3 +126,41 @@ def test_in_training_evals_reach_tensorboard(trained):
   for tag in ("eval/fd", "eval/accuracy", "eval/label_entropy", "eval/ode_error"):
     assert tag in scalars and len(scalars[tag]) == 2, (tag, sorted(scalars))
     assert all(np.isfinite(v) for _, v in scalars[tag])
+
+
+def test_evals_sample_a_diffusion_run_with_evals_sample_steps():
+  """`evals.sample_steps` (0: `sample_steps`) is the in-training sampler's step count."""
+  config = tiny_digits("diffusion")
+  config.evals.metric = "none"
+  model, schedule = config_build.get_model(config), config_build.get_schedule(config)
+  mesh = sharding.make_mesh(config.mesh)
+  for sample_steps, expected in ((0, config.sample_steps), (3, 3)):
+    config.evals.sample_steps = sample_steps
+    evaluator = in_training.TrainingEvaluator(config, model, schedule, mesh)
+    assert [(s.kind, s.steps) for s in evaluator.specs] == [(config.sample_sampler, expected)]
+
+
+def test_tensorboard_reads_the_runs_and_evaluates_outputs(trained, tmp_path):
+  """What a person opens `tensorboard --logdir` for, read back with TensorBoard's own reader:
+  the student's losses and quality curve (in-training evals), its labelled sample grid and
+  hyperparameters, and the quality-vs-NFE figure `evaluate` writes beside its table."""
+  root, _, student = trained
+  # What `evaluate --steps=1,2 --samplers=ddim` writes beside its table (its module is not
+  # imported here: its flags would clash with other modules' in one test process).
+  rows, header = report.evaluate_runs(str(root), ["1", "2"], ["ddim"], 40, 0, "ema0",
+                                      batch_size=40)
+  prefix = str(tmp_path / "eval_ema0")
+  report.write_figure(rows, header, prefix)
+  scalars, _ = read_scalars(student)
+  assert [step for step, _ in scalars["loss"]] == [10, 20]
+  assert [step for step, _ in scalars["eval/fd"]] == [10, 20]  # the quality curve
+  (step, grid), = [e for e in read_images(student)["samples"] if e[0] == 20]
+  # tiny_digits' 4 samples of 8x8 digits: classes 0 and 1, a row each.
+  assert grid.shape[:2] == images.grid_layout(4, 8, 8, [0, 0, 1, 1]).shape
+  hparams = read_hparams(student)
+  assert hparams["loss.mode"] == "cd" and hparams["loss.student_steps"] == 2
+  (step, figure), = read_images(prefix)["quality_vs_nfe"]
+  assert step == 20
+  np.testing.assert_array_equal(figure[..., :3],
+                                np.asarray(Image.open(prefix + ".png").convert("RGB")))
+  assert [(r["run"], r["nfe"]) for r in rows] == [("cd2", 2), ("teacher", 1), ("teacher", 2)]

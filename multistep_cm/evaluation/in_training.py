@@ -2,10 +2,12 @@
 
   * Sample grids (`SampleGrid`, every `config.sample_every_steps`): `config.sample_num`
     samples of the EMA weights from fixed noise with the run's own sampler, as one
-    image for TensorBoard (and a PNG at the end of the run).
+    image for TensorBoard (and a PNG at the end of the run): upscaled tiles apart, a row
+    per class with its label (images.image_grid).
   * Evaluations (`TrainingEvaluator`, every `config.evals.every_steps`): `num_samples`
     samples with the run's own sampler (the student's S steps, or the diffusion
-    sampler) from the EMA weights and fixed noise, logged as
+    sampler at `evals.sample_steps` steps when set) from the EMA weights and fixed
+    noise, logged as
       - `eval/<metric>`: the dataset's metric (sample_metrics.py: digits FD and
         accuracy, mixture energy distance, or FID/IS);
       - `eval/ode_error` (students with a teacher): the RMS distance between the
@@ -14,6 +16,8 @@
         metric (spec §10.4). CT trains without a teacher; its ODE error is measured
         against the diffusion run it started from (`evaluation_teacher`).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +31,9 @@ from multistep_cm.evaluation import sample_metrics
 
 
 class SampleGrid:
-  """`grid(params) -> uint8 [rows*H, cols*W, C]`: the run's sampler on fixed noise."""
+  """`grid(params) -> uint8 [H', W', C]`: the run's sampler on fixed noise, as a readable
+  grid (images.image_grid); a class-conditional model gets one row per class, the label
+  at its left."""
 
   def __init__(self, config, model, schedule, mesh):
     # Replicated output: every process can read the grid, also when the batch spans hosts.
@@ -36,11 +42,17 @@ class SampleGrid:
                            out_shardings=sharding.replicated(mesh))
     k_z, _ = jax.random.split(jax.random.PRNGKey(config.seed + 7))
     self._z = jax.random.normal(k_z, (config.sample_num,) + config_build.example_shape(config))
-    self._labels = (jnp.arange(config.sample_num, dtype=jnp.int32) % model.num_classes
-                    if model.num_classes else None)
+    self._labels = None
+    if model.num_classes:
+      # About square: sqrt(sample_num) classes (all of them when fewer) in equal rows.
+      rows = min(model.num_classes, int(np.ceil(np.sqrt(config.sample_num))))
+      cols = -(-config.sample_num // rows)
+      self._labels = jnp.arange(config.sample_num, dtype=jnp.int32) // cols % model.num_classes
 
   def __call__(self, params) -> np.ndarray:
-    return images.image_grid(jax.device_get(self._sample(params, self._z, self._labels)))
+    samples = jax.device_get(self._sample(params, self._z, self._labels))
+    return images.image_grid(samples, None if self._labels is None
+                             else np.asarray(self._labels))
 
 
 def make_sample_grid(config, model, schedule, mesh) -> SampleGrid | None:
@@ -83,8 +95,12 @@ class TrainingEvaluator:
     self.seed = int(config.seed) + 2**16
     # A student is evaluated at each of its step counts (several for an any-step run).
     counts = config_build.step_counts(config)
-    self.specs = ([generation.spec_for_config(config, s) for s in counts] if counts
-                  else [generation.spec_for_config(config)])
+    if counts:
+      self.specs = [generation.spec_for_config(config, s) for s in counts]
+    else:  # diffusion: the run's sampler, at `sample_steps` unless evals set fewer (cost)
+      spec = generation.spec_for_config(config)
+      self.specs = [dataclasses.replace(spec, steps=int(ec.get("sample_steps", 0))
+                                        or spec.steps)]
     self.metric = sample_metrics.make_metric(
         config, ec.get("metric", "auto"), ec.get("inception_weights", ""),
         ec.get("reference_stats", ""))

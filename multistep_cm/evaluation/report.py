@@ -6,6 +6,7 @@ row, the sampler, the number of samples and seed, and the metric's network and
 reference (evaluation/sample_metrics.py).
 """
 import datetime
+import itertools
 import os
 import re
 
@@ -93,12 +94,20 @@ def quality_figure(rows, header):
                      r[primary]))
   fig = figure.Figure(figsize=(7, 4.5), dpi=100)
   ax = fig.add_subplot()
-  for label, xy in curves.items():
+  # Samplers often overlap (DDIM and aDDIM at many steps): each its own marker and dashes.
+  for (label, xy), marker, dashes in zip(curves.items(), itertools.cycle("osD^v"),
+                                         itertools.cycle(["-", "--", ":", "-."])):
     x, y = zip(*sorted(xy))
-    ax.plot(x, y, marker="o", markersize=4, label=label)
+    ax.plot(x, y, marker=marker, markersize=5, linestyle=dashes, label=label)
   for label, x, y in points:
     ax.plot([x], [y], linestyle="none", marker="*", markersize=14, label=label)
   ax.set_xscale("log", base=2)
+  values = [y for xy in curves.values() for _, y in xy] + [y for _, _, y in points]
+  if values and min(values) > 0 and max(values) >= 10 * min(values):
+    # Few-step samplers are an order of magnitude worse: a log axis keeps the good end legible.
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter("{x:g}")
+    ax.yaxis.set_minor_formatter("{x:g}")
   ax.xaxis.set_major_formatter("{x:g}")
   ax.set_xlabel("NFE (network evaluations per sample), log scale")
   # The primary number is lower-is-better for every metric (sample_metrics.py).
