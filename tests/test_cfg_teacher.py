@@ -8,6 +8,8 @@ for the teacher's aDDIM step (eq. 14), x_var = eta ||x̂_c - x||^2 / d from the
 The random draws (noise, segments) are the trainer's own, recorded on the way into
 `losses.mcm_loss`; nothing else is taken from the code under test.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,12 +96,18 @@ def _reference_loss(model, schedule, student, teacher, x, labels, eps, segment, 
   return huber / s_t[:, 0]**2
 
 
+@functools.cache
+def _student_and_teacher():
+  """Two random parameter sets of the tests' model (both configs build the same one)."""
+  init = jax.jit(lambda k: _random_params(config_build.get_model(_config("addim")), k))
+  return tuple(init(k) for k in jax.random.split(jax.random.PRNGKey(0)))
+
+
 def _trainer_loss(config, monkeypatch, seed=0, batch=64):
   """The trainer's loss on one batch, the per-example losses and the draws it used."""
   model, schedule = config_build.get_model(config), config_build.get_schedule(config)
   key = jax.random.PRNGKey(seed)
-  init = jax.jit(lambda k: _random_params(model, k))
-  student, teacher = (init(k) for k in jax.random.split(key))
+  student, teacher = _student_and_teacher()
   x = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), (batch, 8)), np.float64) * 0.7
   labels = np.arange(batch, dtype=np.int32) % NUM_CLASSES
   seen = {}
