@@ -3,7 +3,8 @@
     python -m multistep_cm.evaluate --workdir=/tmp/mcm_digits --steps=1,2,4,8,16,64,512
 
 `--workdir` is one run or a directory of runs (a staged pipeline's root). A diffusion
-run is sampled with each of `--samplers` (DDIM, aDDIM) at each of `--steps`; a
+run is sampled with each of `--samplers` (DDIM, aDDIM, Euler, Heun) on each `--spacing`
+grid at each of `--steps` (rows state NFE: Heun's K steps cost 2K - 1); a
 Multistep CM run with its own student step count S (when S is in `--steps`, or always
 if `--steps` is empty). Every row uses the same seed, so the noise is shared.
 
@@ -27,7 +28,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A run, or a directory of runs."
 _STEPS = flags.DEFINE_list("steps", ["1", "2", "4", "8", "16", "64", "512"],
                            "Step counts: diffusion runs are sampled at each; students whose S "
                            "is listed are evaluated.")
-_SAMPLERS = flags.DEFINE_list("samplers", ["ddim", "addim"], "Samplers for diffusion runs.")
+_SAMPLERS = flags.DEFINE_list("samplers", ["ddim", "addim"], "Samplers for diffusion runs: "
+                              "ddim, addim, euler, heun (Heun's K steps: 2K - 1 NFE).")
+_SPACING = flags.DEFINE_list("spacing", ["uniform"], "Diffusion runs: time grids, uniform "
+                             "(in t) and/or karras (EDM's sigma spacing).")
+_FINAL_STEP = flags.DEFINE_enum("final_step", None, ["addim", "ddim"], "aDDIM's last step to "
+                                "t = 0 (default: sampling.DEFAULT_FINAL_STEP).")
 _NUM = flags.DEFINE_integer("num_samples", 2000, "Samples per row.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (shared by all rows).")
 _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('ema0', ...).")
@@ -45,7 +51,8 @@ def main(argv):
   from multistep_cm.evaluation import report  # pylint: disable=g-import-not-at-top
   rows, header = report.evaluate_runs(_WORKDIR.value, _STEPS.value, _SAMPLERS.value, _NUM.value,
                                _SEED.value, _WEIGHTS.value, _METRIC.value, _INCEPTION.value,
-                               _REFERENCE.value, _BATCH.value)
+                               _REFERENCE.value, _BATCH.value, spacings=_SPACING.value,
+                               final_step=_FINAL_STEP.value)
   if jax.process_index() != 0:
     return
   prefix = _OUTPUT.value or os.path.join(_WORKDIR.value, f"eval_{_WEIGHTS.value}")

@@ -1,11 +1,11 @@
 """Sampling many examples from a model, sharded over every device and host.
 
 One `SamplerSpec` names how samples are drawn (Multistep CM student steps, or a
-diffusion sampler with its step count and x_var rule), so every report can say
-exactly what produced its samples. Noise for the b-th batch is drawn from
-`fold_in(k, b)` with `k` the first half of `split(PRNGKey(seed))` (random labels come
-from the second): a seed and batch size give the same samples on any number of
-devices or hosts.
+diffusion sampler with its step count, time spacing, x_var rule and aDDIM's final
+step), so every report can say exactly what produced its samples. Noise for the b-th
+batch is drawn from `fold_in(k, b)` with `k` the first half of `split(PRNGKey(seed))`
+(random labels come from the second): a seed and batch size give the same samples on
+any number of devices or hosts.
 """
 import dataclasses
 import math
@@ -23,19 +23,23 @@ from multistep_cm import sharding
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import solvers
 
-KINDS = ("mcm", "ddim", "addim")
+KINDS = ("mcm",) + sampling.SAMPLERS
 X_VAR_RULES = ("analytic", "table")
+_NAMES = {"ddim": "DDIM", "addim": "aDDIM", "euler": "Euler", "heun": "Heun"}
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-  """`kind`: 'mcm' (Algorithm 2, `steps` = S), 'ddim' or 'addim' (diffusion, `steps` = K)."""
+  """`kind`: 'mcm' (Algorithm 2, `steps` = S), or a diffusion sampler of
+  `sampling.SAMPLERS` (`steps` = K steps on the `spacing` grid; Heun costs 2K - 1 NFE)."""
   kind: str
   steps: int
   x_var: str = "analytic"  # aDDIM: 'analytic' (0.1 / (2 + SNR)) or 'table' (from data)
   guidance: float = 0.0
   boundaries: tuple[float, ...] | None = None  # MCM: segment boundaries (None: equal)
   step_index: int | None = None  # any-step students told their step count: its index
+  spacing: str = "uniform"  # diffusion samplers: 'uniform' in t or 'karras'
+  final_step: str | None = None  # aDDIM's last step (None: sampling.DEFAULT_FINAL_STEP)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -44,6 +48,20 @@ class SamplerSpec:
       raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
     if self.x_var not in X_VAR_RULES:
       raise ValueError(f"x_var must be one of {X_VAR_RULES}, got {self.x_var!r}")
+    if self.spacing not in sampling.SPACINGS:
+      raise ValueError(f"spacing must be one of {sampling.SPACINGS}, got {self.spacing!r}")
+    if self.kind == "mcm" and self.spacing != "uniform":
+      raise ValueError("a Multistep CM samples on its segment boundaries; spacing applies to "
+                       "diffusion samplers")
+    if self.final_step is not None and (self.kind != "addim"
+                                        or self.final_step not in sampling.FINAL_STEPS):
+      raise ValueError(f"final_step applies to aDDIM only and must be one of "
+                       f"{sampling.FINAL_STEPS}, got {self.final_step!r} for {self.kind!r}")
+
+  @property
+  def nfe(self) -> int:
+    """Network evaluations per sample (guidance runs both halves as one batch)."""
+    return self.steps if self.kind == "mcm" else sampling.nfe(self.kind, self.steps)
 
   def describe(self) -> str:
     if self.kind == "mcm":
@@ -52,9 +70,12 @@ class SamplerSpec:
       if self.boundaries is not None and not np.allclose(self.boundaries, equal):
         text += ", boundaries " + "/".join(f"{b:.3g}" for b in self.boundaries)
     else:
-      text = f"{self.kind.upper() if self.kind == 'ddim' else 'aDDIM'}, {self.steps} steps"
+      text = f"{_NAMES[self.kind]}, {self.steps} steps"
+      if self.spacing != "uniform":
+        text += f", {self.spacing} spacing"
       if self.kind == "addim":
         text += f", x_var {'0.1/(2+SNR)' if self.x_var == 'analytic' else 'table from data'}"
+        text += f", {self.final_step or sampling.DEFAULT_FINAL_STEP} last step"
     if self.guidance:
       text += f", guidance {self.guidance}"
     return text
@@ -89,7 +110,8 @@ def make_sample_fn(model, schedule, spec: SamplerSpec, x_var_table=None) -> Call
     if spec.kind == "mcm":
       return sampling.sample_mcm(f, z, schedule, spec.steps, spec.boundaries)
     x_var = x_var_table if spec.x_var == "table" else None
-    return sampling.sample(f, z, schedule, spec.steps, spec.kind, x_var)
+    return sampling.sample(f, z, schedule, spec.steps, spec.kind, x_var, spec.spacing,
+                           spec.final_step)
 
   return sample
 

@@ -58,7 +58,8 @@ class Run:
     return tuple(stored)
 
   def sampler_spec(self, steps: int = 0, sampler: str | None = None, x_var: str = "analytic",
-                   guidance: float = 0.0) -> generation.SamplerSpec:
+                   guidance: float = 0.0, spacing: str = "uniform",
+                   final_step: str | None = None) -> generation.SamplerSpec:
     """The sampler for this run and a command line's choices (0 / None: the run's own).
 
     Raises:
@@ -67,7 +68,8 @@ class Run:
     """
     if self.student_steps is None:
       return generation.SamplerSpec(sampler or self.config.sample_sampler,
-                                    steps or int(self.config.sample_steps), x_var, guidance)
+                                    steps or int(self.config.sample_steps), x_var, guidance,
+                                    spacing=spacing, final_step=final_step)
     counts = self.step_counts
     if len(counts) > 1 and steps not in counts:
       raise ValueError(f"{self.workdir} is an any-step Multistep CM for {counts} steps; pass "
@@ -75,9 +77,11 @@ class Run:
     if len(counts) == 1 and steps and steps != counts[0]:
       raise ValueError(f"{self.workdir} is a {counts[0]}-step Multistep CM; --steps="
                        f"{steps} does not match it (omit --steps)")
-    if sampler:
-      raise ValueError("--sampler applies to diffusion runs; a Multistep CM samples with DDIM "
-                       "between its segment boundaries (Algorithm 2)")
+    for flag, value in (("sampler", sampler), ("spacing", spacing != "uniform"),
+                        ("final_step", final_step)):
+      if value:
+        raise ValueError(f"--{flag} applies to diffusion runs; a Multistep CM samples with "
+                         f"DDIM between its segment boundaries (Algorithm 2)")
     s = steps or counts[0]
     return generation.SamplerSpec("mcm", s, guidance=guidance, boundaries=self.boundaries(s),
                                   step_index=counts.index(s))

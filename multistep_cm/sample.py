@@ -9,9 +9,11 @@ for the toy mixture: float32 `x` [N, D]) and `labels` to the .npz, with a JSON s
 `metadata` naming the run, step, weights, sampler and seed, plus a PNG grid beside it.
 
 A Multistep CM samples with its own student step count (Algorithm 2); `--steps` may
-repeat it or be omitted. A diffusion model takes `--sampler=ddim|addim` and `--steps=K`;
+repeat it or be omitted. A diffusion model takes `--sampler=ddim|addim|euler|heun`,
+`--steps=K` and `--spacing=uniform|karras` (Heun's K steps cost 2K - 1 evaluations);
 aDDIM's x_var is the analytic rule or, with `--x_var=table`, a per-t table estimated
-from `--table_examples` training examples (Algorithm 3).
+from `--table_examples` training examples (Algorithm 3), and `--final_step=ddim|addim`
+picks the solver of its last step to t = 0.
 """
 import json
 import os
@@ -29,8 +31,14 @@ _SEED = flags.DEFINE_integer("seed", 0, "Noise (and random labels) seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npz (a .png grid is written beside).")
 _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('ema0', ...).")
 _CKPT_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default latest).")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "addim"], "Diffusion runs: sampler "
-                             "(default config.sample_sampler).")
+# The choices of diffusion/sampling.py (SAMPLERS, SPACINGS, FINAL_STEPS), spelled out so
+# that --help does not import JAX.
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "addim", "euler", "heun"],
+                             "Diffusion runs: sampler (default config.sample_sampler).")
+_SPACING = flags.DEFINE_enum("spacing", "uniform", ["uniform", "karras"], "Diffusion runs: "
+                             "time grid, uniform in t or EDM's sigma spacing (rho = 7).")
+_FINAL_STEP = flags.DEFINE_enum("final_step", None, ["addim", "ddim"], "aDDIM's last step to "
+                                "t = 0 (default: sampling.DEFAULT_FINAL_STEP).")
 _XVAR = flags.DEFINE_enum("x_var", "analytic", ["analytic", "table"], "aDDIM x_var rule.")
 _TABLE_EXAMPLES = flags.DEFINE_integer("table_examples", 2048, "Examples for --x_var=table.")
 _LABELS = flags.DEFINE_string("labels", "random", "Class-conditional runs: 'random' or a "
@@ -62,7 +70,8 @@ def main(argv):
   from multistep_cm import runs  # pylint: disable=g-import-not-at-top
 
   run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
-  spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value)
+  spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
+                         _SPACING.value, _FINAL_STEP.value)
   labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
   table = None
   if spec.kind == "addim" and spec.x_var == "table":

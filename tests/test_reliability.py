@@ -302,7 +302,7 @@ def test_nonfinite_stop_exits_5_naming_the_step_and_saves_nothing_after_it(tmp_p
     ({"data.dataset": "digits", "model.preset": "small32", "data.image_size": 12}, 1,
      "config.data.image_size"),
     ({"loss.mode": "ct", "loss.student_steps": 3}, 1, "config.loss.student_steps"),
-    ({"sample_sampler": "euler"}, 1, "config.sample_sampler"),
+    ({"sample_sampler": "dpm"}, 1, "config.sample_sampler"),
     ({"loss.mode": "consistency"}, 1, "config.loss.mode"),
     ({"model.preset": "unet"}, 1, "config.model.preset"),
     ({"data.dataset": "cifar10"}, 1, "config.data.dataset"),
@@ -321,7 +321,7 @@ def test_config_errors_name_the_key_and_what_is_allowed(overrides, processes, ke
 @pytest.mark.parametrize("args,key", [
     (["--config.data.dataset=digits", "--config.model.preset=digits8",
       "--config.data.image_size=12"], "config.data.image_size"),
-    (["--config.sample_sampler=euler"], "config.sample_sampler"),
+    (["--config.sample_sampler=dpm"], "config.sample_sampler"),
     (["--config.model.no_such_key=1"], "--config.model.no_such_key"),
     (["--config.batch_size=many"], "--config.batch_size"),
 ])

@@ -164,3 +164,32 @@ def test_tensorboard_reads_the_runs_and_evaluates_outputs(trained, tmp_path):
   np.testing.assert_array_equal(figure[..., :3],
                                 np.asarray(Image.open(prefix + ".png").convert("RGB")))
   assert [(r["run"], r["nfe"]) for r in rows] == [("cd2", 2), ("teacher", 1), ("teacher", 2)]
+
+
+def test_euler_and_heun_sample_a_trained_teacher(trained, tmp_path):
+  """Euler is DDIM (the identity of tests/test_samplers.py) on the real network too; the
+  sample command takes Heun on the Karras grid and says so; a student refuses both."""
+  _, teacher, student = trained
+  run = runs.load_run(teacher)
+  draw = lambda spec: generation.generate(run.model, run.params, run.schedule, spec, 16,
+                                          seed=1, batch_size=16)[0]
+  np.testing.assert_allclose(draw(generation.SamplerSpec("euler", 4)),
+                             draw(generation.SamplerSpec("ddim", 4)), atol=2e-3)
+  out = tmp_path / "heun.npz"
+  run_module("multistep_cm.sample", f"--workdir={teacher}", "--sampler=heun",
+             "--spacing=karras", "--steps=3", "--num_samples=16", f"--output={out}",
+             "--batch_size=16")
+  with np.load(out) as f:
+    assert json.loads(str(f["metadata"]))["sampler"] == "Heun, 3 steps, karras spacing"
+    assert f["images"].shape == (16, 8, 8, 1)
+  with pytest.raises(ValueError, match="--spacing applies to diffusion"):
+    runs.load_run(student).sampler_spec(0, None, spacing="karras")
+
+
+def test_evaluate_rows_state_nfe_for_every_sampler(trained):
+  _, teacher, _ = trained
+  rows, _ = report.evaluate_runs(teacher, ["2"], ["heun", "addim"], 16, 0, "ema0",
+                                 batch_size=16, spacings=["karras"], final_step="addim")
+  got = [(r["sampler"], r["steps"], r["nfe"]) for r in rows]
+  assert got == [("Heun, 2 steps, karras spacing", 2, 3),
+                 ("aDDIM, 2 steps, karras spacing, x_var 0.1/(2+SNR), addim last step", 2, 2)]

@@ -42,6 +42,22 @@ class Schedule:
   def snr(self, t):
     return jnp.exp(self.logsnr(jnp.asarray(t, jnp.float32)))
 
+  def t_from_logsnr(self, logsnr):
+    """The inverse of `logsnr(t)`, clipped to t in [0, 1]; logSNR decreases in t.
+
+    Generic: bisection to float32 resolution. Schedules with a closed form override it.
+    """
+    logsnr = jnp.asarray(logsnr, jnp.float32)
+
+    def halve(_, bounds):
+      lo, hi = bounds
+      mid = 0.5 * (lo + hi)
+      above = self.logsnr(mid) > logsnr  # still on the data side of the target
+      return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 48, halve, (jnp.zeros_like(logsnr), jnp.ones_like(logsnr)))
+    return 0.5 * (lo + hi)
+
 
 @dataclasses.dataclass(frozen=True)
 class Cosine(Schedule):
@@ -57,6 +73,16 @@ class Cosine(Schedule):
   def logsnr(self, t):
     return _logsnr_cosine(jnp.asarray(t, jnp.float32), self.logsnr_min, self.logsnr_max)
 
+  def _logsnr_shift(self) -> float:
+    return 0.0
+
+  def t_from_logsnr(self, logsnr):
+    """Closed form: `t = (atan(exp(-logsnr / 2)) - t_min) / (t_max - t_min)`."""
+    t_min = math.atan(math.exp(-0.5 * self.logsnr_max))
+    t_max = math.atan(math.exp(-0.5 * self.logsnr_min))
+    unshifted = jnp.asarray(logsnr, jnp.float32) - self._logsnr_shift()
+    return jnp.clip((jnp.arctan(jnp.exp(-0.5 * unshifted)) - t_min) / (t_max - t_min), 0.0, 1.0)
+
 
 @dataclasses.dataclass(frozen=True)
 class ShiftedCosine(Cosine):
@@ -65,9 +91,11 @@ class ShiftedCosine(Cosine):
   image_d: float = 64.0
   noise_d: float = 64.0
 
+  def _logsnr_shift(self) -> float:
+    return 2.0 * math.log(self.noise_d / self.image_d)
+
   def logsnr(self, t):
-    shift = 2.0 * math.log(self.noise_d / self.image_d)
-    return super().logsnr(t) + shift
+    return super().logsnr(t) + self._logsnr_shift()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +115,9 @@ class InterpolatedCosine(Cosine):
     shift_high = 2.0 * math.log(self.noise_d_high / self.image_d)
     base = super().logsnr(t)
     return base + t * shift_low + (1.0 - t) * shift_high
+
+  # The t-dependent shift has no closed-form inverse: back to the generic bisection.
+  t_from_logsnr = Schedule.t_from_logsnr
 
 
 def cosine(logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Cosine:

@@ -20,8 +20,10 @@ from multistep_cm.evaluation import sample_metrics
 
 def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, weights: str,
                   metric_kind: str = "auto", inception_weights: str = "",
-                  reference_stats: str = "", batch_size: int = 500, log=logging.info):
-  """Returns `(rows, header)`: one row per (run, sampler, steps), and the report's provenance."""
+                  reference_stats: str = "", batch_size: int = 500, log=logging.info,
+                  spacings=("uniform",), final_step: str | None = None):
+  """Returns `(rows, header)`: one row per (run, sampler, spacing, steps), and the report's
+  provenance. `steps` counts steps; each row also states its NFE (Heun: 2K - 1)."""
   run_dirs = runs.find_runs(workdir)
   steps = [int(s) for s in steps]
   metric, rows = None, []
@@ -31,15 +33,18 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
       metric = sample_metrics.make_metric(run.config, metric_kind, inception_weights,
                                           reference_stats)
     if run.student_steps is None:
-      specs = [generation.SamplerSpec(s, k) for s in samplers for k in steps]
+      specs = [generation.SamplerSpec(s, k, spacing=sp,
+                                      final_step=final_step if s == "addim" else None)
+               for s in samplers for sp in spacings for k in steps]
     else:
       specs = [run.sampler_spec(s) for s in run.step_counts if not steps or s in steps]
     for spec in specs:
       samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
                                             num_samples, seed=seed, batch_size=batch_size)
       values = metric(samples, labels)
-      row = {"run": run.name, "mode": run.mode, "sampler": spec.describe(), "nfe": spec.steps,
-             "checkpoint_step": run.step, "weights": run.describe_weights(), **values}
+      row = {"run": run.name, "mode": run.mode, "sampler": spec.describe(), "nfe": spec.nfe,
+             "steps": spec.steps, "checkpoint_step": run.step,
+             "weights": run.describe_weights(), **values}
       rows.append(row)
       log(f"{run.name}: {spec.describe()}: " + ", ".join(
           f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float)))
@@ -50,8 +55,8 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
 
 
 def to_markdown(rows, header) -> str:
-  keys = [k for k in rows[0] if k not in ("run", "mode", "sampler", "nfe", "checkpoint_step",
-                                          "weights")] if rows else []
+  keys = [k for k in rows[0] if k not in ("run", "mode", "sampler", "nfe", "steps",
+                                          "checkpoint_step", "weights")] if rows else []
   keys.sort(key=lambda k: (k != header["primary"], k))
   lines = [f"Evaluation of `{header['workdir']}` ({header['date']}): {header['num_samples']} "
            f"samples per row, seed {header['seed']}, weights `{header['weights']}`.",
