@@ -6,7 +6,7 @@ MLP denoisers, presets, sharding rules), `data` (sources and the input pipeline)
 
 Beside them, one module per concern:
   * commands (`python -m multistep_cm.<name>`): `main` (training), `sample`, `evaluate`,
-    `compile_report`, `toy`;
+    `compile_report`, `toy`, `sampler_comparison`;
   * training: `train` (the host loop, imported by `main` alone), `train_step` (the
     static step and train state), `checkpointing`, `optim`, `sharding`, `metric_log`
     (TensorBoard events and progress);

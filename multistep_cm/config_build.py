@@ -53,6 +53,11 @@ def is_student(config) -> bool:
   return config.loss.mode != "diffusion"
 
 
+def student_name(config) -> str:
+  """What a student is called in sampler descriptions and reports."""
+  return "PD student" if config.loss.mode == "pd" else "Multistep CM"
+
+
 def step_counts(config) -> tuple[int, ...]:
   """The step counts S a student is trained for and samples with: its S, or an any-step
   run's set (`loss.anystep_counts`); () for a diffusion run."""

@@ -40,6 +40,7 @@ class SamplerSpec:
   step_index: int | None = None  # any-step students told their step count: its index
   spacing: str = "uniform"  # diffusion samplers: 'uniform' in t or 'karras'
   final_step: str | None = None  # aDDIM's last step (None: sampling.DEFAULT_FINAL_STEP)
+  student: str = "Multistep CM"  # 'mcm': what the student is (config_build.student_name)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -65,12 +66,12 @@ class SamplerSpec:
 
   def describe(self) -> str:
     if self.kind == "mcm":
-      text = f"Multistep CM, {self.steps} step{'s' * (self.steps > 1)} (DDIM, Algorithm 2)"
+      text = f"{self.student}, {self.steps} step{'s' * (self.steps > 1)} (DDIM, Algorithm 2)"
       equal = tuple(k / self.steps for k in range(self.steps + 1))
       if self.boundaries is not None and not np.allclose(self.boundaries, equal):
         text += ", boundaries " + "/".join(f"{b:.3g}" for b in self.boundaries)
     else:
-      text = f"{_NAMES[self.kind]}, {self.steps} steps"
+      text = f"{_NAMES[self.kind]}, {self.steps} step{'s' * (self.steps > 1)}"
       if self.spacing != "uniform":
         text += f", {self.spacing} spacing"
       if self.kind == "addim":
@@ -89,7 +90,7 @@ def spec_for_config(config, student_steps: int | None = None) -> SamplerSpec:
   counts = config_build.step_counts(config)
   s = max(counts) if student_steps is None else int(student_steps)
   bounds = tuple(config_build.trained_boundaries(config)[str(s)])
-  return SamplerSpec("mcm", s, boundaries=bounds,
+  return SamplerSpec("mcm", s, boundaries=bounds, student=config_build.student_name(config),
                      step_index=counts.index(s) if len(counts) > 1 else 0)
 
 

@@ -84,6 +84,7 @@ class Run:
                          f"DDIM between its segment boundaries (Algorithm 2)")
     s = steps or counts[0]
     return generation.SamplerSpec("mcm", s, guidance=guidance, boundaries=self.boundaries(s),
+                                  student=config_build.student_name(self.config),
                                   step_index=counts.index(s))
 
   def training_examples(self, num_examples: int, seed: int):

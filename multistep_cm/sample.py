@@ -98,7 +98,8 @@ def main(argv):
   np.savez(_OUTPUT.value, **out)
   if samples.ndim == 4:
     png = os.path.splitext(_OUTPUT.value)[0] + ".png"
-    images.save_png(images.image_grid(samples[:100]), png)
+    shown = labels[:100] if labels is not None else None  # one row per class, labelled
+    images.save_png(images.image_grid(samples[:100], shown), png)
   print(f"wrote {_OUTPUT.value}: {len(samples)} samples from {run.workdir} "
         f"({run.describe_weights()}; {spec.describe()}; seed {_SEED.value})")
 

@@ -180,3 +180,4 @@ def test_pd_trains_through_the_staged_trainer_and_samples_on_its_n_steps(tmp_pat
     np.testing.assert_array_equal(a, b)
   spec = pd2.sampler_spec()
   assert spec.kind == "mcm" and spec.steps == 2 and spec.boundaries == (0.0, 0.5, 1.0)
+  assert spec.describe().startswith("PD student, 2 steps")
