@@ -177,12 +177,9 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
       grid, count_index = grid_fn(n_teacher, k_count, x.shape[0])
       segment, n_rel = losses.sample_segments(k_time, x.shape[0], grid)
       teacher_fn = None
-      if needs_teacher and teacher_fn_factory is not None:
-        teacher_fn = teacher_fn_factory(teacher_params, labels)
-      elif needs_teacher:
-        teacher_fn = denoiser.make_denoise_fn(
-            teacher_model, teacher_params, schedule, labels, guidance_scale=lc.guidance_scale,
-            return_conditional=True)
+      if needs_teacher:
+        teacher_fn = _teacher_fn(config, schedule, teacher_model, teacher_params,
+                                 teacher_fn_factory, labels)
       # Any-step students are told their segment layout; both student calls share it.
       t_step = losses.segment_times(segment, n_rel, grid)[0]
       seg_input = denoiser.segment_input(model, schedule, t_step, count_index)
@@ -198,9 +195,7 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
       groups, num_groups, name = aux["segment"], lc.student_steps, "loss_per_segment"
       if lc.anystep_counts:
         groups, num_groups, name = count_index, len(lc.anystep_counts), "loss_per_step_count"
-      group_sum = jax.ops.segment_sum(per_example, groups, num_groups)
-      group_count = jax.ops.segment_sum(jnp.ones_like(per_example), groups, num_groups)
-      metrics[name] = group_sum / jnp.maximum(group_count, 1.0)
+      metrics[name] = _group_mean(per_example, groups, num_groups)
       metrics["teacher_steps"] = n_teacher
     loss = jnp.mean(per_example)
     metrics["loss"] = loss
@@ -214,12 +209,8 @@ def _pd_loss(config, model, schedule, params, teacher_model, teacher_params, tea
   """Progressive Distillation's per-example loss and metrics (diffusion/losses.py)."""
   lc = config.loss
   n = int(lc.student_steps)
-  if teacher_fn_factory is not None:
-    teacher_fn = teacher_fn_factory(teacher_params, labels)
-  else:
-    teacher_fn = denoiser.make_denoise_fn(
-        teacher_model, teacher_params, schedule, labels, guidance_scale=lc.guidance_scale,
-        return_conditional=True)
+  teacher_fn = _teacher_fn(config, schedule, teacher_model, teacher_params, teacher_fn_factory,
+                           labels)
   i = losses.sample_pd_steps(k_time, x.shape[0], n)
   student = lambda z, t, r: denoiser.apply_x(model, params, z, t, schedule, labels, r)
   per_example, _ = losses.pd_loss(
@@ -228,10 +219,26 @@ def _pd_loss(config, model, schedule, params, teacher_model, teacher_params, tea
       weighting=lc.pd_weighting)
   metrics = {"teacher_steps": jnp.float32(2 * n)}
   if n <= 16:  # one scalar per student step: only for the few-step halvings
-    step_sum = jax.ops.segment_sum(per_example, i, n)
-    step_count = jax.ops.segment_sum(jnp.ones_like(per_example), i, n)
-    metrics["loss_per_segment"] = step_sum / jnp.maximum(step_count, 1.0)
+    metrics["loss_per_segment"] = _group_mean(per_example, i, n)
   return per_example, metrics
+
+
+def _teacher_fn(config, schedule, teacher_model, teacher_params, teacher_fn_factory, labels):
+  """The teacher as the losses call it: `teacher_fn_factory(teacher_params, labels)` when
+  given, else the teacher network with the config's guidance, returning
+  `(x̂_guided, x̂_conditional)` (x_var uses the conditional output, §5.5)."""
+  if teacher_fn_factory is not None:
+    return teacher_fn_factory(teacher_params, labels)
+  return denoiser.make_denoise_fn(
+      teacher_model, teacher_params, schedule, labels,
+      guidance_scale=config.loss.guidance_scale, return_conditional=True)
+
+
+def _group_mean(per_example, groups, num_groups: int):
+  """The mean of `per_example` over each of `num_groups` groups (0 for an empty group)."""
+  total = jax.ops.segment_sum(per_example, groups, num_groups)
+  count = jax.ops.segment_sum(jnp.ones_like(per_example), groups, num_groups)
+  return total / jnp.maximum(count, 1.0)
 
 
 def make_train_step(config, loss_fn, tx, lr_schedule):
