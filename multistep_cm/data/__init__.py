@@ -1,7 +1,9 @@
 """Data: sources read by index and the input pipeline that feeds the trainer.
 
 `sources` (the `Source` interface, `ArraySource`, `DatasetError`), `digits` (the
-embedded 8x8 digits), `mixture` (the toy Gaussian mixture and its exact denoiser),
+embedded 8x8 digits), `captions` (the digits with captions measured from each image, for the
+text-to-image demo) and `text_encoder` (the fixed encoder of those captions), `mixture`
+(the toy Gaussian mixture and its exact denoiser),
 `tfds_source` (prepared TFDS image datasets such as ImageNet, and their preprocessing),
 `prepare` (the command that prepares them), `synthetic` (an ImageNet-shaped TFDS dataset
 made on the spot, for tests and benchmarks), `pipeline` (the deterministic multi-host

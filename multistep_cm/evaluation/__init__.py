@@ -1,8 +1,9 @@
 """Sample quality: the metrics, the reports, and evaluation during training.
 
 `sample_metrics` picks a dataset's metric; `digits_metric` (the digits classifier's
-Fréchet distance and accuracy), `energy` (energy distance, for the mixture), `fid` (the
-streaming statistics, FID and IS), `inception` (the FID InceptionV3), `convert_inception`
+Fréchet distance and accuracy), `prompt_metric` (whether digit samples follow their captions:
+the named digit, the named properties, FD), `energy` (energy distance, for the mixture),
+`fid` (the streaming statistics, FID and IS), `inception` (the FID InceptionV3), `convert_inception`
 and `reference_stats` (the commands that make its weights and reference statistics),
 `tree_io` (arrays trees as .npz); `report` (the `evaluate` command's quality-vs-steps
 tables) and `in_training` (sample grids and evaluations while training).
