@@ -107,7 +107,8 @@ def make_source(config) -> sources.Source:
       # Importing it registers its TFDS builder (it imports TensorFlow: only here).
       from multistep_cm.data import synthetic  # pylint: disable=g-import-not-at-top,unused-import
     return tfds_source.TfdsSource(dataset.removeprefix("tfds:"), split, get("data_dir", None),
-                                  get("image_size", None), get("fast_decode", False))
+                                  get("image_size", None), get("fast_decode", False),
+                                  get("text_len", 0), get("text_dim", 0))
   raise ValueError(f"config.data.dataset={dataset!r} is not one of {DATASETS} or "
                    f"'tfds:<name>'")
 

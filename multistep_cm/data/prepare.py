@@ -8,6 +8,15 @@ ILSVRC2012_img_val.tar (from https://image-net.org/download-images) into
 `--manual_dir` first. The downsampled variants (`imagenet_resized/64x64`,
 `downsampled_imagenet/64x64`) are downloaded by TFDS itself.
 
+A text-image dataset is made from the user's own files (data/text_image.py describes them):
+
+  python -m multistep_cm.data.prepare --text_images=captions.jsonl \
+      --embeddings=t5_embeddings.npz --name=my_captions --data_dir=/data/tfds
+
+writes `text_images/my_captions`, which a config reads as
+`data.dataset = 'tfds:text_images/my_captions'` with `data.text_len`, `data.text_dim`
+set to the embeddings' L and D.
+
 This calls the TFDS builder API directly, which is what
 `tfds build NAME --data_dir=... --manual_dir=... --file_format=array_record`
 does; that CLI in tensorflow-datasets 4.9.10 also needs apache-beam installed.
@@ -20,6 +29,7 @@ import tensorflow_datasets as tfds
 from multistep_cm.data import tfds_source
 # Imported for its side effect: it registers the `synthetic_jpeg` builder with TFDS.
 from multistep_cm.data import synthetic  # pylint: disable=unused-import
+from multistep_cm.data import text_image
 
 
 def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
@@ -33,14 +43,39 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--dataset", required=True,
+  parser.add_argument("--dataset", default=None,
                       help="TFDS name with config, e.g. imagenet2012 or imagenet_resized/64x64")
   parser.add_argument("--data_dir", default=None,
                       help="TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument("--manual_dir", default=None,
                       help="folder holding manually downloaded archives (ImageNet's .tar files)")
+  text = parser.add_argument_group("text-image data (instead of --dataset)")
+  text.add_argument("--text_images", default=None,
+                    help="JSON-lines manifest of {image, caption}, or a folder of images with "
+                    "same-named .txt captions")
+  text.add_argument("--embeddings", default=None,
+                    help=".npz with text_embedding [N, L, D] and text_mask [N, L] (or a folder "
+                    "with text_embedding.npy and text_mask.npy), row i for example i")
+  text.add_argument("--name", default=None, help="the dataset is text_images/NAME")
+  text.add_argument("--embedding_dtype", default="float32", choices=text_image.DTYPES,
+                    help="stored embedding dtype (float16 halves the bytes)")
+  text.add_argument("--channels", default=3, type=int, choices=(1, 3),
+                    help="image channels the dataset declares (3: RGB, 1: grey)")
   args = parser.parse_args(argv)
-  print(prepare(args.dataset, args.data_dir, args.manual_dir))
+  if (args.dataset is None) == (args.text_images is None):
+    parser.error("give either --dataset or --text_images (with --embeddings and --name)")
+  if args.dataset is not None:
+    print(prepare(args.dataset, args.data_dir, args.manual_dir))
+    return 0
+  if args.embeddings is None or args.name is None:
+    parser.error("--text_images needs --embeddings and --name")
+  try:
+    path = text_image.build(args.text_images, args.embeddings, args.name, args.data_dir,
+                            args.embedding_dtype, args.channels)
+  except text_image.InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(path)
   return 0
 
 

@@ -53,6 +53,11 @@ TFDS_DATASETS = (
 # The ImageNet-shaped dataset data/synthetic.py writes for tests and benchmarks.
 SYNTHETIC = "synthetic_jpeg"
 
+# Text-image datasets the user prepares (data/text_image.py): `text_images/<name>`, whose
+# examples carry the encoder's token embeddings [L, D] and mask [L] beside the image.
+TEXT_IMAGES = "text_images"
+TEXT_EMBEDDING, TEXT_MASK = "text_embedding", "text_mask"
+
 # The manual-download archives `tfds build imagenet2012` looks for in manual_dir.
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -120,6 +125,11 @@ def ensure_tfds_can_prepare():
 
 def prepare_command(name: str, data_dir: str | None) -> str:
   """The shell command that prepares TFDS dataset `name` for random access."""
+  builder, _, config = name.partition("/")
+  if builder == TEXT_IMAGES:  # made from the user's files, not by TFDS
+    command = ("python -m multistep_cm.data.prepare --text_images=MANIFEST "
+               f"--embeddings=EMBEDDINGS --name={config or 'NAME'}")
+    return command + (f" --data_dir={data_dir}" if data_dir is not None else "")
   command = f"python -m multistep_cm.data.prepare --dataset={name}"
   if data_dir is not None:
     command += f" --data_dir={data_dir}"
@@ -138,6 +148,8 @@ def _needs_manual_download(name: str) -> bool:
 def _how_to_prepare(name: str, data_dir: str | None) -> str:
   """Instructions that end every 'not prepared' message."""
   lines = [f"Prepare it once with:\n  {prepare_command(name, data_dir)}"]
+  if name.startswith(TEXT_IMAGES + "/"):
+    return lines[0] + "\n(multistep_cm/data/text_image.py describes MANIFEST and EMBEDDINGS)"
   manual = ""
   if _needs_manual_download(name):
     manual = " --manual_dir=MANUAL_DIR"
@@ -155,11 +167,15 @@ class TfdsSource(Source):
 
   Examples are `{'image': float32 [S, S, C] in [-1, 1], 'label': int32}` (see the
   module docstring for the preprocessing). Datasets without a `'label'` feature
-  (e.g. `downsampled_imagenet`) get the null class, `num_classes` = 0.
+  (e.g. `downsampled_imagenet`, text-image data) get the null class, `num_classes` = 0.
+  Opened with `text_dim > 0`, a text-image dataset's examples also hold
+  `'text_embedding'` float32 [L, D] and `'text_mask'` int32 [L] (1 = token, 0 = padding);
+  its captions are read apart, by `captions`.
   """
 
   def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
-               image_size: int | None = None, fast_decode: bool = False):
+               image_size: int | None = None, fast_decode: bool = False,
+               text_len: int = 0, text_dim: int = 0):
     """Opens split `split` of `name` in `data_dir` (TFDS's default when None).
 
     Args:
@@ -168,23 +184,37 @@ class TfdsSource(Source):
       data_dir: the TFDS data directory the dataset was prepared into.
       image_size: output side; None keeps the native size of fixed-size datasets.
       fast_decode: decode JPEGs at a reduced DCT scale (module docstring).
+      text_len, text_dim: the token count L and width D the model expects
+        (config.data.text_len / text_dim); text_dim = 0 reads no text.
 
     Raises:
       DatasetError: the dataset is unknown, not prepared, not in array_record
-        format, or has no split `split`; the message says how to fix it.
+        format, or has no split `split`; or, for text_dim > 0, it has no text
+        embeddings, or not of shape [text_len, text_dim], or no mask of length
+        text_len. The message says how to fix it.
     """
     tfds = _tfds()
     self.name, self.split, self.fast_decode = name, split, fast_decode
     where = f"in data_dir={data_dir}" if data_dir else "in TFDS's default data_dir"
     try:
-      builder = tfds.builder(name, data_dir=data_dir)
+      if name.startswith(TEXT_IMAGES + "/"):
+        # Made from the user's files: only the files describe it (data/text_image.py).
+        builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=data_dir)
+      else:
+        builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
+      if name.startswith(TEXT_IMAGES + "/"):
+        raise DatasetError(f"TFDS dataset {name!r} is not prepared {where}.\n"
+                           f"{_how_to_prepare(name, data_dir)}") from e
       raise DatasetError(f"TFDS has no dataset named {name!r} (tensorflow-datasets "
                          f"{tfds.__version__}).") from e
     features = builder.info.features
     if "image" not in features:
       raise DatasetError(f"TFDS dataset {name!r} has no 'image' feature "
                          f"(it has {sorted(features)}), so it cannot feed an image model.")
+    self.text_len, self.text_dim = (int(text_len), int(text_dim)) if text_dim else (0, 0)
+    if self.text_dim:
+      _check_text_features(features, name, self.text_len, self.text_dim, data_dir)
     try:
       self._data = builder.as_data_source(split=split,
                                           decoders={"image": tfds.decode.SkipDecoding()})
@@ -197,6 +227,7 @@ class TfdsSource(Source):
     label = features["label"] if "label" in features else None
     self._has_label = isinstance(label, tfds.features.ClassLabel)
     self.num_classes = label.num_classes if self._has_label else 0
+    self._has_caption = "caption" in features
     self._length = len(self._data)
 
   def __len__(self) -> int:
@@ -215,7 +246,54 @@ class TfdsSource(Source):
           f"{index} could not be read and decoded ({type(e).__name__}: {e}). Prepare the "
           f"dataset again, or check the files under its data_dir.") from e
     label = np.int32(record["label"]) if self._has_label else np.int32(self.num_classes)
-    return {"image": image, "label": label}
+    example = {"image": image, "label": label}
+    if self.text_dim:  # float16 -> float32 is exact; the mask is 0/1
+      example[TEXT_EMBEDDING] = np.asarray(record[TEXT_EMBEDDING], np.float32)
+      example[TEXT_MASK] = np.asarray(record[TEXT_MASK], np.int32)
+    return example
+
+  def captions(self, indices) -> list[str]:
+    """The caption strings of examples `indices`, for reports and sample grids."""
+    if not self._has_caption:
+      raise DatasetError(f"TFDS dataset {self.name!r} has no 'caption' feature.")
+    return [_as_text(self._data[int(i)]["caption"]) for i in np.ravel(indices)]
+
+
+def _as_text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _check_text_features(features, name, text_len, text_dim, data_dir):
+  """Raises DatasetError (one line) unless the dataset has the text a [L, D] model reads."""
+  command = prepare_command(name if name.startswith(TEXT_IMAGES + "/") else
+                            f"{TEXT_IMAGES}/NAME", data_dir)
+  if text_len < 1:
+    raise DatasetError(f"config.data.text_len must be >= 1 for text data (text_dim={text_dim}), "
+                       f"got {text_len}")
+  if TEXT_EMBEDDING not in features:
+    raise DatasetError(f"TFDS dataset {name!r} has no {TEXT_EMBEDDING} feature (it has "
+                       f"{sorted(features)}), but config.data.text_dim={text_dim} asks for text "
+                       f"embeddings; prepare it with {command}")
+  shape = tuple(features[TEXT_EMBEDDING].shape)
+  if len(shape) != 2:
+    raise DatasetError(f"TFDS dataset {name!r} has {TEXT_EMBEDDING} of shape {shape}, not "
+                       f"[L, D]; prepare it with {command}")
+  length, width = shape
+  if width != text_dim:
+    raise DatasetError(f"TFDS dataset {name!r} has text embeddings of width D={width}, but "
+                       f"config.data.text_dim={text_dim}; set text_dim={width} or prepare the "
+                       f"dataset from an encoder of width {text_dim}")
+  if length != text_len:
+    raise DatasetError(f"TFDS dataset {name!r} has text embeddings of length L={length}, but "
+                       f"config.data.text_len={text_len}; set text_len={length} or prepare the "
+                       f"dataset with {text_len} tokens per caption")
+  if TEXT_MASK not in features:
+    raise DatasetError(f"TFDS dataset {name!r} has {TEXT_EMBEDDING} but no {TEXT_MASK} "
+                       f"feature, so padding cannot be told from tokens; prepare it with {command}")
+  if tuple(features[TEXT_MASK].shape) != (length,):
+    raise DatasetError(f"TFDS dataset {name!r} has a {TEXT_MASK} of shape "
+                       f"{tuple(features[TEXT_MASK].shape)}, which does not match its "
+                       f"{TEXT_EMBEDDING} length L={length}; prepare it with {command}")
 
 
 def _native_size(builder, shape) -> int:
