@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from benchmarks import text_data as text_data_benchmark
 from multistep_cm import config_build
 from multistep_cm.data import pipeline
 from multistep_cm.data import prepare
@@ -241,3 +242,14 @@ def test_wrong_inputs_are_refused_in_one_line(written, tmp_path, capsys):
     text_image.build(manifest, written["npz"], "tiny", written["data_dir"], progress=False)
   with pytest.raises(SystemExit):  # --dataset and --text_images are either-or
     prepare.main(["--dataset=mnist", f"--text_images={manifest}"])
+
+
+def test_benchmark_report_is_consistent(tmp_path):
+  out = tmp_path / "text_data.json"
+  report = text_data_benchmark.main(["--num_examples", "3", "--image_size", "8", "--text_len",
+                                     "4", "--text_dim", "8", "--rounds", "2", "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  for row in report["dtypes"].values():
+    assert len(row["examples_per_cpu_s_rounds"]) == 2
+    assert row["examples_per_cpu_s"] == pytest.approx(np.median(row["examples_per_cpu_s_rounds"]))
+    assert row["bytes_per_example"] > 4 * 8 * 2  # at least the float16 embedding
