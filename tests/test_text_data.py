@@ -213,8 +213,8 @@ def test_wrong_inputs_are_refused_in_one_line(written, tmp_path, capsys):
           {"embedding": embedding, "mask": np.pad(mask, ((0, 0), (0, 1)))},
       "text_mask values must be 0 or 1, got 2 at row 3": {"embedding": embedding,
                                                           "mask": not_binary},
-      "text_mask row 7 has tokens after padding": {"embedding": embedding,
-                                                   "mask": after_padding},
+      "text_mask row 7 has tokens after padding (padding at position 1, a token at 2)": {
+          "embedding": embedding, "mask": after_padding},
       "text_embedding row 4 has non-finite values": {"embedding": nonfinite, "mask": mask},
       "text_embedding row 0 has values beyond float16's range": {
           "embedding": embedding * 1e5, "mask": mask, "dtype": "float16"},

@@ -147,8 +147,10 @@ def check_embeddings(embedding: np.ndarray, mask: np.ndarray, num_captions: int)
   after_padding = np.any(np.diff(mask.astype(np.int8), axis=1) > 0, axis=1)
   if after_padding.any():
     row = int(np.argmax(after_padding))
-    raise InputError(f"{MASK} row {row} has tokens after padding ({mask[row].astype(int)}); "
-                     "tokens must come first, then padding (mask 1...1 0...0)")
+    pad = int(np.argmin(mask[row]))
+    token = pad + int(np.argmax(mask[row, pad:]))
+    raise InputError(f"{MASK} row {row} has tokens after padding (padding at position {pad}, a "
+                     f"token at {token}); tokens must come first, then padding (1...1 0...0)")
 
 
 def _check_row(row: np.ndarray, index: int, dtype: str) -> np.ndarray:
