@@ -21,6 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 8
   c.data.num_channels = 1
   c.data.num_classes = 10  # 0: unconditional; else index num_classes is the null class
+  c.data.text_dim = 0  # text-image data: width D of the stored text embeddings (0: none)
+  c.data.text_len = 0  # text-image data: tokens L per caption, padded (0: none)
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir
   c.data.random_flip = False
   c.data.data_dim = 8  # mixture only
@@ -46,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- objective (diffusion/losses.py) ---
   c.loss = ml_collections.ConfigDict()
   c.loss.mode = "diffusion"  # 'diffusion', 'ct', 'cd', 'direct', 'pd'
-  c.loss.label_dropout = 0.1  # diffusion: labels replaced by the null class (for guidance)
+  c.loss.label_dropout = 0.1  # diffusion: labels (or text) replaced by the null one (guidance)
   c.loss.student_steps = 8  # S
   c.loss.teacher_steps_start = 64  # N_teacher anneal (§3.2): 64 -> 1280 over anneal_steps
   c.loss.teacher_steps_end = 1280

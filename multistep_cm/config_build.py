@@ -113,6 +113,19 @@ def make_source(config) -> sources.Source:
                    f"'tfds:<name>'")
 
 
+def prompts(config, num: int, seed: int = 0):
+  """`(conditioning, captions)`: `num` training examples' text conditioning (conditioning.py;
+  numpy `text_embedding` [num, L, D], `text_mask` [num, L]) and their caption strings, drawn
+  without replacement (with, past the dataset's size) by `seed`: the prompts a text model's
+  grids and evaluations sample from. The source must have `captions(indices)`."""
+  source = make_source(config)
+  rng = np.random.default_rng(seed)
+  idx = np.sort(rng.choice(len(source), num, replace=num > len(source)))
+  batch = source.get(idx)
+  return ({"text_embedding": np.asarray(batch["text_embedding"], np.float32),
+           "text_mask": np.asarray(batch["text_mask"], np.int32)}, source.captions(idx))
+
+
 def segment_boundaries(config, schedule, student_steps: int) -> tuple[float, ...]:
   """The configured boundaries of S segments (`loss.boundaries`, diffusion/segments.py)."""
   kind = config.loss.boundaries

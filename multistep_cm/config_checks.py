@@ -139,6 +139,8 @@ SCHEMA: dict[str, Rule] = {
     "data.image_size": integer(0, 4096),  # 0: vector data (the mixture)
     "data.num_channels": integer(1, 4),
     "data.num_classes": integer(0, 100_000),
+    "data.text_dim": integer(0, 65_536),  # text-image data: embedding width D (0: no text)
+    "data.text_len": integer(0, 4096),  # text-image data: padded tokens L
     "data.data_dir": text(none=True),
     "data.random_flip": boolean(),
     "data.fast_decode": boolean(),
@@ -228,6 +230,8 @@ MODEL_SCHEMA: dict[str, Rule] = {
     "remat": boolean(), "remat_policy": one_of("none", *sorted(layers.REMAT_POLICIES)),
     "scan_blocks": boolean(), "attention_impl": one_of(*uvit.ATTENTION_IMPLS),
     "segment_cond": one_of(*layers.SEGMENT_CONDITIONS), "num_step_values": integer(0, 64),
+    "text_dim": integer(0, 65_536), "text_len": integer(0, 4096),
+    "text_route": one_of("pooled", "cross_attention", "both"),
 }
 
 
@@ -337,9 +341,18 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   if config_build.needs_teacher(config) and not config.teacher_checkpoint:
     raise ConfigError(f"config.teacher_checkpoint must name a diffusion run's workdir or "
                       f"checkpoint for loss.mode={lc.mode!r}")
-  if lc.guidance_scale and not config.data.num_classes:
-    raise ConfigError("config.loss.guidance_scale needs a class-conditional model "
-                      "(config.data.num_classes > 0)")
+  text = config.data.get("text_dim", 0) > 0
+  if lc.guidance_scale and not (config.data.num_classes or text):
+    raise ConfigError("config.loss.guidance_scale needs a class- or text-conditional model "
+                      "(config.data.num_classes > 0 or config.data.text_dim > 0)")
+  if text and config.data.num_classes:
+    raise ConfigError(f"config.data.num_classes must be 0 for text-image data "
+                      f"(data.text_dim={config.data.text_dim}): a model takes one kind of "
+                      f"conditioning, got {config.data.num_classes}")
+  if text != (config.data.get("text_len", 0) > 0):
+    raise ConfigError(f"config.data.text_dim and data.text_len must both be > 0 (text-image "
+                      f"data) or both 0, got {config.data.get('text_dim', 0)} and "
+                      f"{config.data.get('text_len', 0)}")
 
   _check_image_size(config)
   try:

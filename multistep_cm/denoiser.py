@@ -9,6 +9,7 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from multistep_cm import conditioning
 from multistep_cm.diffusion import process
 from multistep_cm.diffusion import sampling
 
@@ -44,19 +45,22 @@ def make_denoise_fn(model: nn.Module, params, schedule, labels=None,
                     return_conditional: bool = False, segment=None) -> Callable:
   """`f(z, t) -> x̂` in eval mode, with classifier-free guidance when `guidance_scale` > 0.
 
-  `return_conditional=True` makes it return `(x̂_guided, x̂_conditional)` (the CD
+  `labels` is the model's conditioning (conditioning.py): class ids, or a text model's
+  embeddings and mask; guidance's unconditional half is `conditioning.null_like` (or the
+  class `null_label`). `return_conditional=True` makes it return `(x̂_guided, x̂_conditional)` (the CD
   teacher's x_var comes from the conditional output, §5.5). `segment` is passed to
   segment-conditioned students (a scalar or `[B]`).
   """
   if guidance_scale and labels is None:
-    raise ValueError("classifier-free guidance needs class labels")
+    raise ValueError("classifier-free guidance needs class labels or text")
 
   def cond_fn(z, t, lbl):
     seg = None if segment is None else jnp.broadcast_to(segment, z.shape[:1])
     return apply_x(model, params, z, t, schedule, lbl, segment=seg)
 
   if guidance_scale:
-    null = model.num_classes if null_label is None else null_label
+    null = (conditioning.null_like(model, labels) if null_label is None
+            else null_label)
     return sampling.classifier_free_guidance(cond_fn, labels, null, guidance_scale,
                                              return_conditional=return_conditional)
 
@@ -68,6 +72,10 @@ def make_denoise_fn(model: nn.Module, params, schedule, labels=None,
 
 
 def null_labels(model: nn.Module, batch: int):
-  """All-null labels (the unconditional class) for a conditional model, else None."""
+  """The unconditional input for `batch` examples: all-null labels for a class-conditional
+  model, text with no tokens for a text model, else None."""
+  if conditioning.is_text(model):
+    return {"text_embedding": jnp.zeros((batch, model.text_len, model.text_dim), jnp.float32),
+            "text_mask": jnp.zeros((batch, model.text_len), jnp.int32)}
   num_classes = getattr(model, "num_classes", 0)
   return jnp.full((batch,), num_classes, jnp.int32) if num_classes else None

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
+from multistep_cm import conditioning
 from multistep_cm import config_build
 from multistep_cm import denoiser
 from multistep_cm import sharding
@@ -133,7 +134,8 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
     seed: noise and random labels come from it.
     batch_size: global batch per call (rounded up to a multiple of the device count).
     labels: for a class-conditional model: None (uniformly random classes), or an
-      int array of `num_samples` class ids.
+      int array of `num_samples` class ids; for a text model (conditioning.py), the dict
+      of `num_samples` prompts' `text_embedding` [N, L, D] and `text_mask` [N, L].
     x_var_table: aDDIM's per-t table when `spec.x_var == 'table'`.
     mesh: the devices to use, the batch split over all its axes (default: all devices).
     progress: show a progress bar.
@@ -144,15 +146,22 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
   batch_size = _round_up(min(batch_size, _round_up(num_samples, num_devices)), num_devices)
   num_batches = int(math.ceil(num_samples / batch_size))
   total = num_batches * batch_size
-  conditional = bool(getattr(model, "num_classes", 0))
+  conditional = conditioning.is_conditional(model)
   key, label_key = jax.random.split(jax.random.PRNGKey(seed))
   if conditional:
+    if labels is None and conditioning.is_text(model):
+      raise ValueError("a text-conditioned model samples from prompts: pass their "
+                       "text_embedding and text_mask as `labels`")
     if labels is None:
       labels = np.asarray(jax.random.randint(label_key, (total,), 0, model.num_classes))
-    labels = np.asarray(labels, np.int32)
-    if labels.shape[0] < num_samples:
-      raise ValueError(f"need {num_samples} labels, got {labels.shape[0]}")
-    labels = np.resize(labels, total)  # pad the last batch (dropped below)
+    if not conditioning.is_text(model):
+      labels = np.asarray(labels, np.int32)
+    given = conditioning.batch_size(labels)
+    if given < num_samples:
+      raise ValueError(f"need {num_samples} labels or prompts, got {given}")
+    # Pad the last batch by repeating the first rows (the padding is dropped below).
+    labels = jax.tree.map(lambda a: np.take(np.asarray(a), np.arange(total) % given, axis=0),
+                          labels)
   z_shape = tuple(model_input_shape(model))
   # The batch is split over every axis of the mesh (the trainer's is ('data', 'fsdp')).
   data_sharding = jax.sharding.NamedSharding(
@@ -170,11 +179,12 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
   for b in tqdm.trange(num_batches, disable=not progress, desc=spec.describe()):
     lbl = None
     if conditional:
-      lbl = jax.device_put(labels[b * batch_size:(b + 1) * batch_size], data_sharding)
+      lbl = jax.device_put(jax.tree.map(lambda a: a[b * batch_size:(b + 1) * batch_size],
+                                        labels), data_sharding)
     x = one_batch(params, b, lbl)
     out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
   samples = np.concatenate(out)[:num_samples]
-  return samples, (labels[:num_samples] if conditional else None)
+  return samples, (jax.tree.map(lambda a: a[:num_samples], labels) if conditional else None)
 
 
 def model_input_shape(model) -> tuple[int, ...]:
@@ -191,12 +201,12 @@ def estimate_table(model, params, schedule, data, labels=None, seed: int = 0,
   A class-conditional model is measured with the data's labels (else the null class),
   as it will be conditioned when sampling.
   """
-  if getattr(model, "num_classes", 0) and labels is None:
-    labels = denoiser.null_labels(model, data.shape[0])
-  if not getattr(model, "num_classes", 0):
+  if not conditioning.is_conditional(model):
     labels = None
+  elif labels is None:
+    labels = denoiser.null_labels(model, data.shape[0])
   f = denoiser.make_denoise_fn(model, params, schedule,
-                               labels=None if labels is None else jnp.asarray(labels))
+                               labels=jax.tree.map(jnp.asarray, labels))
   return jax.jit(lambda x: solvers.estimate_x_var_table(
       f, x, jax.random.PRNGKey(seed), schedule, num_points=num_points, eta=eta))(
           jnp.asarray(data))

@@ -60,8 +60,11 @@ def grid_layout(num: int, height: int, width: int, labels=None,
   labels = np.asarray(labels)
   if labels.shape != (num,):
     raise ValueError(f"image grid: {num} samples but labels of shape {labels.shape}")
+  # Class ids in increasing order; text (prompts) in the order it first appears.
+  distinct = (np.unique(labels) if labels.dtype.kind in "iub"
+              else list(dict.fromkeys(labels.tolist())))
   rows = tuple((str(label), tuple(int(i) for i in np.flatnonzero(labels == label)))
-               for label in np.unique(labels))
+               for label in distinct)
   font = _font(tile_h)
   label_w = 2 * gap + max(int(np.ceil(font.getlength(text))) for text, _ in rows)
   return GridLayout(tile_h, tile_w, scale, gap, label_w, rows)
@@ -70,7 +73,7 @@ def grid_layout(num: int, height: int, width: int, labels=None,
 def image_grid(samples: np.ndarray, labels=None, min_tile: int = MIN_TILE) -> np.ndarray:
   """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H', cols*W', C] picture (`grid_layout`):
   tiles upscaled to at least `min_tile` pixels, a background gap between them, and with
-  `labels` ([N] ints) one row per label, the label written at its left."""
+  `labels` ([N] ints, or strings such as prompts) one row per label, written at its left."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   samples = to_uint8(samples)

@@ -16,6 +16,7 @@ from etils import epath
 import numpy as np
 
 from multistep_cm import checkpointing
+from multistep_cm import conditioning
 from multistep_cm import config_build
 from multistep_cm import generation
 from multistep_cm import models
@@ -88,13 +89,13 @@ class Run:
                                   step_index=counts.index(s))
 
   def training_examples(self, num_examples: int, seed: int):
-    """`(data, labels or None)`: up to `num_examples` distinct training examples, drawn with
-    `seed` (for aDDIM's x_var table)."""
+    """`(data, conditioning or None)`: up to `num_examples` distinct training examples, drawn
+    with `seed` (for aDDIM's x_var table); the conditioning is conditioning.from_batch's."""
     source = config_build.make_source(self.config)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(source), min(num_examples, len(source)), replace=False))
     batch = source.get(idx)
-    return batch[config_build.data_key(self.config)], batch.get("label")
+    return batch[config_build.data_key(self.config)], conditioning.from_batch(self.model, batch)
 
   @property
   def name(self) -> str:

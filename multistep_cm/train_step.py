@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from multistep_cm import conditioning
 from multistep_cm import config_build
 from multistep_cm import denoiser
 from multistep_cm import flops as flops_lib
@@ -148,21 +149,19 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
   """
   lc = config.loss
   mode = lc.mode
-  num_classes = model.num_classes
   grid_fn = segment_grid_fn(config, schedule) if mode not in ("diffusion", "pd") else None
   data_key = config_build.data_key(config)
   needs_teacher = config_build.needs_teacher(config)
 
   def loss_fn(params, teacher_params, batch, step, rng):
     x = batch[data_key]
-    labels = batch.get("label") if num_classes else None
+    # Class labels, or a text model's embeddings and mask (conditioning.py).
+    labels = conditioning.from_batch(model, batch)
     k_eps, k_time, k_drop, k_label = jax.random.split(rng, 4)
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
     metrics = {}
     if mode == "diffusion":
-      if labels is not None and lc.label_dropout > 0:
-        drop = jax.random.bernoulli(k_label, lc.label_dropout, labels.shape)
-        labels = jnp.where(drop, num_classes, labels)
+      labels = conditioning.drop(k_label, model, labels, lc.label_dropout)
       t = losses.sample_diffusion_times(k_time, x.shape[0])
       student = lambda z, t: denoiser.apply_x(model, params, z, t, schedule, labels, k_drop)
       per_example = losses.diffusion_loss(student, x, eps, t, schedule)
@@ -309,8 +308,7 @@ class StepBuilder:
         self.data_key: jax.ShapeDtypeStruct(
             (config.batch_size,) + config_build.example_shape(config), jnp.float32,
             sharding=self.batch_sharding),
-        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
-                                      sharding=self.batch_sharding)}
+        **conditioning.batch_specs(self.model, config.batch_size, self.batch_sharding)}
     self.teacher_abstract = (self.sharded_teacher_params()
                              if config_build.needs_teacher(config) else None)
     teacher_shardings = (None if self.teacher_abstract is None

@@ -224,23 +224,27 @@ def sample_mcm(denoise_fn: Callable, z, schedule: Schedule, student_steps: int,
   return sample_on_grid(denoise_fn, z, schedule, times, "ddim", pass_next_time=segment_aware)
 
 
-def classifier_free_guidance(denoise_fn: Callable, labels, null_label: int,
-                             guidance_scale: float, return_conditional: bool = False) -> Callable:
+def classifier_free_guidance(denoise_fn: Callable, labels, null, guidance_scale: float,
+                             return_conditional: bool = False) -> Callable:
   """Guided `denoise_fn(z, t)` from a conditional `denoise_fn(z, t, labels)`.
 
   `x̂ = x̂_c + w (x̂_c - x̂_u)` (Ho & Salimans; w = 0 is no guidance). x̂, eps-hat
   and v-hat are affine in each other for fixed z_t, so guiding x̂ equals guiding
-  eps or v. Conditional and unconditional halves run as one batch. With
-  `return_conditional`, the guided function returns `(x̂_guided, x̂_c)`.
+  eps or v. Conditional and unconditional halves run as one batch. `labels` is the
+  conditioning (class ids [B], or any pytree with a leading batch axis, e.g. text
+  embeddings); `null` is the unconditional input: a class id, or a pytree like
+  `labels`. With `return_conditional`, the guided function returns `(x̂_guided, x̂_c)`.
   """
-  labels = jnp.asarray(labels, jnp.int32)
+  if isinstance(null, int):
+    labels = jnp.asarray(labels, jnp.int32)
+    null = jnp.full_like(labels, null)
 
   def guided(z, t):
     if guidance_scale == 0:
       x_c = denoise_fn(z, t, labels)
       return (x_c, x_c) if return_conditional else x_c
     both = denoise_fn(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
-                      jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+                      jax.tree.map(lambda c, u: jnp.concatenate([c, u]), labels, null))
     x_c, x_u = jnp.split(both, 2)
     x_g = x_c + guidance_scale * (x_c - x_u)
     return (x_g, x_c) if return_conditional else x_g

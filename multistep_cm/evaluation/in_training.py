@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multistep_cm import checkpointing
+from multistep_cm import conditioning
 from multistep_cm import config_build
 from multistep_cm import generation
 from multistep_cm import images
@@ -42,17 +43,25 @@ class SampleGrid:
                            out_shardings=sharding.replicated(mesh))
     k_z, _ = jax.random.split(jax.random.PRNGKey(config.seed + 7))
     self._z = jax.random.normal(k_z, (config.sample_num,) + config_build.example_shape(config))
-    self._labels = None
-    if model.num_classes:
+    self._labels = self._row_labels = None
+    if conditioning.is_text(model):
+      # One prompt from the training data per row, its caption at the row's left.
+      rows = int(np.ceil(np.sqrt(config.sample_num)))
+      cols = -(-config.sample_num // rows)
+      cond, captions = config_build.prompts(config, rows, seed=config.seed + 7)
+      which = np.arange(config.sample_num) // cols
+      self._labels = jax.tree.map(lambda a: jnp.asarray(a[which]), cond)
+      self._row_labels = np.asarray(captions, dtype=object)[which]
+    elif model.num_classes:
       # About square: sqrt(sample_num) classes (all of them when fewer) in equal rows.
       rows = min(model.num_classes, int(np.ceil(np.sqrt(config.sample_num))))
       cols = -(-config.sample_num // rows)
       self._labels = jnp.arange(config.sample_num, dtype=jnp.int32) // cols % model.num_classes
+      self._row_labels = np.asarray(self._labels)
 
   def __call__(self, params) -> np.ndarray:
     samples = jax.device_get(self._sample(params, self._z, self._labels))
-    return images.image_grid(samples, None if self._labels is None
-                             else np.asarray(self._labels))
+    return images.image_grid(samples, self._row_labels)
 
 
 def make_sample_grid(config, model, schedule, mesh) -> SampleGrid | None:
@@ -104,8 +113,11 @@ class TrainingEvaluator:
     self.metric = sample_metrics.make_metric(
         config, ec.get("metric", "auto"), ec.get("inception_weights", ""),
         ec.get("reference_stats", ""))
-    self.labels = None
-    if getattr(model, "num_classes", 0):
+    self.labels = self.captions = None
+    if conditioning.is_text(model):
+      # Prompts from the training data; the metric judges samples against their captions.
+      self.labels, self.captions = config_build.prompts(config, self.num_samples, self.seed)
+    elif getattr(model, "num_classes", 0):
       self.labels = np.arange(self.num_samples, dtype=np.int32) % model.num_classes
     self.teacher_samples = None
     if (ec.get("ode_error", True) and teacher_params is not None
@@ -125,8 +137,9 @@ class TrainingEvaluator:
       suffix = f"/S{spec.steps}" if len(self.specs) > 1 else ""
       samples, labels = self._generate(params, spec)
       if self.metric is not None:
+        judged_by = labels if self.captions is None else self.captions
         out.update({f"eval/{k}{suffix}": float(v)
-                    for k, v in self.metric(samples, labels).items()})
+                    for k, v in self.metric(samples, judged_by).items()})
       if self.teacher_samples is not None:
         out[f"eval/ode_error{suffix}"] = float(
             np.sqrt(np.mean(np.square(samples - self.teacher_samples))))
