@@ -139,6 +139,8 @@ def logsnr_features(logsnr: jax.Array, num_features: int) -> jax.Array:
 
 
 SEGMENT_CONDITIONS = ("none", "steps", "segment_start")
+# How a text-conditioned UViT reads its text embeddings (models/uvit.py explains the default).
+TEXT_ROUTES = ("pooled", "cross_attention", "both")
 
 
 def validate_segment_cond(segment_cond: str, num_step_values: int):
@@ -148,14 +150,76 @@ def validate_segment_cond(segment_cond: str, num_step_values: int):
     raise ValueError(f"segment_cond='steps' needs num_step_values >= 1, got {num_step_values}")
 
 
+def text_layer_norm(embedding: jax.Array) -> jax.Array:
+  """LayerNorm over the text width, float32, without affine parameters: every use is
+  followed by a dense layer, which absorbs a per-channel scale and shift."""
+  return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32,
+                      name="text_norm")(embedding.astype(jnp.float32))
+
+
+class PooledText(nn.Module):
+  """The pooled text route: text embeddings [B, L, D] -> a vector [B, emb_dim], float32.
+
+  Each token is LayerNorm'd, the real tokens (mask 1) are averaged and a dense layer
+  maps the mean to the conditioning width. A row without tokens (the null conditioning
+  of classifier-free guidance, §5.5) gets the learned vector `null` instead, so its
+  output does not depend on the (padding) embedding values.
+  """
+  emb_dim: int
+
+  @nn.compact
+  def __call__(self, embedding: jax.Array, mask: jax.Array) -> jax.Array:
+    real = (mask > 0)[..., None]
+    # `where`, not a product: padding rows may hold anything, even non-finite values.
+    tokens = jnp.where(real, text_layer_norm(embedding), 0.0)
+    count = jnp.sum(real, axis=1, dtype=jnp.float32)
+    mean = jnp.sum(tokens, axis=1) / jnp.maximum(count, 1.0)
+    pooled = dense(self.emb_dim, ("text", "cond"), dtype=jnp.float32, name="dense")(mean)
+    null = self.param("null", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                           ("cond",)),
+                      (self.emb_dim,), jnp.float32)
+    return jnp.where(count > 0, pooled, null[None, :])
+
+
+class TextContext(nn.Module):
+  """The cross-attention route's context: text embeddings [B, L, D] -> [B, 1 + L, width].
+
+  The tokens are LayerNorm'd and projected once to the width of the blocks that attend
+  to them (in `dtype`); a learned null token is prepended and is always attendable, so
+  a caption without tokens (null conditioning) still has a well-defined attention
+  output. Returns the context and its key mask, bool [B, 1 + L].
+  """
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, embedding: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    batch = embedding.shape[0]
+    # Padding is zeroed before the projection so that even non-finite padding values
+    # cannot reach the attention output (a masked key has weight 0, but 0 * nan = nan).
+    tokens = jnp.where((mask > 0)[..., None], text_layer_norm(embedding), 0.0)
+    tokens = dense(self.width, ("text", "embed"), dtype=self.dtype, name="proj")(
+        tokens.astype(self.dtype))
+    null = self.param("null", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                           ("embed",)),
+                      (self.width,), jnp.float32)
+    null = jnp.broadcast_to(null.astype(tokens.dtype), (batch, 1, self.width))
+    context = constrain_batch(jnp.concatenate([null, tokens], axis=1))
+    context_mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask > 0], axis=1)
+    return context, constrain_batch(context_mask)
+
+
 class Conditioning(nn.Module):
-  """logSNR (and class label, and segment layout) -> conditioning vector [B, emb_dim], float32.
+  """logSNR (and class label or pooled text, and segment layout) -> conditioning vector
+  [B, emb_dim], float32.
 
   The logSNR features go through a two-layer swish MLP; with `num_classes > 0`
   a learned embedding of the label (index `num_classes` is the null class used
   for classifier-free guidance) is added, as the class embedding of ADM /
-  simple diffusion is. Everything here runs in float32 (the time embedding is
-  the input whose precision matters most near t = 0).
+  simple diffusion is. With `pooled_text`, `labels` is the text dict of a
+  text-conditioned model and `PooledText` of it is added instead. Everything
+  here runs in float32 (the time embedding is the input whose precision matters
+  most near t = 0).
 
   Any-step Multistep CMs also tell the network which segment layout it serves
   (`segment_cond`): "steps" adds a learned embedding of the step-count index
@@ -169,9 +233,10 @@ class Conditioning(nn.Module):
   num_features: int = 256
   segment_cond: str = "none"
   num_step_values: int = 0
+  pooled_text: bool = False
 
   @nn.compact
-  def __call__(self, logsnr: jax.Array, labels: jax.Array | None,
+  def __call__(self, logsnr: jax.Array, labels: Any,
                segment: jax.Array | None = None) -> jax.Array:
     h = logsnr_features(logsnr, self.num_features)
     h = dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32, name="time_dense0")(h)
@@ -186,6 +251,9 @@ class Conditioning(nn.Module):
               nn.initializers.normal(stddev=1.0), ("vocab", "cond")),
           name="class_embed")
       h = h + embed(labels)
+    if self.pooled_text:
+      h = h + PooledText(self.emb_dim, name="text_pool")(labels["text_embedding"],
+                                                          labels["text_mask"])
     if self.segment_cond != "none":
       if segment is None:
         raise ValueError(f"a model with segment_cond={self.segment_cond!r} needs `segment`")

@@ -33,6 +33,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("modulation", None),
     ("cond_in", None),
     ("vocab", None),
+    ("text", None),  # the text encoder's width D; its projections' outputs are 'embed'/'cond'
     ("channels", None),
     ("norm", None),
 )

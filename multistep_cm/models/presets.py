@@ -2,8 +2,9 @@
 
 The four ImageNet presets follow spec §7.2 (widths, depths, resolutions and
 dropout placement as the paper states them); `t2i_512` is the text-to-image
-structure (no text encoder: it is built unconditional and used for shapes,
-counts and FLOPs only). The small presets are for CPU work and tests.
+model, conditioned on precomputed T5-XXL-width token embeddings (the encoder runs
+offline; uvit.py states the text-conditioning assumptions). The small presets are
+for CPU work and tests; `digits8_text` is the text-conditioned one.
 """
 import dataclasses
 from collections.abc import Mapping
@@ -30,6 +31,11 @@ _IMAGENET64_SMALL = dict(
 _IMAGENET128_SMALL = dict(
     _IMAGENET64_SMALL, image_size=128, block_types=("res", "res", "attn"),
     channels=(128, 256, 512), num_blocks=(3, 3, 3), dropout=(0.0, 0.0, 0.0, 0.1))
+_DIGITS8 = dict(
+    arch="uvit", image_size=8, num_channels=1, num_classes=10,
+    block_types=("res",), channels=(32,), num_blocks=(2,), mid_channels=128,
+    mid_blocks=2, dropout=(0.0, 0.1), emb_dim=128, head_dim=32, mlp_ratio=4,
+    num_groups=8)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "imagenet64_small": _IMAGENET64_SMALL,
@@ -41,16 +47,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet128_large": dict(_IMAGENET128_SMALL, channels=(256, 512, 1024),
                               mid_channels=2048, dropout=(0.0, 0.1, 0.1, 0.1)),
     # §7.2, T2I 512^2: Res @128/256/1024, Transformer @2048, mid 16 @4096, dropout 0.1 (mid).
+    # Text: text_dim 4096 (T5-XXL's width) and text_len 128 tokens are our choice (the
+    # paper names no encoder); text_route stays the UViT default, "both".
     "t2i_512": dict(
         _IMAGENET64_SMALL, image_size=512, num_classes=0,
         block_types=("res", "res", "res", "attn"), channels=(128, 256, 1024, 2048),
-        num_blocks=(3, 3, 3, 3), mid_channels=4096, dropout=(0.0, 0.0, 0.0, 0.0, 0.1)),
+        num_blocks=(3, 3, 3, 3), mid_channels=4096, dropout=(0.0, 0.0, 0.0, 0.0, 0.1),
+        text_dim=4096, text_len=128),
     # CPU presets: the embedded digits at 8x8 and 16x16, a 32x32 RGB model.
-    "digits8": dict(
-        arch="uvit", image_size=8, num_channels=1, num_classes=10,
-        block_types=("res",), channels=(32,), num_blocks=(2,), mid_channels=128,
-        mid_blocks=2, dropout=(0.0, 0.1), emb_dim=128, head_dim=32, mlp_ratio=4,
-        num_groups=8),
+    "digits8": _DIGITS8,
+    # digits8 conditioned on 8 tokens of 64-wide text embeddings (the captioned digits demo).
+    "digits8_text": dict(_DIGITS8, num_classes=0, text_dim=64, text_len=8),
     "digits16": dict(
         arch="uvit", image_size=16, num_channels=1, num_classes=10,
         block_types=("res", "attn"), channels=(16, 64), num_blocks=(1, 1), mid_channels=128,
@@ -142,8 +149,9 @@ def get_model(preset_or_config: "str | Mapping[str, Any]", **overrides) -> nn.Mo
 def get_model_for_config(config: Any) -> nn.Module:
   """The model of an experiment config: `config.model` with the data's shape filled in.
 
-  `config.data` may give `image_size`, `num_channels`, `num_classes` (UViT) or
-  `data_dim`, `num_classes` (MLP); each present key overrides the preset's.
+  `config.data` may give `image_size`, `num_channels`, `num_classes`, `text_dim`,
+  `text_len` (UViT) or `data_dim`, `num_classes` (MLP); each present key overrides the
+  preset's.
   """
   model_config = dict(config.model.to_dict() if hasattr(config.model, "to_dict")
                       else config.model)
@@ -152,28 +160,39 @@ def get_model_for_config(config: Any) -> nn.Module:
     raise ValueError(f"config.model.preset must be one of {sorted(PRESETS)}, got {preset!r}")
   allowed = _module_fields(ARCHITECTURES[PRESETS[preset]["arch"]])
   data = config.get("data", {}) if hasattr(config, "get") else {}
-  from_data = {k: data[k] for k in ("image_size", "num_channels", "num_classes", "data_dim")
+  from_data = {k: data[k] for k in ("image_size", "num_channels", "num_classes", "data_dim",
+                                    "text_dim", "text_len")
                if k in data and k in allowed}
   return get_model({**model_config, **from_data})
 
 
-def input_specs(model: nn.Module, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
-  """Abstract `(z, logsnr, labels)` for `model` at batch size `batch`."""
+def input_specs(model: nn.Module, batch: int) -> tuple[Any, ...]:
+  """Abstract `(z, logsnr, labels)` for `model` at batch size `batch`; a text model's
+  labels are the text dict at its `text_len` (models/uvit.py)."""
   if isinstance(model, mlp.MLPDenoiser):
     z_shape = (batch, model.data_dim)
   else:
     z_shape = (batch, model.image_size, model.image_size, model.num_channels)
+  if getattr(model, "text_dim", 0) > 0:
+    labels = {"text_embedding": jax.ShapeDtypeStruct((batch, model.text_len, model.text_dim),
+                                                     jnp.float32),
+              "text_mask": jax.ShapeDtypeStruct((batch, model.text_len), jnp.int32)}
+  else:
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   return (jax.ShapeDtypeStruct(z_shape, jnp.float32),
-          jax.ShapeDtypeStruct((batch,), jnp.float32),
-          jax.ShapeDtypeStruct((batch,), jnp.int32))
+          jax.ShapeDtypeStruct((batch,), jnp.float32), labels)
 
 
 def dummy_inputs(model_or_preset: "nn.Module | str", batch: int):
-  """Concrete zero inputs `(z, logsnr, labels)`; labels are the null class."""
+  """Concrete zero inputs `(z, logsnr, labels)`; labels are the null conditioning (the
+  null class, or for a text model zero embeddings with an all-zero mask)."""
   model = get_model(model_or_preset) if isinstance(model_or_preset, str) else model_or_preset
   z, logsnr, labels = input_specs(model, batch)
-  return (jnp.zeros(z.shape, z.dtype), jnp.zeros(logsnr.shape, logsnr.dtype),
-          jnp.full(labels.shape, model.num_classes, labels.dtype))
+  if isinstance(labels, dict):
+    labels = {k: jnp.zeros(v.shape, v.dtype) for k, v in labels.items()}
+  else:
+    labels = jnp.full(labels.shape, model.num_classes, labels.dtype)
+  return jnp.zeros(z.shape, z.dtype), jnp.zeros(logsnr.shape, logsnr.dtype), labels
 
 
 def init_kwargs(model: nn.Module, batch: int) -> dict[str, Any]:

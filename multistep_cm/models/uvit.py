@@ -5,7 +5,9 @@ resolution with 2x2 average-pool downsampling, transformer stages
 (self-attention + MLP x4) at low resolution, a mid stack of transformer blocks,
 and a mirrored up path that starts each stage with nearest-neighbour
 upsampling. The network outputs v-hat (spec §1.3: x-hat = alpha z - sigma v-hat)
-and is conditioned on logSNR(t) and a class label with an extra null class.
+and is conditioned on logSNR(t) and either a class label with an extra null class
+or a sequence of precomputed text embeddings (spec §7.2: the T2I model; §1.3: the
+model interface is the diffusion model's, "plus class or text conditioning").
 
 Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
 - Skip connections: U-Net style, every block of the down path stores its
@@ -42,6 +44,23 @@ Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
   linearly with width. Those are the FiLM projections from a fixed-width
   conditioning vector, and 2048 is the width that lands all four counts
   within 5% (ImageNet128 small/large then serve as checks; README table).
+- Text conditioning (`text_dim > 0`; the encoder runs offline, the model takes
+  its token embeddings [B, L, text_dim] and a padding mask [B, L]). Two routes,
+  chosen by `text_route`: "pooled" (`layers.PooledText`: the masked mean of the
+  LayerNorm'd tokens, projected and added to the conditioning vector, so it
+  reaches every block through FiLM) and "cross_attention" (`layers.TextContext`:
+  the LayerNorm'd tokens projected once to the mid width, with a learned null
+  token in front; every block of the mid stack gets a pre-LN, FiLM-modulated
+  cross-attention sub-block after self-attention, zero-initialised).
+  ASSUMPTION (spec §13, baselines_and_text.md §1): which route simple diffusion
+  and the MCM T2I model used is not stated in any source we have. The default
+  "both" follows Imagen, from the same group, which adds a pooled text vector to
+  the timestep embedding and also cross-attends to the token sequence. Cross-
+  attention is in the mid stack only, at the lowest resolution where it costs
+  least per block (our choice; the down/up transformer levels have none). Null
+  conditioning (classifier-free guidance) is a caption without tokens (mask all
+  0): the pooled route answers it with a learned null vector, cross-attention
+  with the null token alone.
 - Output head: GroupNorm -> swish -> conv3x3 to the image channels,
   zero-initialised (v-hat = 0 at initialisation), returned in float32.
 
@@ -51,12 +70,14 @@ conditioning in float32. Attention goes through `jax.nn.dot_product_attention`
 with `attention_impl`: "xla" (the default, any device; it materialises the
 [B, heads, L, L] float32 logits) or "cudnn" (flash attention on NVIDIA GPUs, for
 bfloat16/float16; no logits in memory). jax's `implementation=None` still means
-XLA (jax 0.10), so cuDNN has to be asked for.
+XLA (jax 0.10), so cuDNN has to be asked for. Text cross-attention is always
+XLA: its 1 + text_len keys make its logits small.
 The mid stack is an `nn.scan` over identical blocks with parameters stacked on
 a leading 'layers' axis (compile time flat in depth); `unstack_layers` and
 `stack_layers` map between the scanned and unrolled parameter trees. Blocks can
 be rematerialised with a named policy (`layers.REMAT_POLICIES`).
 """
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -96,10 +117,12 @@ class ResBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Pre-LN self-attention + MLP block on [B, H, W, C] with FiLM conditioning.
+  """Pre-LN self-attention (+ cross-attention) + MLP block on [B, H, W, C] with FiLM
+  conditioning.
 
   With a `skip` input the block first projects concat(x, skip) back to
-  `width` (the U-Net skip of the up path).
+  `width` (the U-Net skip of the up path). With `cross_attention` it takes a text
+  `context` [B, S, width] and its key mask bool [B, S] (`layers.TextContext`).
   """
   width: int
   head_dim: int = 128
@@ -108,10 +131,12 @@ class TransformerBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: jax.Array,
-               skip: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, cond: jax.Array, skip: jax.Array | None = None,
+               context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
     if skip is not None:
       x = layers.dense(self.width, ("fan_in", "embed"), dtype=self.dtype, name="skip_proj")(
           jnp.concatenate([x, skip], axis=-1))
@@ -130,12 +155,43 @@ class TransformerBlock(nn.Module):
                      name="attn_out")(h)
     x = x + layers.dropout(h, self.dropout, self.deterministic)
 
+    if self.cross_attention:
+      if context is None or context_mask is None:
+        raise ValueError("a TransformerBlock with cross_attention needs context and "
+                         "context_mask")
+      x = x + layers.dropout(self._cross_attend(x, cond, context, context_mask),
+                             self.dropout, self.deterministic)
+
     h = layers.modulated_layer_norm(x, cond, name="norm1").astype(self.dtype)
     h = layers.dense(self.mlp_ratio * self.width, ("embed", "mlp"), dtype=self.dtype,
                      name="mlp_in")(h)
     h = layers.dense(self.width, ("mlp", "embed"), dtype=self.dtype, zero_init=True,
                      name="mlp_out")(nn.gelu(h))
     return x + layers.dropout(h, self.dropout, self.deterministic)
+
+  def _cross_attend(self, x: jax.Array, cond: jax.Array, context: jax.Array,
+                    context_mask: jax.Array) -> jax.Array:
+    """Pre-LN cross-attention sub-block: queries from x, keys/values from the text.
+
+    Its output projection is zero-initialised, so the sub-block starts as the identity
+    and a text model starts where the unconditional one is. Always XLA attention: the
+    text sequence is short (1 + L keys, L = 128 for t2i_512), so its float32 logits
+    [B, heads, HW, 1 + L] are small next to self-attention's [B, heads, HW, HW].
+    """
+    batch, height, width, _ = x.shape
+    num_heads = self.width // self.head_dim
+    h = layers.modulated_layer_norm(x, cond, name="norm_cross").astype(self.dtype)
+    q = layers.dense(self.width, ("embed", "qkv"), dtype=self.dtype, name="cross_q")(h)
+    q = q.reshape(batch, height * width, num_heads, self.head_dim)
+    kv = layers.dense(2 * self.width, ("embed", "qkv"), dtype=self.dtype, name="cross_kv")(
+        context.astype(self.dtype))
+    kv = kv.reshape(batch, context.shape[1], 2, num_heads, self.head_dim)
+    # Logits and softmax in float32 (as in self-attention); masked keys get weight 0.
+    h = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1],
+                                     mask=context_mask[:, None, None, :], implementation="xla")
+    h = h.reshape(batch, height, width, self.width)
+    return layers.dense(self.width, ("heads", "embed"), dtype=self.dtype, zero_init=True,
+                        name="cross_out")(h)
 
 
 class TransformerStack(nn.Module):
@@ -156,26 +212,29 @@ class TransformerStack(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   attention_impl: str = "xla"
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cond: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    """`context`, `context_mask`: the text every block cross-attends to (`cross_attention`)."""
     block_cls = layers.maybe_remat(TransformerBlock, self.remat, self.remat_policy,
                                    in_scan=self.scan)
     kwargs = dict(width=self.width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
                   dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype,
-                  attention_impl=self.attention_impl)
+                  attention_impl=self.attention_impl, cross_attention=self.cross_attention)
     if not self.scan:
       for i in range(self.num_layers):
-        x = block_cls(**kwargs, name=f"layers_{i}")(x, cond)
+        x = block_cls(**kwargs, name=f"layers_{i}")(x, cond, None, context, context_mask)
       return x
     scan = nn.scan(
-        lambda block, carry, c: (block(carry, c), None),
+        lambda block, carry, c, ctx, m: (block(carry, c, None, ctx, m), None),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},  # independent masks per layer
         in_axes=nn.broadcast,
         length=self.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = scan(block_cls(**kwargs, name="layers"), x, cond)
+    x, _ = scan(block_cls(**kwargs, name="layers"), x, cond, context, context_mask)
     return x
 
 
@@ -188,7 +247,7 @@ def _upsample(x: jax.Array) -> jax.Array:
 
 
 class UViT(nn.Module):
-  """The simple-diffusion UViT; `__call__(z, logsnr, labels, train)` returns v-hat.
+  """The simple-diffusion UViT; `__call__(z, logsnr, labels, train, segment)` returns v-hat.
 
   Attributes:
     image_size, num_channels: the input resolution and channels it is built for.
@@ -210,6 +269,13 @@ class UViT(nn.Module):
     attention_impl: "xla" or "cudnn" (NVIDIA GPUs, half-precision `dtype`); see above.
     segment_cond, num_step_values: the segment-layout conditioning of any-step
       Multistep CMs (`layers.Conditioning`): "none", "steps" or "segment_start".
+    text_dim: width D of the text embeddings; 0 = no text. A text model has
+      num_classes = 0 and takes, in place of `labels`, the dict
+      {"text_embedding": float [B, L, D], "text_mask": int [B, L]} (1 = a real
+      token, 0 = padding); None or a mask of zeros is the null conditioning.
+    text_len: the padded token count L the model is initialised for (any L works:
+      no parameter depends on it).
+    text_route: "pooled", "cross_attention" or "both" (the default; see above).
   """
   image_size: int = 64
   num_channels: int = 3
@@ -231,10 +297,25 @@ class UViT(nn.Module):
   attention_impl: str = "xla"
   segment_cond: str = "none"
   num_step_values: int = 0
+  text_dim: int = 0
+  text_len: int = 0
+  text_route: str = "both"
 
   def validate(self):
     """Raises ValueError naming the first inconsistent attribute."""
     layers.validate_segment_cond(self.segment_cond, self.num_step_values)
+    if self.text_route not in layers.TEXT_ROUTES:
+      raise ValueError(f"text_route must be one of {layers.TEXT_ROUTES}, "
+                       f"got {self.text_route!r}")
+    if self.text_dim < 0 or self.text_len < 0:
+      raise ValueError(f"text_dim and text_len must be >= 0, got {self.text_dim}, "
+                       f"{self.text_len}")
+    if self.text_dim > 0 and self.num_classes > 0:
+      raise ValueError(f"one kind of conditioning per model: text_dim={self.text_dim} needs "
+                       f"num_classes=0, got num_classes={self.num_classes}")
+    if self.text_dim > 0 and self.text_len < 1:
+      raise ValueError(f"text_dim={self.text_dim} needs text_len >= 1 (the padded token "
+                       f"count), got {self.text_len}")
     levels = len(self.channels)
     for key in ("block_types", "num_blocks"):
       if len(getattr(self, key)) != levels:
@@ -285,14 +366,43 @@ class UViT(nn.Module):
     pos = layers.sincos_2d(x.shape[1], x.shape[2], width).reshape(x.shape[1:])
     return x + jnp.asarray(pos, dtype=x.dtype)
 
+  def _text_input(self, labels: Any, batch: int) -> dict[str, jax.Array]:
+    """The text dict of a text model, checked; None becomes the null conditioning."""
+    if labels is None:
+      return {"text_embedding": jnp.zeros((batch, self.text_len, self.text_dim), jnp.float32),
+              "text_mask": jnp.zeros((batch, self.text_len), jnp.int32)}
+    expected = f"{{'text_embedding': [B, L, {self.text_dim}], 'text_mask': [B, L]}}"
+    if not isinstance(labels, Mapping) or set(labels) != {"text_embedding", "text_mask"}:
+      got = sorted(labels) if isinstance(labels, Mapping) else type(labels).__name__
+      raise ValueError(f"a text model (text_dim={self.text_dim}) takes labels={expected}, "
+                       f"got {got}")
+    embedding, mask = labels["text_embedding"], labels["text_mask"]
+    if (embedding.ndim != 3 or embedding.shape[-1] != self.text_dim
+        or mask.shape != embedding.shape[:2]):
+      raise ValueError(f"text conditioning must be {expected}, got text_embedding "
+                       f"{tuple(embedding.shape)} and text_mask {tuple(mask.shape)}")
+    return {"text_embedding": embedding, "text_mask": mask}
+
   @nn.compact
-  def __call__(self, z: jax.Array, logsnr: jax.Array, labels: jax.Array | None = None,
+  def __call__(self, z: jax.Array, logsnr: jax.Array, labels: Any = None,
                train: bool = False, segment: jax.Array | None = None) -> jax.Array:
-    """v-hat [B, H, W, C] float32 from z [B, H, W, C], logsnr [B], labels [B] or None."""
+    """v-hat [B, H, W, C] float32 from z [B, H, W, C], logsnr [B] and the conditioning:
+    labels [B] or None, or for a text model the text dict or None (no tokens)."""
     self.validate()
+    pooled = cross = False
+    if self.text_dim > 0:
+      labels = self._text_input(labels, z.shape[0])
+      pooled = self.text_route in ("pooled", "both")
+      cross = self.text_route in ("cross_attention", "both")
     cond = layers.Conditioning(self.emb_dim, self.num_classes, segment_cond=self.segment_cond,
-                               num_step_values=self.num_step_values,
+                               num_step_values=self.num_step_values, pooled_text=pooled,
                                name="cond")(logsnr, labels, segment)
+    context = context_mask = None
+    if cross:
+      context, context_mask = layers.TextContext(self.mid_channels, dtype=self.dtype,
+                                                 name="text_context")(
+                                                     labels["text_embedding"],
+                                                     labels["text_mask"])
     x = layers.constrain_batch(z.astype(self.dtype))
     x = layers.conv3x3(self.channels[0], ("fan_in", "embed"), dtype=self.dtype,
                        name="conv_in")(x)
@@ -313,7 +423,8 @@ class UViT(nn.Module):
         self.mid_blocks, self.mid_channels, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
         dropout=self.dropout[-1], deterministic=not train, dtype=self.dtype,
         scan=self.scan_blocks, remat=self.remat, remat_policy=self.remat_policy,
-        attention_impl=self.attention_impl, name="mid")(x, cond)
+        attention_impl=self.attention_impl, cross_attention=cross,
+        name="mid")(x, cond, context, context_mask)
     self.sow("intermediates", "mid_out", x)
 
     for level in reversed(range(len(self.channels))):
