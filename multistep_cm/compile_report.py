@@ -55,14 +55,16 @@ from multistep_cm import train_step
 FLAGS = flags.FLAGS
 
 # Spec §7.3: measured training speed (steps/s) on TPU v5e, batch 2048; small models on
-# 64 chips, large ones on 256.
+# 64 chips, large ones and T2I (CD only) on 256.
 PAPER_STEPS_PER_SEC = {
     ("imagenet64_small", "ct"): 2.7, ("imagenet64_small", "cd"): 2.5,
     ("imagenet128_small", "ct"): 2.2, ("imagenet128_small", "cd"): 1.7,
     ("imagenet64_large", "ct"): 2.9, ("imagenet64_large", "cd"): 2.5,
     ("imagenet128_large", "ct"): 2.2, ("imagenet128_large", "cd"): 1.8,
+    ("t2i_512", "cd"): 0.71,
 }
-PAPER_CHIPS = {"small": 64, "large": 256}
+PAPER_CHIPS = {"imagenet64_small": 64, "imagenet128_small": 64, "imagenet64_large": 256,
+               "imagenet128_large": 256, "t2i_512": 256}
 
 # Chips -> the 2D torus of a v5e / v6e slice (Cloud TPU's accelerator types).
 _SLICE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
@@ -196,7 +198,7 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
   speed_chips = num_chips
   if steps_per_sec is None and paper_key in PAPER_STEPS_PER_SEC:
     steps_per_sec = PAPER_STEPS_PER_SEC[paper_key]
-    speed_chips = PAPER_CHIPS[config.model.preset.rsplit("_", 1)[1]]
+    speed_chips = PAPER_CHIPS[config.model.preset]
     report["steps_per_sec_source"] = f"paper (spec §7.3), {speed_chips} chips"
   elif steps_per_sec is not None:
     report["steps_per_sec_source"] = f"--steps_per_sec, {num_chips} chips"

@@ -180,27 +180,7 @@ def imagenet_config(resolution: int, mode: str, size: str = "small", student_ste
   c.data.num_channels = 3
   c.data.num_classes = 1000
   c.data.random_flip = True
-  c.data.prefetch = 4
-  c.batch_size = 2048  # all runs, §7.1
-  c.model.preset = f"imagenet{resolution}_{size}"
-  c.model.dtype = "bfloat16"
-  # Activation memory per chip (README: the TPU compile report): without remat the small
-  # IN64 CT step needs 16.7 GiB of temporaries on a v5e-64 chip (XLA refuses it); with
-  # every block rematerialised it needs 3.2 GiB. The mid stack is scanned (compile time
-  # flat in depth).
-  c.model.remat = True
-  c.model.remat_policy = "nothing_saveable"
-  c.model.scan_blocks = True
-  # Interpolated cosine from noise resolution 32 to the image resolution (§1.2, App. A.1).
-  c.schedule.name = "interpolated_cosine"
-  c.schedule.kwargs = ml_collections.ConfigDict(
-      {"image_d": resolution, "noise_d_low": 32, "noise_d_high": resolution})
-  c.loss.mode = mode
-  c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every chip (README: the compile report)
-  c.ema_decays = (0.9999,)  # NOT FOUND in the paper: our choice
-  c.ema_warmup = False
-  c.optimizer.warmup_steps = 1000
-  c.log_every_steps = 100
+  _pod_run(c, f"imagenet{resolution}_{size}", resolution, mode)
   c.checkpoint_every_steps = 2000
   c.checkpoint_keep = 3
   c.checkpoint_keep_period = 50_000
@@ -221,6 +201,90 @@ def imagenet_config(resolution: int, mode: str, size: str = "small", student_ste
     c.loss.anneal_steps = 100_000
     c.loss.eta = 0.75  # §5.5
     c.loss.huber_epsilon = 1e-4  # §3.6
+    c.loss.guidance_scale = guidance
+    c.optimizer.learning_rate = 5e-5  # NOT FOUND: our choice for fine-tuning
+    _start_from(c, teacher)
+  return c
+
+
+def _pod_run(c: ml_collections.ConfigDict, preset: str, resolution: int, mode: str):
+  """What the paper's ImageNet and T2I runs share (§1.2, §7.1): batch 2048, the
+  interpolated cosine schedule from noise resolution 32 to `resolution`, and our TPU
+  settings (bf16, remat, FSDP over every chip); our choices are marked."""
+  c.data.prefetch = 4
+  c.batch_size = 2048  # all runs, §7.1
+  c.model.preset = preset
+  c.model.dtype = "bfloat16"
+  # Activation memory per chip (README: the TPU compile report): without remat the small
+  # IN64 CT step needs 16.7 GiB of temporaries on a v5e-64 chip (XLA refuses it); with
+  # every block rematerialised it needs 3.2 GiB. The mid stack is scanned (compile time
+  # flat in depth).
+  c.model.remat = True
+  c.model.remat_policy = "nothing_saveable"
+  c.model.scan_blocks = True
+  # Interpolated cosine from noise resolution 32 to the image resolution (§1.2, App. A.1).
+  c.schedule.name = "interpolated_cosine"
+  c.schedule.kwargs = ml_collections.ConfigDict(
+      {"image_d": resolution, "noise_d_low": 32, "noise_d_high": resolution})
+  c.loss.mode = mode
+  c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every chip (README: the compile report)
+  c.ema_decays = (0.9999,)  # NOT FOUND in the paper: our choice
+  c.ema_warmup = False
+  c.optimizer.warmup_steps = 1000  # NOT FOUND: our choice
+  c.log_every_steps = 100
+
+
+def t2i_config(mode: str, student_steps: int = 8, teacher: str = "",
+               guidance: float = 0.5) -> ml_collections.ConfigDict:
+  """The paper's 512x512 text-to-image settings (spec §7.1-7.3, App. A.1/A.2); our
+  choices are marked.
+
+  Args:
+    mode: 'diffusion' (the teacher) or 'cd' (the paper distils T2I with CD only, §7.1).
+    student_steps: S (4, 8 or 16 in Table 6).
+    teacher: the diffusion run (workdir or checkpoint) the student starts from and distils.
+    guidance: classifier-free guidance w of the CD teacher, x̂_c + w (x̂_c - x̂_u). Table 6
+      distils teachers at g = 0.5 and g = 3; the paper does not define its g (spec §7.1:
+      guidance formulation NOT FOUND): our default 0.5, the low-guidance rows, read as
+      Ho & Salimans' w.
+  """
+  if mode not in ("diffusion", "cd"):
+    raise ValueError(f"t2i config: mode 'diffusion' or 'cd' (the paper distils T2I with CD "
+                     f"only, spec §7.1), got {mode!r}")
+  c = base_config()
+  # A text-image dataset the user prepares (README: Text-image data); the paper's is
+  # private (§7.1). Override with --config.data.dataset=tfds:text_images/<name>.
+  c.data.dataset = "tfds:text_images/YOUR_DATASET"
+  c.data.image_size = 512
+  c.data.num_channels = 3
+  c.data.num_classes = 0
+  # The encoder is NOT FOUND (§7.1): T5-XXL's width 4096 at 128 tokens is our choice
+  # (Imagen's encoder, spec baselines §1), as in the t2i_512 preset.
+  c.data.text_dim, c.data.text_len = 4096, 128
+  c.data.random_flip = False  # our choice: captions may name left and right
+  # The 32 -> 512 interpolated cosine (§1.2, App. A.1), FSDP over the 256 chips (§7.3).
+  _pod_run(c, "t2i_512", 512, mode)
+  c.checkpoint_every_steps = 1000
+  c.checkpoint_keep = 3
+  c.checkpoint_keep_period = 10_000
+  c.sample_every_steps = 5000
+  c.sample_num = 16
+  c.sample_steps = 256  # Table 6's teacher rows: 256 steps
+  if mode == "diffusion":
+    # The T2I teacher's training is NOT FOUND (§7.1): steps, learning rate and
+    # conditioning dropout are our choices. The paper's teacher also used a multiscale
+    # loss (App. A.1), not implemented here.
+    c.num_train_steps = 500_000
+    c.optimizer.learning_rate = 1e-4
+    c.loss.label_dropout = 0.1  # text replaced by the null (no tokens) for guidance
+  else:
+    c.num_train_steps = 30_000  # §7.1
+    c.loss.student_steps = student_steps
+    # Teacher steps fixed at 256, no anneal (§3.2, App. A.1).
+    c.loss.teacher_steps_start = c.loss.teacher_steps_end = 256
+    c.loss.anneal_steps = 0
+    c.loss.eta = 0.75  # on the conditional output, never the guided one (§5.5)
+    c.loss.huber_epsilon = 1.0  # §3.6: about mean(a^2)/2 per example
     c.loss.guidance_scale = guidance
     c.optimizer.learning_rate = 5e-5  # NOT FOUND: our choice for fine-tuning
     _start_from(c, teacher)
