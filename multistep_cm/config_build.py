@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from multistep_cm import models
+from multistep_cm.data import captions
 from multistep_cm.data import digits
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.data import sources
@@ -20,7 +21,8 @@ from multistep_cm.diffusion import segments
 
 TEACHER_MODES = losses.TEACHER_MODES
 # Every dataset a config may name besides 'tfds:<any TFDS name>'.
-DATASETS = ("digits", "mixture") + tfds_source.TFDS_DATASETS + (tfds_source.SYNTHETIC,)
+DATASETS = (("digits", "captioned_digits", "mixture") + tfds_source.TFDS_DATASETS
+            + (tfds_source.SYNTHETIC,))
 
 
 def get_schedule(config) -> schedules.Schedule:
@@ -83,7 +85,7 @@ def data_key(config) -> str:
 def make_source(config) -> sources.Source:
   """The training data source of `config.data` (the data order is the pipeline's).
 
-  'digits' is embedded; 'mixture' is `mixture_size` points of the toy mixture drawn once
+  'digits' is embedded, 'captioned_digits' too (with generated captions); 'mixture' is `mixture_size` points of the toy mixture drawn once
   from the config's seed; a TFDS name (or 'tfds:<name>') is read from its prepared
   array_record files.
 
@@ -97,6 +99,9 @@ def make_source(config) -> sources.Source:
   dataset, split = get("dataset"), get("split", "train")
   if dataset == "digits":
     return digits.DigitsSource(split, get("image_size", None) or 8)
+  if dataset == "captioned_digits":  # the embedded text-to-image demo (data/captions.py)
+    return captions.CaptionedDigitsSource(split, get("image_size", None) or 8,
+                                          get("partial_captions", 0.25))
   if dataset == "mixture":
     seed = int(config.get("seed", 0))
     mix = mixture_lib.default_mixture(dim=int(get("data_dim", 8)), seed=seed)

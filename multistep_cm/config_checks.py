@@ -141,6 +141,7 @@ SCHEMA: dict[str, Rule] = {
     "data.num_classes": integer(0, 100_000),
     "data.text_dim": integer(0, 65_536),  # text-image data: embedding width D (0: no text)
     "data.text_len": integer(0, 4096),  # text-image data: padded tokens L
+    "data.partial_captions": number(0.0, 1.0),  # captioned_digits: share of partial captions
     "data.data_dir": text(none=True),
     "data.random_flip": boolean(),
     "data.fast_decode": boolean(),
@@ -231,7 +232,7 @@ MODEL_SCHEMA: dict[str, Rule] = {
     "scan_blocks": boolean(), "attention_impl": one_of(*uvit.ATTENTION_IMPLS),
     "segment_cond": one_of(*layers.SEGMENT_CONDITIONS), "num_step_values": integer(0, 64),
     "text_dim": integer(0, 65_536), "text_len": integer(0, 4096),
-    "text_route": one_of("pooled", "cross_attention", "both"),
+    "text_route": one_of(*layers.TEXT_ROUTES),
 }
 
 

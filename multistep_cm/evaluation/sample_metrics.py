@@ -2,6 +2,8 @@
 
   * digits: the digits classifier's Fréchet distance to the held-out test split,
     classifier accuracy of the conditioning labels and label entropy (digits_metric.py);
+  * captioned digits (the text-to-image demo): whether samples show what their prompts
+    name, and the digits FD (prompt_metric.py);
   * mixture: the energy distance to a fresh sample of the true mixture (energy.py);
   * ImageNet and other image data: FID and IS with the FID InceptionV3, given its
     weights file and reference statistics (fid.py, inception.py).
@@ -15,7 +17,7 @@ import numpy as np
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.evaluation import energy
 
-KINDS = ("auto", "digits", "energy", "fid", "none")
+KINDS = ("auto", "digits", "prompts", "energy", "fid", "none")
 
 
 @dataclasses.dataclass
@@ -37,6 +39,8 @@ def resolve_kind(config, kind: str = "auto") -> str:
     return kind
   if config.data.dataset == "digits":
     return "digits"
+  if config.data.dataset == "captioned_digits":
+    return "prompts"
   if config.data.dataset == "mixture":
     return "energy"
   return "fid"
@@ -58,6 +62,19 @@ def make_metric(config, kind: str = "auto", inception_weights: str = "",
 
     return SampleMetric("digits", f"digits classifier {classifier.name} features, reference: "
                         f"held-out test split", digits_fn, "fd")
+  if kind == "prompts":
+    from multistep_cm.evaluation import digits_metric  # pylint: disable=g-import-not-at-top
+    from multistep_cm.evaluation import prompt_metric  # pylint: disable=g-import-not-at-top
+    classifier = digits_metric.load_or_train_classifier(int(config.data.image_size))
+
+    def prompts_fn(samples, prompts):
+      if prompts is None:
+        raise ValueError("the prompt metric judges samples against their prompts (captions)")
+      out = prompt_metric.prompt_metrics(samples, prompts, classifier=classifier)
+      return {k: v for k, v in out.items() if isinstance(v, (int, float))}
+    return SampleMetric("prompts", f"digits classifier {classifier.name}: named digit and "
+                        f"measured properties vs the prompt; FD to the held-out test split",
+                        prompts_fn, "fd")
   if kind == "energy":
     mix = mixture_lib.default_mixture(dim=int(config.data.data_dim), seed=int(config.seed))
     truth = np.asarray(mix.sample(jax.random.PRNGKey(2**20 + 1), num_reference)[0])
