@@ -85,9 +85,9 @@ def data_key(config) -> str:
 def make_source(config) -> sources.Source:
   """The training data source of `config.data` (the data order is the pipeline's).
 
-  'digits' is embedded, 'captioned_digits' too (with generated captions); 'mixture' is `mixture_size` points of the toy mixture drawn once
-  from the config's seed; a TFDS name (or 'tfds:<name>') is read from its prepared
-  array_record files.
+  'digits' is embedded, 'captioned_digits' too (with generated captions); 'mixture' is
+  `mixture_size` points of the toy mixture drawn once from the config's seed; a TFDS name
+  (or 'tfds:<name>') is read from its prepared array_record files.
 
   Raises:
     ValueError: an unknown dataset, naming what is allowed.
