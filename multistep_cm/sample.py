@@ -14,6 +14,13 @@ repeat it or be omitted. A diffusion model takes `--sampler=ddim|addim|euler|heu
 aDDIM's x_var is the analytic rule or, with `--x_var=table`, a per-t table estimated
 from `--table_examples` training examples (Algorithm 3), and `--final_step=ddim|addim`
 picks the solver of its last step to t = 0.
+
+A text-conditioned run samples from prompts (`--prompts`): 'data' (default: captions of
+training examples drawn with the seed), an .npz of the user's encoder outputs
+(`text_embedding` [N, L, D], `text_mask` [N, L], optional `captions`), or, for the
+embedded captioned digits, the prompt strings themselves separated by ';' ("a thick
+seven;a thin slanted two"), encoded by the shipped encoder. Prompts are cycled to
+`--num_samples`; the grid shows each prompt beside its row and the .npz keeps `captions`.
 """
 import json
 import os
@@ -43,6 +50,9 @@ _XVAR = flags.DEFINE_enum("x_var", "analytic", ["analytic", "table"], "aDDIM x_v
 _TABLE_EXAMPLES = flags.DEFINE_integer("table_examples", 2048, "Examples for --x_var=table.")
 _LABELS = flags.DEFINE_string("labels", "random", "Class-conditional runs: 'random' or a "
                               "comma-separated list of class ids, cycled.")
+_PROMPTS = flags.DEFINE_string("prompts", "data", "Text-conditioned runs: 'data', an .npz "
+                               "of text_embedding/text_mask[/captions], or ';'-separated "
+                               "prompts (captioned digits).")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance scale.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch per sampling call.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -72,7 +82,12 @@ def main(argv):
   run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
   spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
                          _SPACING.value, _FINAL_STEP.value)
-  labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
+  texts = None
+  if getattr(run.model, "text_dim", 0):
+    from multistep_cm import prompts  # pylint: disable=g-import-not-at-top
+    labels, texts = prompts.parse(_PROMPTS.value, _NUM.value, run.config, _SEED.value)
+  else:
+    labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
   table = None
   if spec.kind == "addim" and spec.x_var == "table":
     data, data_labels = run.training_examples(_TABLE_EXAMPLES.value, _SEED.value)
@@ -93,12 +108,17 @@ def main(argv):
     out["images"] = images.to_uint8(samples)
   else:
     out["x"] = samples.astype(np.float32)
-  out["labels"] = (labels if labels is not None else np.full(len(samples), -1)).astype(np.int32)
+  if texts is not None:
+    out["captions"] = np.asarray(texts)
+    labels = np.asarray(texts, dtype=object)  # the grid's rows: one per prompt
+  else:
+    out["labels"] = (labels if labels is not None
+                     else np.full(len(samples), -1)).astype(np.int32)
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   np.savez(_OUTPUT.value, **out)
   if samples.ndim == 4:
     png = os.path.splitext(_OUTPUT.value)[0] + ".png"
-    shown = labels[:100] if labels is not None else None  # one row per class, labelled
+    shown = labels[:100] if labels is not None else None  # a row per class or prompt
     images.save_png(images.image_grid(samples[:100], shown), png)
   print(f"wrote {_OUTPUT.value}: {len(samples)} samples from {run.workdir} "
         f"({run.describe_weights()}; {spec.describe()}; seed {_SEED.value})")

@@ -41,23 +41,12 @@ COLUMNS = ("digit_accuracy", "thickness_accuracy", "width_accuracy", "slant_accu
            "prompt_accuracy", "fd")
 
 
-def test_prompts(num: int, seed: int, image_size: int = 8):
-  """`num` captions of test digits naming every property (drawn with replacement past the
-  split's size), with their encoding: `(captions, {"text_embedding", "text_mask"})`."""
-  from multistep_cm.data import captions  # pylint: disable=g-import-not-at-top
-  source = captions.CaptionedDigitsSource("test", image_size, partial_share=0.0)
-  rng = np.random.default_rng(seed)
-  idx = rng.choice(len(source), num, replace=num > len(source))
-  texts = source.captions(idx)
-  emb, mask = captions.encode(texts)
-  return texts, {"text_embedding": emb, "text_mask": mask}
-
-
 def evaluate(root: str, num: int, scales, teacher_steps: int = 0, seed: int = 0,
              weights: str = "ema0", grid_prompts: int = 6, grid_cols: int = 8):
   """`(rows, picture)`: one row per (model, w) with the prompt metric, and the grid."""
   from multistep_cm import generation  # pylint: disable=g-import-not-at-top
   from multistep_cm import images  # pylint: disable=g-import-not-at-top
+  from multistep_cm import prompts  # pylint: disable=g-import-not-at-top
   from multistep_cm import runs  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
 
@@ -73,7 +62,7 @@ def evaluate(root: str, num: int, scales, teacher_steps: int = 0, seed: int = 0,
   if teacher.config.data.dataset != "captioned_digits":
     raise ValueError(f"{teacher.workdir} was not trained on captioned_digits "
                      f"(data.dataset={teacher.config.data.dataset!r})")
-  texts, cond = test_prompts(num, seed, int(teacher.config.data.image_size))
+  texts, cond = prompts.held_out_digits(num, seed, int(teacher.config.data.image_size))
   metric = sample_metrics.make_metric(teacher.config, "prompts")
 
   def row(run, spec, name, w, distilled_at=None):
