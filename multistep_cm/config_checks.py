@@ -23,6 +23,7 @@ from multistep_cm import config_build
 from multistep_cm import models
 from multistep_cm import optim
 from multistep_cm import sharding
+from multistep_cm.data import captions
 from multistep_cm.data import digits
 from multistep_cm.data import pipeline
 from multistep_cm.diffusion import losses
@@ -350,6 +351,16 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ConfigError(f"config.data.num_classes must be 0 for text-image data "
                       f"(data.text_dim={config.data.text_dim}): a model takes one kind of "
                       f"conditioning, got {config.data.num_classes}")
+  if text and config.data.dataset in ("digits", "mixture"):
+    raise ConfigError(f"config.data.text_dim > 0 needs text-image data (captioned_digits or a "
+                      f"prepared 'tfds:text_images/<name>'), got data.dataset="
+                      f"{config.data.dataset!r}")
+  if config.data.dataset == "captioned_digits" and (
+      config.data.get("text_dim", 0), config.data.get("text_len", 0)) != (
+          captions.TEXT_DIM, captions.TEXT_LEN):
+    raise ConfigError(f"config.data.text_dim and data.text_len must be {captions.TEXT_DIM} and "
+                      f"{captions.TEXT_LEN} for captioned_digits (its shipped encoder), got "
+                      f"{config.data.get('text_dim', 0)} and {config.data.get('text_len', 0)}")
   if text != (config.data.get("text_len", 0) > 0):
     raise ConfigError(f"config.data.text_dim and data.text_len must both be > 0 (text-image "
                       f"data) or both 0, got {config.data.get('text_dim', 0)} and "

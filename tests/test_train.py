@@ -190,7 +190,7 @@ def test_staged_pipeline_config_wires_the_teacher(tmp_path):
     ("mixture_direct", "teacher=/t"), ("imagenet64_diffusion", "size=large"),
     ("imagenet128_diffusion", None), ("imagenet64_ct", "steps=16"),
     ("imagenet64_cd", "size=large,teacher=/t"), ("imagenet128_ct", "size=large,steps=1"),
-    ("imagenet128_cd", "teacher=/t,guidance=0.5")])
+    ("imagenet128_cd", "teacher=/t,guidance=0.5"), ("digits_t2i", "guidance=0/3")])
 def test_every_shipped_config_validates(name, arg):
   """Each config file (with the variants the README names) passes the checks on 8 devices."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -209,9 +209,19 @@ def test_every_shipped_config_validates(name, arg):
     ("model.preset", "nope", "model"),
     ("schedule.name", "linear", "schedule.name"),
     ("data.dataset", "cifar", "data.dataset"),
+    # Text conditioning: text on class data, class ids with text, a wrong encoder width.
+    ({"data.text_dim": 64, "data.text_len": 8, "data.num_classes": 0}, None,
+     "needs text-image data"),
+    ({"data.dataset": "captioned_digits", "data.text_dim": 64, "data.text_len": 8}, None,
+     "num_classes must be 0"),
+    ({"data.dataset": "captioned_digits", "data.text_dim": 32, "data.text_len": 8,
+      "data.num_classes": 0}, None, "must be 64 and 8"),
+    ({"data.text_dim": 64, "data.num_classes": 0, "data.dataset": "captioned_digits"}, None,
+     "must be 64 and 8"),
 ])
 def test_config_validation_names_the_key(key, value, match):
-  config = set_keys(tiny_digits("ct", teacher="x"), {key: value})
+  overrides = key if isinstance(key, dict) else {key: value}
+  config = set_keys(tiny_digits("ct", teacher="x"), overrides)
   with pytest.raises(config_checks.ConfigError, match=match):
     config_checks.validate(config, num_devices=8, num_processes=1)
 
