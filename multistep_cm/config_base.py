@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = "threads"  # Grain decodes in 'threads' or worker 'processes' (README: Data)
 
   c.batch_size = 128  # global, over all devices and hosts
+  # Gradient accumulation: the batch's gradient as the mean over this many micro-batches,
+  # one at a time (activation memory of batch_size / grad_accum_steps; train_step.py).
+  c.grad_accum_steps = 1
   c.num_train_steps = 2000
 
   # --- model (models/presets.py): a preset plus any attribute overrides ---

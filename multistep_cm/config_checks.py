@@ -152,6 +152,7 @@ SCHEMA: dict[str, Rule] = {
     "data.prefetch": integer(0, 64),
     "data.workers": one_of(*pipeline.WORKERS),
     "batch_size": integer(1, 2**24),
+    "grad_accum_steps": integer(1, 4096),
     "num_train_steps": integer(1),
     "schedule.name": one_of(*schedules.NAMES),
     "loss.mode": one_of("diffusion", *losses.MODES),
@@ -321,6 +322,11 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   if config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size must be a positive multiple of the {num_devices} "
                       f"devices, got {config.batch_size}")
+  accum = int(config.get("grad_accum_steps", 1))
+  if config.batch_size % (accum * num_devices):
+    raise ConfigError(f"config.batch_size must be a multiple of grad_accum_steps ({accum}) x "
+                      f"the {num_devices} devices (every micro-batch spans every device), got "
+                      f"{config.batch_size}")
   if config.batch_size % num_processes:
     raise ConfigError(f"config.batch_size must be a multiple of the {num_processes} processes, "
                       f"got {config.batch_size}")

@@ -240,13 +240,50 @@ def _group_mean(per_example, groups, num_groups: int):
   return total / jnp.maximum(count, 1.0)
 
 
+def accumulated_grads(loss_fn, num_micro: int):
+  """`grads(params, teacher_params, batch, step, rng) -> ((loss, metrics), grads)` of
+  `loss_fn` over the whole batch, computed on `num_micro` micro-batches in a `lax.scan`
+  (gradient accumulation: activations of one micro-batch at a time).
+
+  Micro-batch j holds rows j, j + num_micro, ...: with the batch sharded in contiguous
+  blocks over devices, each device keeps its own rows (the split is a local reshape), and
+  each micro-batch spreads over every device. Loss, gradients and metrics are the means of
+  the micro-batches' (equal sizes: the batch mean); micro-batch j draws its noise from
+  `fold_in(rng, j)`. Per-group metrics (loss per segment) become means of group means.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn
+
+  def grads(params, teacher_params, batch, step, rng):
+    def split(a):
+      return jnp.moveaxis(a.reshape((a.shape[0] // num_micro, num_micro) + a.shape[1:]), 1, 0)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(total, inputs):
+      j, part = inputs
+      out = grad_fn(params, teacher_params, part, step, jax.random.fold_in(rng, j))
+      return jax.tree.map(lambda a, b: (a + b / num_micro).astype(a.dtype), total, out), None
+
+    first = jax.tree.map(lambda a: a[0], micro)
+    shapes = jax.eval_shape(grad_fn, params, teacher_params, first, step, rng)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
+    return total
+
+  return grads
+
+
 def make_train_step(config, loss_fn, tx, lr_schedule):
-  """`train_step(state, batch, teacher_params) -> (state, metrics)`, pure and jit-able."""
+  """`train_step(state, batch, teacher_params) -> (state, metrics)`, pure and jit-able;
+  with `config.grad_accum_steps` > 1 the gradient is accumulated over that many
+  micro-batches (`accumulated_grads`)."""
   decays = tuple(config.ema_decays)
+  grad_fn = accumulated_grads(loss_fn, int(config.get("grad_accum_steps", 1)))
 
   def train_step(state: TrainState, batch, teacher_params):
     rng = jax.random.fold_in(state.rng, state.step)  # a resumed run draws the same numbers
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, teacher_params, batch, state.step, rng)
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

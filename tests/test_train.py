@@ -231,3 +231,38 @@ def test_main_reports_config_errors_in_one_line(tmp_path):
   assert proc.returncode == 2
   assert "config.teacher_checkpoint" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+  """`grad_accum_steps = 4` on a batch sharded over the 8 devices gives the update, loss and
+  metrics of one full-batch step, for a loss that is a mean over examples (and draws nothing,
+  so the micro-batches' own noise keys do not matter)."""
+  mesh = sharding.make_mesh(tiny_digits().mesh, jax.devices())
+  batch_sharding = sharding.batch_sharding(mesh, 1)
+  rng = np.random.default_rng(0)
+  params = {"w": jax.numpy.asarray(rng.normal(size=(3, 2)), jax.numpy.float32)}
+  batch = {"x": jax.device_put(rng.normal(size=(64, 3)).astype(np.float32), batch_sharding),
+           "label": jax.device_put(np.arange(64, dtype=np.int32) % 5, batch_sharding)}
+
+  def loss_fn(p, teacher_params, b, step, key):
+    del teacher_params, step, key
+    per_example = jax.numpy.sum(jax.numpy.tanh(b["x"] @ p["w"]) ** 2, axis=1)
+    per_example = per_example * (1.0 + b["label"])  # rows differ: a wrong split shows
+    return jax.numpy.mean(per_example), {"loss": jax.numpy.mean(per_example),
+                                          "max_label": jax.numpy.max(b["label"]) * 1.0}
+
+  outs = []
+  for accum in (1, 4):
+    config = tiny_digits(grad_accum_steps=accum)
+    tx, lr = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    state = train_step.create_state(params, tx, jax.random.PRNGKey(0), 1)
+    step = jax.jit(train_step.make_train_step(config, loss_fn, tx, lr))
+    outs.append(jax.device_get(step(state, batch, None)))
+  (full, full_metrics), (acc, acc_metrics) = outs
+  np.testing.assert_allclose(acc.params["w"], full.params["w"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(acc_metrics["loss"], full_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(acc_metrics["grad_norm"], full_metrics["grad_norm"], rtol=1e-5)
+  # Metrics are means over micro-batches: each holds rows j, j + 4, ..., so every label.
+  assert acc_metrics["max_label"] == full_metrics["max_label"] == 4.0
+  with pytest.raises(config_checks.ConfigError, match="grad_accum_steps"):
+    config_checks.validate(tiny_digits(grad_accum_steps=3), num_devices=8, num_processes=1)
