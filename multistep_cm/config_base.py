@@ -267,6 +267,9 @@ def t2i_config(mode: str, student_steps: int = 8, teacher: str = "",
   c.data.text_dim, c.data.text_len = 4096, 128
   c.data.random_flip = False  # our choice: captions may name left and right
   # The 32 -> 512 interpolated cosine (§1.2, App. A.1), FSDP over the 256 chips (§7.3).
+  # Measured (README: the TPU compile report): at 8 images of 512^2 per v5e chip this
+  # step needs 34.5 GiB of temporaries even with every block rematerialised; it does not
+  # fit a v5e-256 slice as the paper's network is read here (§7.2, no input patching).
   _pod_run(c, "t2i_512", 512, mode)
   c.checkpoint_every_steps = 1000
   c.checkpoint_keep = 3
