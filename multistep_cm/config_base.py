@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.preset = "digits8"
   c.model.segment_cond = "none"  # any-step students: 'steps' or 'segment_start' (set_anystep)
   c.model.num_step_values = 0
+  c.model.guidance_cond = False  # students told the guidance w (with loss.guidance_range)
 
   # --- noise schedule (diffusion/schedules.py) ---
   c.schedule = ml_collections.ConfigDict()
@@ -60,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.eta = 0.75  # xvar_frac of the aDDIM teacher step (§5.5)
   c.loss.teacher_solver = "addim"  # or 'ddim'
   c.loss.guidance_scale = 0.0  # classifier-free guidance of the CD teacher
+  # (w_min, w_max): each example's teacher is guided at w ~ U[w_min, w_max] and the student
+  # (model.guidance_cond) is told w, so one student samples at any w in the range (issue
+  # 18); empty: off (the fixed guidance_scale). Sampling without --guidance uses w_min.
+  c.loss.guidance_range = ()
   c.loss.huber_epsilon = 1e-4
   c.loss.huber_reduction = "mean"  # 'mean', 'sum', 'elementwise'
   c.loss.weighting = "snr_plus_one"  # or 'v_space' (diffusion/losses.py explains the default)

@@ -37,10 +37,20 @@ def get_model(config) -> nn.Module:
 
 def teacher_architecture(model: nn.Module) -> nn.Module:
   """The diffusion model a student was (or is) initialised from: the student's architecture
-  (§7.1) less an any-step student's segment conditioning, which a teacher does not have."""
-  if getattr(model, "segment_cond", "none") == "none":
-    return model
-  return model.clone(segment_cond="none", num_step_values=0)
+  (§7.1) less an any-step student's segment conditioning and a guidance-conditioned
+  student's guidance input, which a teacher does not have."""
+  if getattr(model, "segment_cond", "none") != "none":
+    model = model.clone(segment_cond="none", num_step_values=0)
+  if getattr(model, "guidance_cond", False):
+    model = model.clone(guidance_cond=False)
+  return model
+
+
+def guidance_range(config) -> tuple[float, float] | None:
+  """`(w_min, w_max)` a guidance-conditioned student trains on (`loss.guidance_range`,
+  each example drawing w uniformly from it), or None for one fixed `loss.guidance_scale`."""
+  rng = tuple(float(w) for w in config.loss.get("guidance_range", ()))
+  return rng or None
 
 
 def needs_teacher(config) -> bool:

@@ -132,6 +132,13 @@ def _boundaries(v):
       f"one of {segments.KINDS} or S + 1 increasing times from 0 to 1")
 
 
+def _guidance_range(v):
+  if isinstance(v, (list, tuple)) and (len(v) == 0 or (
+      len(v) == 2 and all(number(0.0, 100.0).check(w) is None for w in v) and v[0] < v[1])):
+    return None
+  return "empty (off) or (w_min, w_max), 0 <= w_min < w_max <= 100"
+
+
 _STEPS = integer(0)  # an interval in steps; 0: off
 SCHEMA: dict[str, Rule] = {
     "seed": integer(0),
@@ -164,6 +171,7 @@ SCHEMA: dict[str, Rule] = {
     "loss.eta": number(0.0, 1.0),
     "loss.teacher_solver": one_of(*losses.TEACHER_SOLVERS),
     "loss.guidance_scale": number(0.0, 100.0, warn_above=20.0),
+    "loss.guidance_range": Rule(_guidance_range),
     "loss.huber_epsilon": number(0.0, 1e3, lo_open=True),
     "loss.huber_reduction": one_of(*losses.HUBER_REDUCTIONS),
     "loss.weighting": one_of(*losses.WEIGHTINGS),
@@ -233,6 +241,7 @@ MODEL_SCHEMA: dict[str, Rule] = {
     "remat": boolean(), "remat_policy": one_of("none", *sorted(layers.REMAT_POLICIES)),
     "scan_blocks": boolean(), "attention_impl": one_of(*uvit.ATTENTION_IMPLS),
     "segment_cond": one_of(*layers.SEGMENT_CONDITIONS), "num_step_values": integer(0, 64),
+    "guidance_cond": boolean(),
     "text_dim": integer(0, 65_536), "text_len": integer(0, 4096),
     "text_route": one_of(*layers.TEXT_ROUTES),
 }
@@ -353,6 +362,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   if lc.guidance_scale and not (config.data.num_classes or text):
     raise ConfigError("config.loss.guidance_scale needs a class- or text-conditional model "
                       "(config.data.num_classes > 0 or config.data.text_dim > 0)")
+  _check_guidance_range(config, text)
   if text and config.data.num_classes:
     raise ConfigError(f"config.data.num_classes must be 0 for text-image data "
                       f"(data.text_dim={config.data.text_dim}): a model takes one kind of "
@@ -377,6 +387,30 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     config_build.get_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
+
+
+def _check_guidance_range(config, text: bool):
+  """A range of guidance scales trains a student told w (issue 18): it needs a guided
+  teacher (cd or direct on conditional data) and a model with the guidance input."""
+  lc = config.loss
+  told = config.model.get("guidance_cond", False)
+  if not lc.get("guidance_range", ()):
+    if told:
+      raise ConfigError("config.model.guidance_cond needs loss.guidance_range (the w the "
+                        "student is told is drawn from it)")
+    return
+  if lc.mode not in ("cd", "direct"):
+    raise ConfigError(f"config.loss.guidance_range needs loss.mode 'cd' or 'direct' (a "
+                      f"guided teacher network), got {lc.mode!r}")
+  if not (config.data.num_classes or text):
+    raise ConfigError("config.loss.guidance_range needs a class- or text-conditional model "
+                      "(config.data.num_classes > 0 or config.data.text_dim > 0)")
+  if not told:
+    raise ConfigError("config.loss.guidance_range needs model.guidance_cond=True (the "
+                      "student is told each example's w)")
+  if lc.guidance_scale:
+    raise ConfigError(f"config.loss.guidance_scale must be 0 with loss.guidance_range (each "
+                      f"example draws its w from the range), got {lc.guidance_scale}")
 
 
 def _check_pd(config):

@@ -15,13 +15,16 @@ from multistep_cm.diffusion import sampling
 
 
 def apply_x(model: nn.Module, params, z, t, schedule, labels=None, dropout_rng=None,
-            segment=None):
+            segment=None, guidance=None):
   """x̂ from the network; `dropout_rng` switches on train mode (dropout).
 
-  `segment` is the segment-layout input of any-step students (models/layers.py).
+  `segment` is the segment-layout input of any-step students, `guidance` the guidance
+  scale w told to guidance-conditioned students (models/layers.py).
   """
   train = dropout_rng is not None
   kwargs = {} if segment is None else {"segment": segment}
+  if guidance is not None:
+    kwargs["guidance"] = guidance
   v = model.apply({"params": params}, z, schedule.logsnr(t), labels, train=train,
                   rngs={"dropout": dropout_rng} if train else None, **kwargs)
   return process.x_from_v(v, z, t, schedule)
@@ -41,24 +44,29 @@ def segment_input(model: nn.Module, schedule, t_step=None, step_index=None):
 
 
 def make_denoise_fn(model: nn.Module, params, schedule, labels=None,
-                    guidance_scale: float = 0.0, null_label: int | None = None,
-                    return_conditional: bool = False, segment=None) -> Callable:
-  """`f(z, t) -> x̂` in eval mode, with classifier-free guidance when `guidance_scale` > 0.
+                    guidance_scale=0.0, null_label: int | None = None,
+                    return_conditional: bool = False, segment=None,
+                    guidance_input=None) -> Callable:
+  """`f(z, t) -> x̂` in eval mode, with classifier-free guidance when `guidance_scale` > 0
+  (one w, or one per example `[B]`).
 
   `labels` is the model's conditioning (conditioning.py): class ids, or a text model's
   embeddings and mask; guidance's unconditional half is `conditioning.null_like` (or the
   class `null_label`). `return_conditional=True` makes it return `(x̂_guided, x̂_conditional)` (the CD
   teacher's x_var comes from the conditional output, §5.5). `segment` is passed to
-  segment-conditioned students (a scalar or `[B]`).
+  segment-conditioned students (a scalar or `[B]`); `guidance_input` is the w told to
+  a guidance-conditioned student (a scalar or `[B]`; one forward, no guided pair).
   """
-  if guidance_scale and labels is None:
+  guided = not sampling.guidance_off(guidance_scale)
+  if guided and labels is None:
     raise ValueError("classifier-free guidance needs class labels or text")
 
   def cond_fn(z, t, lbl):
     seg = None if segment is None else jnp.broadcast_to(segment, z.shape[:1])
-    return apply_x(model, params, z, t, schedule, lbl, segment=seg)
+    w = None if guidance_input is None else jnp.broadcast_to(guidance_input, z.shape[:1])
+    return apply_x(model, params, z, t, schedule, lbl, segment=seg, guidance=w)
 
-  if guidance_scale:
+  if guided:
     null = (conditioning.null_like(model, labels) if null_label is None
             else null_label)
     return sampling.classifier_free_guidance(cond_fn, labels, null, guidance_scale,

@@ -42,6 +42,9 @@ class SamplerSpec:
   spacing: str = "uniform"  # diffusion samplers: 'uniform' in t or 'karras'
   final_step: str | None = None  # aDDIM's last step (None: sampling.DEFAULT_FINAL_STEP)
   student: str = "Multistep CM"  # 'mcm': what the student is (config_build.student_name)
+  # A guidance-conditioned student (issue 18) is told `guidance` (one forward per step)
+  # instead of running the classifier-free guidance pair.
+  guidance_input: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -55,6 +58,8 @@ class SamplerSpec:
     if self.kind == "mcm" and self.spacing != "uniform":
       raise ValueError("a Multistep CM samples on its segment boundaries; spacing applies to "
                        "diffusion samplers")
+    if self.guidance_input and self.kind != "mcm":
+      raise ValueError("only a Multistep CM student can be told its guidance scale")
     if self.final_step is not None and (self.kind != "addim"
                                         or self.final_step not in sampling.FINAL_STEPS):
       raise ValueError(f"final_step applies to aDDIM only and must be one of "
@@ -62,7 +67,8 @@ class SamplerSpec:
 
   @property
   def nfe(self) -> int:
-    """Network evaluations per sample (guidance runs both halves as one batch)."""
+    """Network evaluations per sample (guidance runs both halves as one batch; a student
+    told w runs one)."""
     return self.steps if self.kind == "mcm" else sampling.nfe(self.kind, self.steps)
 
   def describe(self) -> str:
@@ -78,7 +84,9 @@ class SamplerSpec:
       if self.kind == "addim":
         text += f", x_var {'0.1/(2+SNR)' if self.x_var == 'analytic' else 'table from data'}"
         text += f", {self.final_step or sampling.DEFAULT_FINAL_STEP} last step"
-    if self.guidance:
+    if self.guidance_input:
+      text += f", told guidance w = {self.guidance:g}"
+    elif self.guidance:
       text += f", guidance {self.guidance}"
     return text
 
@@ -91,8 +99,11 @@ def spec_for_config(config, student_steps: int | None = None) -> SamplerSpec:
   counts = config_build.step_counts(config)
   s = max(counts) if student_steps is None else int(student_steps)
   bounds = tuple(config_build.trained_boundaries(config)[str(s)])
+  w_range = config_build.guidance_range(config)
   return SamplerSpec("mcm", s, boundaries=bounds, student=config_build.student_name(config),
-                     step_index=counts.index(s) if len(counts) > 1 else 0)
+                     step_index=counts.index(s) if len(counts) > 1 else 0,
+                     guidance=w_range[0] if w_range else 0.0,
+                     guidance_input=w_range is not None)
 
 
 def make_sample_fn(model, schedule, spec: SamplerSpec, x_var_table=None) -> Callable:
@@ -100,13 +111,17 @@ def make_sample_fn(model, schedule, spec: SamplerSpec, x_var_table=None) -> Call
   if spec.kind == "addim" and spec.x_var == "table" and x_var_table is None:
     raise ValueError("aDDIM with x_var='table' needs an x_var table (estimate_x_var_table)")
 
+  # A student told w runs no guided pair: its one forward already follows the guided teacher.
+  cfg_scale, told_w = (0.0, spec.guidance) if spec.guidance_input else (spec.guidance, None)
+
   def sample(params, z, labels):
-    f = denoiser.make_denoise_fn(model, params, schedule, labels, guidance_scale=spec.guidance)
+    f = denoiser.make_denoise_fn(model, params, schedule, labels, guidance_scale=cfg_scale,
+                                 guidance_input=told_w)
     if spec.kind == "mcm" and getattr(model, "segment_cond", "none") != "none":
       def told_its_segment(z, t, t_step):  # the start of the segment this step lands on
         segment = denoiser.segment_input(model, schedule, t_step[0], spec.step_index)
-        return denoiser.make_denoise_fn(model, params, schedule, labels, spec.guidance,
-                                        segment=segment)(z, t)
+        return denoiser.make_denoise_fn(model, params, schedule, labels, cfg_scale,
+                                        segment=segment, guidance_input=told_w)(z, t)
       return sampling.sample_mcm(told_its_segment, z, schedule, spec.steps, spec.boundaries,
                                  segment_aware=True)
     if spec.kind == "mcm":

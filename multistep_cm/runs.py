@@ -58,15 +58,37 @@ class Run:
       return tuple(float(k) / student_steps for k in range(student_steps + 1))
     return tuple(stored)
 
+  @property
+  def guidance_range(self) -> tuple[float, float] | None:
+    """`(w_min, w_max)` a guidance-conditioned student was trained on, as stored in its
+    checkpoint (else its config's); None for a student trained at one w, or diffusion."""
+    stored = self.meta.get("guidance_range")
+    if stored:
+      return (float(stored[0]), float(stored[1]))
+    return config_build.guidance_range(self.config) if config_build.is_student(
+        self.config) else None
+
   def sampler_spec(self, steps: int = 0, sampler: str | None = None, x_var: str = "analytic",
-                   guidance: float = 0.0, spacing: str = "uniform",
+                   guidance: float | None = None, spacing: str = "uniform",
                    final_step: str | None = None) -> generation.SamplerSpec:
     """The sampler for this run and a command line's choices (0 / None: the run's own).
 
+    A student trained on a range of guidance scales is told `guidance` (None: the
+    range's lower end w_min, the checkpoint's default).
+
     Raises:
       ValueError: the choices do not fit the run (a step count the student was not
-        trained for, a diffusion sampler for a student).
+        trained for, a diffusion sampler for a student, a guidance scale outside the
+        range it was trained on).
     """
+    w_range = self.guidance_range
+    if w_range is None:
+      guidance = guidance or 0.0
+    elif guidance is None:
+      guidance = w_range[0]
+    elif not w_range[0] <= guidance <= w_range[1]:
+      raise ValueError(f"--guidance={guidance:g} is outside [{w_range[0]:g}, {w_range[1]:g}], "
+                       f"the guidance range {self.workdir} was trained on")
     if self.student_steps is None:
       return generation.SamplerSpec(sampler or self.config.sample_sampler,
                                     steps or int(self.config.sample_steps), x_var, guidance,
@@ -86,7 +108,8 @@ class Run:
     s = steps or counts[0]
     return generation.SamplerSpec("mcm", s, guidance=guidance, boundaries=self.boundaries(s),
                                   student=config_build.student_name(self.config),
-                                  step_index=counts.index(s))
+                                  step_index=counts.index(s),
+                                  guidance_input=w_range is not None)
 
   def training_examples(self, num_examples: int, seed: int):
     """`(data, conditioning or None)`: up to `num_examples` distinct training examples, drawn

@@ -21,9 +21,16 @@ training examples drawn with the seed), an .npz of the user's encoder outputs
 embedded captioned digits, the prompt strings themselves separated by ';' ("a thick
 seven;a thin slanted two"), encoded by the shipped encoder. Prompts are cycled to
 `--num_samples`; the grid shows each prompt beside its row and the .npz keeps `captions`.
+
+A student trained on a range of guidance scales (`loss.guidance_range`) is told
+`--guidance=w` (one forward per step, no guided pair); w must lie in the range its
+checkpoint records, and without `--guidance` it is the range's lower end. A choice that
+does not fit the run (w outside the range, a step count it was not trained for) is
+refused in one line, exit status 2.
 """
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -53,7 +60,9 @@ _LABELS = flags.DEFINE_string("labels", "random", "Class-conditional runs: 'rand
 _PROMPTS = flags.DEFINE_string("prompts", "data", "Text-conditioned runs: 'data', an .npz "
                                "of text_embedding/text_mask[/captions], or ';'-separated "
                                "prompts (captioned digits).")
-_GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance scale.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default "
+                               "0; a student trained on a range of w: the w it is told, "
+                               "default the range's lower end).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch per sampling call.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flags_as_required(["workdir", "output"])
@@ -80,8 +89,12 @@ def main(argv):
   from multistep_cm import runs  # pylint: disable=g-import-not-at-top
 
   run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
-  spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
-                         _SPACING.value, _FINAL_STEP.value)
+  try:
+    spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
+                           _SPACING.value, _FINAL_STEP.value)
+  except ValueError as e:  # a choice that does not fit the run: the user's input
+    print(f"sample: {e}", file=sys.stderr)
+    sys.exit(2)
   texts = None
   if getattr(run.model, "text_dim", 0):
     from multistep_cm import prompts  # pylint: disable=g-import-not-at-top

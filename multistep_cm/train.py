@@ -417,6 +417,7 @@ def _checkpoint_meta(config, step: int) -> dict[str, Any]:
           "student_steps": config.loss.student_steps if student else None,
           "anystep_counts": list(config.loss.anystep_counts),
           "segment_boundaries": config_build.trained_boundaries(config) if student else None,
+          "guidance_range": list(config_build.guidance_range(config) or []) or None,
           "schedule": config.schedule.to_dict(), "dataset": config.data.dataset}
 
 

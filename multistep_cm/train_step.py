@@ -35,6 +35,9 @@ from multistep_cm import sharding as sharding_lib
 from multistep_cm.diffusion import losses
 from multistep_cm.models import partitioning
 
+# fold_in index of the per-example guidance scale draws (loss.guidance_range).
+_GUIDANCE_STREAM = 0x6775
+
 
 # --- the train state ---------------------------------------------------------------------------
 
@@ -152,6 +155,7 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
   grid_fn = segment_grid_fn(config, schedule) if mode not in ("diffusion", "pd") else None
   data_key = config_build.data_key(config)
   needs_teacher = config_build.needs_teacher(config)
+  w_range = config_build.guidance_range(config)
 
   def loss_fn(params, teacher_params, batch, step, rng):
     x = batch[data_key]
@@ -175,15 +179,21 @@ def make_loss_fn(config, model, schedule, teacher_model=None, teacher_fn_factory
       k_time, k_count = jax.random.split(k_time)
       grid, count_index = grid_fn(n_teacher, k_count, x.shape[0])
       segment, n_rel = losses.sample_segments(k_time, x.shape[0], grid)
+      w = None
+      if w_range is not None:
+        # One w per example (issue 18), from its own stream: runs without a range draw
+        # exactly as before. The student is told the w its teacher is guided at.
+        w = jax.random.uniform(jax.random.fold_in(rng, _GUIDANCE_STREAM), (x.shape[0],),
+                               minval=w_range[0], maxval=w_range[1])
       teacher_fn = None
       if needs_teacher:
         teacher_fn = _teacher_fn(config, schedule, teacher_model, teacher_params,
-                                 teacher_fn_factory, labels)
+                                 teacher_fn_factory, labels, w)
       # Any-step students are told their segment layout; both student calls share it.
       t_step = losses.segment_times(segment, n_rel, grid)[0]
       seg_input = denoiser.segment_input(model, schedule, t_step, count_index)
       student = lambda z, t, r: denoiser.apply_x(model, params, z, t, schedule, labels, r,
-                                                 segment=seg_input)
+                                                 segment=seg_input, guidance=w)
       per_example, aux = losses.mcm_loss(
           student, x, eps, segment, n_rel, k_drop, schedule=schedule, mode=mode,
           grid=grid, teacher_fn=teacher_fn,
@@ -222,15 +232,18 @@ def _pd_loss(config, model, schedule, params, teacher_model, teacher_params, tea
   return per_example, metrics
 
 
-def _teacher_fn(config, schedule, teacher_model, teacher_params, teacher_fn_factory, labels):
+def _teacher_fn(config, schedule, teacher_model, teacher_params, teacher_fn_factory, labels,
+                guidance=None):
   """The teacher as the losses call it: `teacher_fn_factory(teacher_params, labels)` when
-  given, else the teacher network with the config's guidance, returning
-  `(x̂_guided, x̂_conditional)` (x_var uses the conditional output, §5.5)."""
+  given, else the teacher network with the config's guidance (or `guidance`, one w per
+  example), returning `(x̂_guided, x̂_conditional)` (x_var uses the conditional output,
+  §5.5)."""
   if teacher_fn_factory is not None:
     return teacher_fn_factory(teacher_params, labels)
   return denoiser.make_denoise_fn(
       teacher_model, teacher_params, schedule, labels,
-      guidance_scale=config.loss.guidance_scale, return_conditional=True)
+      guidance_scale=config.loss.guidance_scale if guidance is None else guidance,
+      return_conditional=True)
 
 
 def _group_mean(per_example, groups, num_groups: int):

@@ -224,7 +224,13 @@ def sample_mcm(denoise_fn: Callable, z, schedule: Schedule, student_steps: int,
   return sample_on_grid(denoise_fn, z, schedule, times, "ddim", pass_next_time=segment_aware)
 
 
-def classifier_free_guidance(denoise_fn: Callable, labels, null, guidance_scale: float,
+def guidance_off(guidance_scale) -> bool:
+  """Whether `guidance_scale` is a Python or numpy number equal to 0 (no guided pair needed);
+  an array, traced or per-example, always runs the pair."""
+  return isinstance(guidance_scale, (int, float, np.number)) and guidance_scale == 0
+
+
+def classifier_free_guidance(denoise_fn: Callable, labels, null, guidance_scale,
                              return_conditional: bool = False) -> Callable:
   """Guided `denoise_fn(z, t)` from a conditional `denoise_fn(z, t, labels)`.
 
@@ -233,20 +239,26 @@ def classifier_free_guidance(denoise_fn: Callable, labels, null, guidance_scale:
   eps or v. Conditional and unconditional halves run as one batch. `labels` is the
   conditioning (class ids [B], or any pytree with a leading batch axis, e.g. text
   embeddings); `null` is the unconditional input: a class id, or a pytree like
-  `labels`. With `return_conditional`, the guided function returns `(x̂_guided, x̂_c)`.
+  `labels`. `guidance_scale` is one w, or one per example ([B], broadcast over the
+  data axes: a student trained on a range of w, issue 18). With `return_conditional`,
+  the guided function returns `(x̂_guided, x̂_c)`.
   """
   if isinstance(null, int):
     labels = jnp.asarray(labels, jnp.int32)
     null = jnp.full_like(labels, null)
+  per_example = jnp.ndim(guidance_scale) > 0
 
   def guided(z, t):
-    if guidance_scale == 0:
+    if guidance_off(guidance_scale):
       x_c = denoise_fn(z, t, labels)
       return (x_c, x_c) if return_conditional else x_c
     both = denoise_fn(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
                       jax.tree.map(lambda c, u: jnp.concatenate([c, u]), labels, null))
     x_c, x_u = jnp.split(both, 2)
-    x_g = x_c + guidance_scale * (x_c - x_u)
+    w = guidance_scale
+    if per_example:
+      w = jnp.reshape(jnp.asarray(w, x_c.dtype), (-1,) + (1,) * (x_c.ndim - 1))
+    x_g = x_c + w * (x_c - x_u)
     return (x_g, x_c) if return_conditional else x_g
 
   return guided

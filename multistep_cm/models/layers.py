@@ -227,6 +227,11 @@ class Conditioning(nn.Module):
   the logSNR features of the segment start t_step (`segment` float [B], the logSNR at
   t_step; the data end t_step = 0 is the schedule's maximum logSNR). Both start at
   zero, so a student initialised from a diffusion checkpoint starts as the teacher.
+
+  A guidance-conditioned student (`guidance_cond`, issue 18) is told the
+  classifier-free guidance scale w its teacher was guided at (`guidance` float [B]):
+  a projection of sinusoidal features of w is added, zero-initialised for the same
+  reason, so one student serves every w of its trained range.
   """
   emb_dim: int
   num_classes: int = 0
@@ -234,10 +239,11 @@ class Conditioning(nn.Module):
   segment_cond: str = "none"
   num_step_values: int = 0
   pooled_text: bool = False
+  guidance_cond: bool = False
 
   @nn.compact
-  def __call__(self, logsnr: jax.Array, labels: Any,
-               segment: jax.Array | None = None) -> jax.Array:
+  def __call__(self, logsnr: jax.Array, labels: Any, segment: jax.Array | None = None,
+               guidance: jax.Array | None = None) -> jax.Array:
     h = logsnr_features(logsnr, self.num_features)
     h = dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32, name="time_dense0")(h)
     h = dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32,
@@ -267,6 +273,14 @@ class Conditioning(nn.Module):
         f = logsnr_features(segment.astype(jnp.float32), self.num_features)
         h = h + dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32, zero_init=True,
                       name="segment_dense")(f)
+    if self.guidance_cond:
+      if guidance is None:
+        raise ValueError("a model with guidance_cond=True needs `guidance` (the scale w)")
+      # The logSNR features' frequencies (1/64 to 256 per unit) also resolve w's range.
+      f = logsnr_features(jnp.broadcast_to(guidance, logsnr.shape).astype(jnp.float32),
+                          self.num_features)
+      h = h + dense(self.emb_dim, ("cond_in", "cond"), dtype=jnp.float32, zero_init=True,
+                    name="guidance_dense")(f)
     return h
 
 

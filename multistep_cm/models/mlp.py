@@ -55,6 +55,8 @@ class MLPDenoiser(nn.Module):
     remat, remat_policy: rematerialise every block with a named policy.
     segment_cond, num_step_values: the segment-layout conditioning of any-step
       Multistep CMs (`layers.Conditioning`): "none", "steps" or "segment_start".
+    guidance_cond: the student is told its teacher's guidance scale w
+      (`layers.Conditioning`).
   """
   data_dim: int = 8
   num_classes: int = 0
@@ -68,6 +70,7 @@ class MLPDenoiser(nn.Module):
   remat_policy: str = "nothing_saveable"
   segment_cond: str = "none"
   num_step_values: int = 0
+  guidance_cond: bool = False
 
   def validate(self):
     """Raises ValueError naming the first inconsistent attribute."""
@@ -79,12 +82,14 @@ class MLPDenoiser(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, labels: jax.Array | None = None,
-               train: bool = False, segment: jax.Array | None = None) -> jax.Array:
+               train: bool = False, segment: jax.Array | None = None,
+               guidance: jax.Array | None = None) -> jax.Array:
     """v-hat [B, data_dim] float32 from z [B, data_dim], logsnr [B], labels [B] or None."""
     self.validate()
     cond = layers.Conditioning(self.emb_dim, self.num_classes, segment_cond=self.segment_cond,
                                num_step_values=self.num_step_values,
-                               name="cond")(logsnr, labels, segment)
+                               guidance_cond=self.guidance_cond,
+                               name="cond")(logsnr, labels, segment, guidance)
     x = layers.constrain_batch(z.astype(self.dtype))
     x = layers.dense(self.width, ("fan_in", "embed"), dtype=self.dtype, name="dense_in")(x)
     block_cls = layers.maybe_remat(MLPBlock, self.remat, self.remat_policy)

@@ -197,12 +197,15 @@ def dummy_inputs(model_or_preset: "nn.Module | str", batch: int):
 
 def init_kwargs(model: nn.Module, batch: int) -> dict[str, Any]:
   """Keyword inputs beyond (z, logsnr, labels) that `model.init` needs: a dummy segment
-  for models conditioned on the segment layout (layers.Conditioning)."""
+  for models conditioned on the segment layout, a dummy guidance scale for models told
+  it (layers.Conditioning)."""
+  out = {}
   kind = getattr(model, "segment_cond", "none")
-  if kind == "none":
-    return {}
-  dtype = jnp.int32 if kind == "steps" else jnp.float32
-  return {"segment": jnp.zeros((batch,), dtype)}
+  if kind != "none":
+    out["segment"] = jnp.zeros((batch,), jnp.int32 if kind == "steps" else jnp.float32)
+  if getattr(model, "guidance_cond", False):
+    out["guidance"] = jnp.zeros((batch,), jnp.float32)
+  return out
 
 
 def abstract_variables(model: nn.Module, batch: int = 1) -> Any:

@@ -269,6 +269,8 @@ class UViT(nn.Module):
     attention_impl: "xla" or "cudnn" (NVIDIA GPUs, half-precision `dtype`); see above.
     segment_cond, num_step_values: the segment-layout conditioning of any-step
       Multistep CMs (`layers.Conditioning`): "none", "steps" or "segment_start".
+    guidance_cond: the student is told its teacher's guidance scale w
+      (`layers.Conditioning`).
     text_dim: width D of the text embeddings; 0 = no text. A text model has
       num_classes = 0 and takes, in place of `labels`, the dict
       {"text_embedding": float [B, L, D], "text_mask": int [B, L]} (1 = a real
@@ -297,6 +299,7 @@ class UViT(nn.Module):
   attention_impl: str = "xla"
   segment_cond: str = "none"
   num_step_values: int = 0
+  guidance_cond: bool = False
   text_dim: int = 0
   text_len: int = 0
   text_route: str = "both"
@@ -385,7 +388,8 @@ class UViT(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, labels: Any = None,
-               train: bool = False, segment: jax.Array | None = None) -> jax.Array:
+               train: bool = False, segment: jax.Array | None = None,
+               guidance: jax.Array | None = None) -> jax.Array:
     """v-hat [B, H, W, C] float32 from z [B, H, W, C], logsnr [B] and the conditioning:
     labels [B] or None, or for a text model the text dict or None (no tokens)."""
     self.validate()
@@ -396,7 +400,8 @@ class UViT(nn.Module):
       cross = self.text_route in ("cross_attention", "both")
     cond = layers.Conditioning(self.emb_dim, self.num_classes, segment_cond=self.segment_cond,
                                num_step_values=self.num_step_values, pooled_text=pooled,
-                               name="cond")(logsnr, labels, segment)
+                               guidance_cond=self.guidance_cond,
+                               name="cond")(logsnr, labels, segment, guidance)
     context = context_mask = None
     if cross:
       context, context_mask = layers.TextContext(self.mid_channels, dtype=self.dtype,
