@@ -6,7 +6,8 @@
 run is sampled with each of `--samplers` (DDIM, aDDIM, Euler, Heun) on each `--spacing`
 grid at each of `--steps` (rows state NFE: Heun's K steps cost 2K - 1); a
 Multistep CM run with its own student step count S (when S is in `--steps`, or always
-if `--steps` is empty). Every row uses the same seed, so the noise is shared.
+if `--steps` is empty); a student trained on a range of guidance scales is told each w
+of `--guidance` (a row each). Every row uses the same seed, so the noise is shared.
 
 The metric follows the data (evaluation/sample_metrics.py): the digits classifier's
 FD / accuracy / label entropy, the mixture's energy distance, or FID / IS with the FID
@@ -34,6 +35,8 @@ _SPACING = flags.DEFINE_list("spacing", ["uniform"], "Diffusion runs: time grids
                              "(in t) and/or karras (EDM's sigma spacing).")
 _FINAL_STEP = flags.DEFINE_enum("final_step", None, ["addim", "ddim"], "aDDIM's last step to "
                                 "t = 0 (default: sampling.DEFAULT_FINAL_STEP).")
+_GUIDANCE = flags.DEFINE_list("guidance", [], "Students trained on a guidance range: a row "
+                              "per w told (default the range's lower end); others ignore it.")
 _NUM = flags.DEFINE_integer("num_samples", 2000, "Samples per row.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (shared by all rows).")
 _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('ema0', ...).")
@@ -52,7 +55,7 @@ def main(argv):
   rows, header = report.evaluate_runs(_WORKDIR.value, _STEPS.value, _SAMPLERS.value, _NUM.value,
                                _SEED.value, _WEIGHTS.value, _METRIC.value, _INCEPTION.value,
                                _REFERENCE.value, _BATCH.value, spacings=_SPACING.value,
-                               final_step=_FINAL_STEP.value)
+                               final_step=_FINAL_STEP.value, guidance=_GUIDANCE.value)
   if jax.process_index() != 0:
     return
   prefix = _OUTPUT.value or os.path.join(_WORKDIR.value, f"eval_{_WEIGHTS.value}")

@@ -25,6 +25,8 @@ from multistep_cm import runs
 from multistep_cm import train
 from multistep_cm import train_step
 from multistep_cm.diffusion import losses
+from multistep_cm.evaluation import report
+from multistep_cm.evaluation import sample_metrics
 from multistep_cm.diffusion import schedules
 from multistep_cm.models import partitioning
 
@@ -271,7 +273,15 @@ def test_config_checks_for_a_guidance_range():
       config_checks.check_keys(digits(**{"loss.guidance_range": bad}))
 
 
-def test_sample_command_on_a_guidance_and_anystep_checkpoint(tmp_path):
+class _MeanPixel:
+  """A stand-in metric: the report's rows, not the digits classifier, are under test."""
+  description, primary = "mean pixel", "mean"
+
+  def __call__(self, samples, labels):
+    return {"mean": float(np.mean(samples))}
+
+
+def test_sample_command_on_a_guidance_and_anystep_checkpoint(tmp_path, monkeypatch):
   """One checkpoint for every (S, w): it records its range (the trainer's metadata),
   sampling inside it works (`--steps=1 --guidance=2`), w defaults to the range's lower
   end, and a w outside is refused in one line with exit status 2. The run directory is
@@ -299,6 +309,12 @@ def test_sample_command_on_a_guidance_and_anystep_checkpoint(tmp_path):
   assert run.sampler_spec(2, guidance=3.0).guidance == 3.0
   with pytest.raises(ValueError, match=r"outside \[1, 3\]"):
     run.sampler_spec(1, guidance=0.5)
+  # evaluate --guidance: a row per w told.
+  monkeypatch.setattr(sample_metrics, "make_metric", lambda *a: _MeanPixel())
+  rows, _ = report.evaluate_runs(str(tmp_path), ["1"], [], 8, 0, "ema0", batch_size=8,
+                                 guidance=["1", "2.5"])
+  assert [(r["run"], r["nfe"], r["sampler"].split(", ")[-1]) for r in rows] == [
+      ("student", 1, "told guidance w = 1"), ("student", 1, "told guidance w = 2.5")]
   out = tmp_path / "s.npz"
   proc = run_module("multistep_cm.sample", f"--workdir={student}", "--steps=1",
                     "--guidance=2", "--num_samples=8", f"--output={out}", "--batch_size=8")

@@ -21,9 +21,11 @@ from multistep_cm.evaluation import sample_metrics
 def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, weights: str,
                   metric_kind: str = "auto", inception_weights: str = "",
                   reference_stats: str = "", batch_size: int = 500, log=logging.info,
-                  spacings=("uniform",), final_step: str | None = None):
+                  spacings=("uniform",), final_step: str | None = None, guidance=()):
   """Returns `(rows, header)`: one row per (run, sampler, spacing, steps), and the report's
-  provenance. `steps` counts steps; each row also states its NFE (Heun: 2K - 1)."""
+  provenance. `steps` counts steps; each row also states its NFE (Heun: 2K - 1). A student
+  trained on a range of guidance scales gets a row per w of `guidance` (empty: the
+  range's lower end, its default); other runs ignore it."""
   run_dirs = runs.find_runs(workdir)
   steps = [int(s) for s in steps]
   metric, rows = None, []
@@ -37,7 +39,9 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
                                       final_step=final_step if s == "addim" else None)
                for s in samplers for sp in spacings for k in steps]
     else:
-      specs = [run.sampler_spec(s) for s in run.step_counts if not steps or s in steps]
+      ws = [float(w) for w in guidance] if run.guidance_range and guidance else [None]
+      specs = [run.sampler_spec(s, guidance=w) for s in run.step_counts
+               if not steps or s in steps for w in ws]
     for spec in specs:
       samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
                                             num_samples, seed=seed, batch_size=batch_size)
