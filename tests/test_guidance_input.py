@@ -306,6 +306,7 @@ def test_sample_command_on_a_guidance_and_anystep_checkpoint(tmp_path, monkeypat
   assert run.meta["guidance_range"] == [1.0, 3.0] and run.guidance_range == (1.0, 3.0)
   spec = run.sampler_spec(1)
   assert spec.guidance == 1.0 and spec.guidance_input and spec.nfe == 1
+  assert spec == generation.spec_for_config(config, 1)  # the trainer's grids and evals
   assert run.sampler_spec(2, guidance=3.0).guidance == 3.0
   with pytest.raises(ValueError, match=r"outside \[1, 3\]"):
     run.sampler_spec(1, guidance=0.5)
