@@ -17,7 +17,7 @@ from helpers import run_main
 from helpers import run_module
 from multistep_cm import runs
 from multistep_cm import prompts
-from multistep_cm import t2i_demo
+from multistep_cm.evaluation import t2i_report
 from multistep_cm.data import captions
 
 
@@ -75,7 +75,7 @@ def test_prompts_that_do_not_fit_the_run_are_refused(demo_run):
 
 
 def test_the_demo_report_has_a_row_per_model_and_scale(demo_run, tmp_path):
-  rows, picture = t2i_demo.evaluate(str(demo_run), 40, [0.0, 2.0], teacher_steps=4,
+  rows, picture = t2i_report.evaluate(str(demo_run), 40, [0.0, 2.0], teacher_steps=4,
                                     grid_prompts=3, grid_cols=2)
   assert [(r["model"], r["guidance"], r["distilled_at"]) for r in rows] == [
       ("teacher", 0.0, None), ("teacher", 2.0, None), ("4-step CD student", 0.0, 2.0)]
@@ -83,4 +83,4 @@ def test_the_demo_report_has_a_row_per_model_and_scale(demo_run, tmp_path):
     assert 0.0 <= r["digit_accuracy"] <= 1.0 and np.isfinite(r["fd"])
   assert r["nfe"] == 4
   assert picture.ndim == 3 and picture.dtype == np.uint8
-  assert t2i_demo.to_markdown(rows).count("\n") == 2 + len(rows)
+  assert t2i_report.to_markdown(rows).count("\n") == 2 + len(rows)
