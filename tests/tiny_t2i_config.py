@@ -13,6 +13,7 @@ def get_config(arg=None):
   a = config_base.parse_arg(arg, steps=4, guidance=0.5, batch=16)
   c = config_base.t2i_config("cd", a.steps, "", a.guidance)
   c.batch_size = a.batch
+  c.grad_accum_steps = 2  # accumulation as in the full config, micro-batches of 8
   c.data.image_size = 8
   c.data.text_dim, c.data.text_len = 16, 4
   c.schedule.kwargs.image_d = c.schedule.kwargs.noise_d_high = 8
