@@ -40,7 +40,8 @@ _GUIDANCE = flags.DEFINE_list("guidance", [], "Students trained on a guidance ra
 _NUM = flags.DEFINE_integer("num_samples", 2000, "Samples per row.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (shared by all rows).")
 _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('ema0', ...).")
-_METRIC = flags.DEFINE_enum("metric", "auto", ["auto", "digits", "energy", "fid"], "Metric.")
+_METRIC = flags.DEFINE_enum("metric", "auto", ["auto", "digits", "prompts", "energy", "fid"],
+                             "Metric (auto: the dataset's, sample_metrics.py).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "FID: converted Inception .npz.")
 _REFERENCE = flags.DEFINE_string("reference_stats", "", "FID: reference statistics .npz.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Global batch per sampling call.")

@@ -84,3 +84,11 @@ def test_the_demo_report_has_a_row_per_model_and_scale(demo_run, tmp_path):
   assert r["nfe"] == 4
   assert picture.ndim == 3 and picture.dtype == np.uint8
   assert t2i_report.to_markdown(rows).count("\n") == 2 + len(rows)
+
+
+def test_evaluate_samples_a_text_run_from_training_captions(demo_run):
+  from multistep_cm.evaluation import report  # pylint: disable=g-import-not-at-top
+  rows, header = report.evaluate_runs(str(demo_run / "cd_w2"), [], [], 16, 0, "ema0",
+                                      batch_size=16)
+  assert len(rows) == 1 and rows[0]["nfe"] == 4
+  assert 0.0 <= rows[0]["prompt_accuracy"] <= 1.0 and "prompt" in header["metric"]

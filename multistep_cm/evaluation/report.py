@@ -13,6 +13,8 @@ import re
 from absl import logging
 import numpy as np
 
+from multistep_cm import conditioning
+from multistep_cm import config_build
 from multistep_cm import generation
 from multistep_cm import runs
 from multistep_cm.evaluation import sample_metrics
@@ -25,7 +27,9 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
   """Returns `(rows, header)`: one row per (run, sampler, spacing, steps), and the report's
   provenance. `steps` counts steps; each row also states its NFE (Heun: 2K - 1). A student
   trained on a range of guidance scales gets a row per w of `guidance` (empty: the
-  range's lower end, its default); other runs ignore it."""
+  range's lower end, its default); other runs ignore it. Text-conditioned runs sample
+  from `num_samples` training captions drawn with `seed` (the t2i_demo command judges
+  held-out prompts at several guidance scales)."""
   run_dirs = runs.find_runs(workdir)
   steps = [int(s) for s in steps]
   metric, rows = None, []
@@ -42,10 +46,16 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
       ws = [float(w) for w in guidance] if run.guidance_range and guidance else [None]
       specs = [run.sampler_spec(s, guidance=w) for s in run.step_counts
                if not steps or s in steps for w in ws]
+    prompts = captions = None
+    if conditioning.is_text(run.model):
+      # A text model samples from prompts: training captions drawn with the seed, every
+      # row the same; the metric judges the samples against them.
+      prompts, captions = config_build.prompts(run.config, num_samples, seed)
     for spec in specs:
       samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
-                                            num_samples, seed=seed, batch_size=batch_size)
-      values = metric(samples, labels)
+                                            num_samples, seed=seed, batch_size=batch_size,
+                                            labels=prompts)
+      values = metric(samples, labels if captions is None else captions)
       row = {"run": run.name, "mode": run.mode, "sampler": spec.describe(), "nfe": spec.nfe,
              "steps": spec.steps, "checkpoint_step": run.step,
              "weights": run.describe_weights(), **values}
