@@ -89,18 +89,18 @@ def main(argv):
   from multistep_cm import runs  # pylint: disable=g-import-not-at-top
 
   run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
+  texts = None
   try:
     spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
                            _SPACING.value, _FINAL_STEP.value)
-  except ValueError as e:  # a choice that does not fit the run: the user's input
+    if getattr(run.model, "text_dim", 0):
+      from multistep_cm import prompts  # pylint: disable=g-import-not-at-top
+      labels, texts = prompts.parse(_PROMPTS.value, _NUM.value, run.config, _SEED.value)
+    else:
+      labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
+  except ValueError as e:  # a choice that does not fit the run (or a bad prompt): user input
     print(f"sample: {e}", file=sys.stderr)
     sys.exit(2)
-  texts = None
-  if getattr(run.model, "text_dim", 0):
-    from multistep_cm import prompts  # pylint: disable=g-import-not-at-top
-    labels, texts = prompts.parse(_PROMPTS.value, _NUM.value, run.config, _SEED.value)
-  else:
-    labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
   table = None
   if spec.kind == "addim" and spec.x_var == "table":
     data, data_labels = run.training_examples(_TABLE_EXAMPLES.value, _SEED.value)
