@@ -10,7 +10,7 @@ kinds alike:
   * `from_batch`: the conditioning of a training batch;
   * `null_like`: the unconditional input of the same shape (classifier-free guidance, §5.5);
   * `drop`: conditioning dropout, per example, during diffusion pretraining;
-  * `concat`, `batch_size`: the conditional and unconditional halves as one batch;
+  * `batch_size`: the leading dimension of a conditioning pytree;
   * `batch_specs`: the abstract batch entries a compiled train step takes.
 """
 from typing import Any
@@ -66,11 +66,6 @@ def drop(key, model, cond, rate: float) -> Any:
   null = null_like(model, cond)
   return jax.tree.map(
       lambda c, n: jnp.where(keep.reshape((-1,) + (1,) * (c.ndim - 1)), c, n), cond, null)
-
-
-def concat(a, b) -> Any:
-  """`a` and `b` stacked along the batch axis (leaf by leaf)."""
-  return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
 
 def batch_size(cond) -> int:
