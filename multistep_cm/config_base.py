@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Any-step training: one model for several step counts, S drawn per example from this
   # tuple (empty: the single student_steps). Needs model.segment_cond (set_anystep).
   c.loss.anystep_counts = ()
+  # The share of the batch each of those counts draws, in their order (empty: equal
+  # shares). Issue 18's any-step study measures why S = 1 falls behind and what share fixes it.
+  c.loss.anystep_probs = ()
 
   # --- teacher and initialisation (checkpoints of a diffusion run) ---
   c.teacher_checkpoint = ""  # workdir or checkpoint dir of the diffusion teacher (cd, direct)
@@ -397,11 +400,19 @@ def _start_from(c: ml_collections.ConfigDict, teacher: str):
   c.teacher_checkpoint = teacher if c.loss.mode in losses.TEACHER_MODES else ""
 
 
-def set_anystep(config: ml_collections.ConfigDict, counts, segment_cond: str = "segment_start"):
+def set_anystep(config: ml_collections.ConfigDict, counts, segment_cond: str = "segment_start",
+                probs=()):
   """Makes `config` an any-step run over `counts`, the model told its segment layout by
-  `segment_cond` ('steps': which step count; 'segment_start': the segment start's logSNR)."""
-  counts = tuple(sorted(int(s) for s in counts))
+  `segment_cond` ('steps': which step count; 'segment_start': the segment start's logSNR).
+  `probs`, one per count in the same order, are the counts' shares of the batch (empty:
+  equal)."""
+  counts, probs = tuple(counts), tuple(probs)
+  if probs and len(probs) != len(counts):
+    raise ValueError(f"set_anystep: one probability per count {counts}, got {probs}")
+  pairs = sorted(zip((int(s) for s in counts), probs or [None] * len(counts)))
+  counts = tuple(s for s, _ in pairs)
   config.loss.anystep_counts = counts
+  config.loss.anystep_probs = tuple(float(p) for _, p in pairs) if probs else ()
   config.loss.student_steps = max(counts)
   config.model.segment_cond = segment_cond
   config.model.num_step_values = len(counts)

@@ -180,6 +180,7 @@ SCHEMA: dict[str, Rule] = {
     "loss.pd_weighting": one_of(*losses.PD_WEIGHTINGS),
     "loss.boundaries": Rule(_boundaries),
     "loss.anystep_counts": sequence(integer(1, 4096), 0, 16, "step counts"),  # empty: off
+    "loss.anystep_probs": sequence(number(0.0, 1.0), 0, 16, "probabilities"),  # empty: equal
     "teacher_checkpoint": text(),
     "teacher_weights": Rule(_weights),
     "init_from": text(),
@@ -355,6 +356,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     _check_pd(config)
   elif config_build.is_student(config):
     _check_segments(config, schedule)
+  _check_anystep_probs(lc)
   if config_build.needs_teacher(config) and not config.teacher_checkpoint:
     raise ConfigError(f"config.teacher_checkpoint must name a diffusion run's workdir or "
                       f"checkpoint for loss.mode={lc.mode!r}")
@@ -426,6 +428,20 @@ def _check_pd(config):
   if config.model.get("segment_cond", "none") != "none":
     raise ConfigError(f"config.model.segment_cond must be 'none' for loss.mode='pd' (its "
                       f"steps are not segments), got {config.model.segment_cond!r}")
+
+
+def _check_anystep_probs(lc):
+  """Any-step draw probabilities: one per count, positive, summing to 1."""
+  probs = tuple(lc.get("anystep_probs", ()))
+  if probs:
+    if not lc.anystep_counts:
+      raise ConfigError(f"config.loss.anystep_probs needs loss.anystep_counts (the counts "
+                        f"they draw), got {probs} for a single step count")
+    if len(probs) != len(lc.anystep_counts):
+      raise ConfigError(f"config.loss.anystep_probs must give one probability per count of "
+                        f"loss.anystep_counts {tuple(lc.anystep_counts)}, got {probs}")
+    if abs(sum(probs) - 1.0) > 1e-6 or min(probs) <= 0:
+      raise ConfigError(f"config.loss.anystep_probs must be positive and sum to 1, got {probs}")
 
 
 def _check_segments(config, schedule):

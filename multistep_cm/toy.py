@@ -70,6 +70,8 @@ _BOUNDARIES = flags.DEFINE_enum("boundaries", "uniform", list(segments.KINDS),
 _ANYSTEP = flags.DEFINE_enum("anystep", "", ["", "steps", "segment_start", "none"],
                              "Also train one any-step model per mode, told its segment layout "
                              "this way ('none': not told; the grids are nested, the ablation).")
+_ANYSTEP_PROBS = flags.DEFINE_list("anystep_probs", [], "With --anystep: each S's share of the "
+                                    "batch, in --student_steps order (default: equal).")
 _SKIP_SEPARATE = flags.DEFINE_bool("skip_separate", False, "With --anystep: only the any-step "
                                    "models.")
 _TEACHER_SOLVER = flags.DEFINE_enum("teacher_solver", "addim", list(losses.TEACHER_SOLVERS),
@@ -183,7 +185,7 @@ def _rms(a, b):
 
 
 def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str], log=print,
-        anystep: str = "", separate: bool = True):
+        anystep: str = "", separate: bool = True, anystep_probs: Sequence[float] = ()):
   """Runs the whole experiment and returns the result rows (dicts)."""
   start_time = time.time()
   key = jax.random.PRNGKey(settings.seed)
@@ -258,7 +260,8 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
         rows += student_rows(config, f"MCM-{mode.upper()}", [s], params)
     if anystep:
       # One model for every S, trained as long as the separate models together.
-      config = config_base.set_anystep(toy_config(settings, mode), student_steps, anystep)
+      config = config_base.set_anystep(toy_config(settings, mode), student_steps, anystep,
+                                       anystep_probs)
       config.num_train_steps = settings.train_steps * len(student_steps)
       config.loss.anneal_steps = config.num_train_steps // 2
       model = config_build.get_model(config)
@@ -266,9 +269,42 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
       start = train_step.merge_params(_fresh_params(model, k_init), pretrained)
       params, _ = _train(config, model, schedule, start, mix,
                          jax.random.fold_in(k_train, 7 + len(mode)), factory, settings.chunk)
-      rows += student_rows(config, f"MCM-{mode.upper()} any-step ({anystep})",
-                           sorted(student_steps), params)
+      label = f"MCM-{mode.upper()} any-step ({anystep}" + (
+          f", shares {'/'.join(f'{p:g}' for p in config.loss.anystep_probs)})"
+          if anystep_probs else ")")
+      new_rows = student_rows(config, label, sorted(student_steps), params)
+      diag = anystep_diagnostics(config, model, schedule, params, mix, factory,
+                                 jax.random.fold_in(k_train, 11))
+      for r, loss, norm, cos in zip(new_rows, diag["loss"], diag["grad_norm"], diag["grad_cos"]):
+        r.update(final_loss=loss, grad_norm=norm, grad_cos=cos)
+      log(f"[{time.time() - start_time:6.1f}s] {label}: loss per S {_fmt(diag['loss'])}, "
+          f"gradient norm per S {_fmt(diag['grad_norm'])}, gradient cosines "
+          f"{[_fmt(c) for c in diag['grad_cos']]}")
+      rows += new_rows
   return rows
+
+
+def _fmt(values):
+  return "/".join(f"{v:.3g}" for v in values)
+
+
+def anystep_diagnostics(config, model, schedule, params, mix, teacher_fn_factory, key,
+                        batch: int = 8192):
+  """Where an any-step model's step counts pull (issue 18): on one large batch at the end
+  of training (the final teacher grid), each S's mean loss, the norm of the gradient of
+  that mean, and the cosines between the S's gradients (negative: they conflict)."""
+  loss_fn = train_step.make_loss_fn(config, model, schedule, teacher_model=model,
+                                    teacher_fn_factory=teacher_fn_factory)
+  k_data, k_loss = jax.random.split(key)
+  data = {"x": mix.sample(k_data, batch)[0], "label": jnp.zeros((batch,), jnp.int32)}
+  per_count = lambda p: loss_fn(p, None, data, config.num_train_steps, k_loss)[1][
+      "loss_per_step_count"]
+  losses_, jac = jax.jit(lambda p: (per_count(p), jax.jacrev(per_count)(p)))(params)
+  g = jnp.concatenate([j.reshape(j.shape[0], -1) for j in jax.tree.leaves(jac)], axis=1)
+  norms = jnp.linalg.norm(g, axis=1)
+  cos = (g @ g.T) / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+  return {"loss": [float(v) for v in losses_], "grad_norm": [float(v) for v in norms],
+          "grad_cos": [[float(v) for v in row] for row in cos]}
 
 
 def _progressive_distillation(settings, student_steps, pretrained, mix, schedule, exact_factory,
@@ -317,12 +353,17 @@ def main(argv):
           or _PD_START.value == s:
         raise app.UsageError(f"--student_steps: {s} is not --pd_start={_PD_START.value} "
                              f"halved one or more times")
+  probs = [float(p) for p in _ANYSTEP_PROBS.value]
+  if probs and (not _ANYSTEP.value or len(probs) != len(_STUDENT_STEPS.value)):
+    raise app.UsageError(f"--anystep_probs: one share per --student_steps value, with "
+                         f"--anystep; got {_ANYSTEP_PROBS.value}")
   rows = run(settings, [int(s) for s in _STUDENT_STEPS.value], _MODES.value,
-             anystep=_ANYSTEP.value, separate=not _SKIP_SEPARATE.value)
+             anystep=_ANYSTEP.value, separate=not _SKIP_SEPARATE.value, anystep_probs=probs)
   print(format_table(rows))
   if _JSON.value:
     with open(_JSON.value, "w") as fh:
       json.dump({"settings": dataclasses.asdict(settings), "anystep": _ANYSTEP.value,
+                 "anystep_probs": probs,
                  "rows": rows}, fh, indent=2)
 
 

@@ -132,8 +132,14 @@ def segment_grid_fn(config, schedule):
     counts = tuple(lc.anystep_counts)
     bounds = [config_build.segment_boundaries(config, schedule, s) for s in counts]
 
+    probs = tuple(float(p) for p in lc.get("anystep_probs", ()))
+
     def anystep(n_teacher, key, batch):
-      choice = jax.random.randint(key, (batch,), 0, len(counts), jnp.int32)
+      if probs:  # each count's share of the batch (issue 18: the one-step share)
+        choice = jax.random.categorical(key, jnp.log(jnp.asarray(probs)), shape=(batch,))
+        choice = choice.astype(jnp.int32)
+      else:  # equal shares, drawn as before
+        choice = jax.random.randint(key, (batch,), 0, len(counts), jnp.int32)
       return losses.make_anystep_grid(n_teacher, counts, bounds, choice), choice
 
     return anystep

@@ -110,3 +110,35 @@ def test_sampling_walks_the_given_boundaries_and_passes_segment_starts():
   np.testing.assert_allclose(plain, 0.3, rtol=1e-6)
   with pytest.raises(ValueError, match="student_steps"):
     sampling.sample_mcm(f, z, schedule, 2, bounds)
+
+
+def test_anystep_shares_draw_each_count_that_often():
+  """`loss.anystep_probs` (issue 18): each count's share of the batch, given in any order
+  with its counts; equal shares when empty."""
+  from multistep_cm import config_checks
+  from multistep_cm import train_step
+  config = config_base.set_anystep(tiny_mixture("cd", steps=1, teacher="/t"), (8, 1, 4, 2),
+                                   probs=(0.4, 0.1, 0.3, 0.2))
+  assert tuple(config.loss.anystep_counts) == (1, 2, 4, 8)
+  assert tuple(config.loss.anystep_probs) == (0.1, 0.2, 0.3, 0.4)
+  config_checks.validate(config, 8, 1)
+  schedule = schedules.get_schedule("cosine")
+  n = 40_000
+  grid, choice = train_step.segment_grid_fn(config, schedule)(jnp.float32(64),
+                                                              jax.random.PRNGKey(0), n)
+  np.testing.assert_array_equal(grid.student_steps, np.asarray([1, 2, 4, 8])[np.asarray(choice)])
+  freq = np.bincount(np.asarray(choice), minlength=4) / n
+  p = np.asarray([0.1, 0.2, 0.3, 0.4])
+  assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n)), freq
+  # Refused in one ConfigError each: a share per count, positive, summing to one, and
+  # only with several counts.
+  for probs, match in [((0.5, 0.5), "one probability per count"),
+                       ((0.0, 0.5, 0.25, 0.25), "positive and sum to 1"),
+                       ((0.3, 0.3, 0.3, 0.3), "positive and sum to 1")]:
+    config.loss.anystep_probs = probs
+    with pytest.raises(config_checks.ConfigError, match=match):
+      config_checks.validate(config, 8, 1)
+  single = tiny_mixture("cd", steps=2, teacher="/t")
+  single.loss.anystep_probs = (1.0,)
+  with pytest.raises(config_checks.ConfigError, match="needs loss.anystep_counts"):
+    config_checks.validate(single, 8, 1)
