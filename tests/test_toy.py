@@ -43,6 +43,15 @@ def test_toy_experiment_runs_every_mode_and_reports_every_row():
     row = next(r for r in rows if r["model"] == "MCM-CD any-step (segment_start)"
                and r["steps"] == s)
     assert np.isfinite(row["ed_truth"])
+  # Its diagnostics (issue 18): each S's loss and gradient norm, and the cosines between
+  # the S's gradients, a symmetric matrix with a unit diagonal.
+  any_rows = [r for r in rows if r["model"] == "MCM-CD any-step (segment_start)"]
+  cos = np.asarray([r["grad_cos"] for r in any_rows])
+  assert cos.shape == (2, 2)
+  np.testing.assert_allclose(np.diag(cos), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(cos, cos.T, rtol=1e-5, atol=1e-6)
+  assert np.all(np.abs(cos) <= 1 + 1e-5)
+  assert all(r["grad_norm"] > 0 and np.isfinite(r["final_loss"]) for r in any_rows)
   table = toy.format_table(rows)
   assert table.count("\n") == len(rows) + 1 and "MCM-DIRECT | 2" in table
 
