@@ -274,7 +274,7 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
           if anystep_probs else ")")
       new_rows = student_rows(config, label, sorted(student_steps), params)
       diag = anystep_diagnostics(config, model, schedule, params, mix, factory,
-                                 jax.random.fold_in(k_train, 11))
+                                 jax.random.fold_in(k_train, 11), settings.num_eval)
       for r, loss, norm, cos in zip(new_rows, diag["loss"], diag["grad_norm"], diag["grad_cos"]):
         r.update(final_loss=loss, grad_norm=norm, grad_cos=cos)
       log(f"[{time.time() - start_time:6.1f}s] {label}: loss per S {_fmt(diag['loss'])}, "
@@ -289,7 +289,7 @@ def _fmt(values):
 
 
 def anystep_diagnostics(config, model, schedule, params, mix, teacher_fn_factory, key,
-                        batch: int = 8192):
+                        batch: int):
   """Where an any-step model's step counts pull (issue 18): on one large batch at the end
   of training (the final teacher grid), each S's mean loss, the norm of the gradient of
   that mean, and the cosines between the S's gradients (negative: they conflict)."""
