@@ -9,7 +9,7 @@ distil it. Every stage trains for the same number of steps. Variants: size=8|16,
 steps=1/2/4/8 (the student step counts, '/'-separated), student_train_steps=N,
 anystep=segment_start|steps (any-step training: adds stage `cdany`, one CD model for all the step
 counts, conditioned on its segment layout and trained as long as the separate CD stages
-together; `evaluate` samples it at each count), anystep_probs=0.4/0.2/0.2/0.2 (its
+together; `evaluate` samples it at each count), anystep_probs=0.7/0.1/0.1/0.1 (its
 step counts' shares of the batch, in `steps` order), teacher=PATH (a trained diffusion
 run instead of stage `teacher`), modes=cd/ct (which separate students to train; none:
 only the any-step one).

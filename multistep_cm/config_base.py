@@ -80,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
   # tuple (empty: the single student_steps). Needs model.segment_cond (set_anystep).
   c.loss.anystep_counts = ()
   # The share of the batch each of those counts draws, in their order (empty: equal
-  # shares). Issue 18's any-step study measures why S = 1 falls behind and what share fixes it.
+  # shares). For (1, 2, 4, 8), (0.7, 0.1, 0.1, 0.1) is the measured choice: README, "Why
+  # S = 1 fell behind".
   c.loss.anystep_probs = ()
 
   # --- teacher and initialisation (checkpoints of a diffusion run) ---

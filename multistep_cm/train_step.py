@@ -131,7 +131,6 @@ def segment_grid_fn(config, schedule):
   if lc.anystep_counts:
     counts = tuple(lc.anystep_counts)
     bounds = [config_build.segment_boundaries(config, schedule, s) for s in counts]
-
     probs = tuple(float(p) for p in lc.get("anystep_probs", ()))
 
     def anystep(n_teacher, key, batch):

@@ -6,10 +6,12 @@ import pytest
 
 from multistep_cm import checkpointing
 from multistep_cm import config_base
+from multistep_cm import config_checks
 from multistep_cm import generation
 from multistep_cm import models
 from multistep_cm import runs
 from multistep_cm import train
+from multistep_cm import train_step
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import schedules
 from multistep_cm.models import partitioning
@@ -115,8 +117,6 @@ def test_sampling_walks_the_given_boundaries_and_passes_segment_starts():
 def test_anystep_shares_draw_each_count_that_often():
   """`loss.anystep_probs` (issue 18): each count's share of the batch, given in any order
   with its counts; equal shares when empty."""
-  from multistep_cm import config_checks
-  from multistep_cm import train_step
   config = config_base.set_anystep(tiny_mixture("cd", steps=1, teacher="/t"), (8, 1, 4, 2),
                                    probs=(0.4, 0.1, 0.3, 0.2))
   assert tuple(config.loss.anystep_counts) == (1, 2, 4, 8)
