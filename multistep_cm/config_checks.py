@@ -356,7 +356,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     _check_pd(config)
   elif config_build.is_student(config):
     _check_segments(config, schedule)
-  _check_anystep_probs(lc)
+  check_anystep_probs(lc)
   if config_build.needs_teacher(config) and not config.teacher_checkpoint:
     raise ConfigError(f"config.teacher_checkpoint must name a diffusion run's workdir or "
                       f"checkpoint for loss.mode={lc.mode!r}")
@@ -430,8 +430,9 @@ def _check_pd(config):
                       f"steps are not segments), got {config.model.segment_cond!r}")
 
 
-def _check_anystep_probs(lc):
-  """Any-step draw probabilities: one per count, positive, summing to 1."""
+def check_anystep_probs(lc):
+  """Any-step draw probabilities: one per count, positive, summing to 1 (`validate` runs it;
+  the toy, which builds its configs without `validate`, calls it itself)."""
   probs = tuple(lc.get("anystep_probs", ()))
   if probs:
     if not lc.anystep_counts:

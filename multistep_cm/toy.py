@@ -45,6 +45,7 @@ import numpy as np
 
 from multistep_cm import config_base
 from multistep_cm import config_build
+from multistep_cm import config_checks
 from multistep_cm import denoiser
 from multistep_cm import generation
 from multistep_cm import optim
@@ -187,6 +188,9 @@ def _rms(a, b):
 def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str], log=print,
         anystep: str = "", separate: bool = True, anystep_probs: Sequence[float] = ()):
   """Runs the whole experiment and returns the result rows (dicts)."""
+  if anystep_probs:  # refused before any training, by the trainer's own check
+    config_checks.check_anystep_probs(config_base.set_anystep(
+        toy_config(settings, "cd"), student_steps, anystep, anystep_probs).loss)
   start_time = time.time()
   key = jax.random.PRNGKey(settings.seed)
   k_init, k_pre, k_train, k_noise, k_ref, k_null = jax.random.split(key, 6)
@@ -357,8 +361,11 @@ def main(argv):
   if probs and (not _ANYSTEP.value or len(probs) != len(_STUDENT_STEPS.value)):
     raise app.UsageError(f"--anystep_probs: one share per --student_steps value, with "
                          f"--anystep; got {_ANYSTEP_PROBS.value}")
-  rows = run(settings, [int(s) for s in _STUDENT_STEPS.value], _MODES.value,
-             anystep=_ANYSTEP.value, separate=not _SKIP_SEPARATE.value, anystep_probs=probs)
+  try:
+    rows = run(settings, [int(s) for s in _STUDENT_STEPS.value], _MODES.value,
+               anystep=_ANYSTEP.value, separate=not _SKIP_SEPARATE.value, anystep_probs=probs)
+  except config_checks.ConfigError as e:
+    raise app.UsageError(f"--anystep_probs: {e}") from None
   print(format_table(rows))
   if _JSON.value:
     with open(_JSON.value, "w") as fh:
