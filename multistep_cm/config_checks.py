@@ -113,6 +113,15 @@ def either(*rules: Rule) -> Rule:
   return Rule(check)
 
 
+def _remat_policy(v):
+  """One policy name, or comma-separated names (one per UViT level, then the mid stack;
+  the model checks the count)."""
+  names = ("none", *sorted(layers.REMAT_POLICIES))
+  if isinstance(v, str) and all(n.strip() in names for n in v.split(",")):
+    return None
+  return f"one of {names}, or such names comma-separated (one per level, then the mid stack)"
+
+
 def _dataset(v):
   if isinstance(v, str) and (v in DATASETS or (v.startswith("tfds:") and len(v) > 5)):
     return None
@@ -239,7 +248,7 @@ MODEL_SCHEMA: dict[str, Rule] = {
     "dropout": either(number(0.0, 1.0, hi_open=True),
                       sequence(number(0.0, 1.0, hi_open=True), 1, 9, "rates in [0, 1)")),
     "dtype": one_of("float32", "bfloat16", "float16"),
-    "remat": boolean(), "remat_policy": one_of("none", *sorted(layers.REMAT_POLICIES)),
+    "remat": boolean(), "remat_policy": Rule(_remat_policy),
     "scan_blocks": boolean(), "attention_impl": one_of(*uvit.ATTENTION_IMPLS),
     "segment_cond": one_of(*layers.SEGMENT_CONDITIONS), "num_step_values": integer(0, 64),
     "guidance_cond": boolean(),

@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from multistep_cm import config_base
+from multistep_cm import flops
 from multistep_cm import models
 from multistep_cm import sharding as sharding_lib
 from multistep_cm.models import partitioning
@@ -184,7 +186,8 @@ def test_scanned_and_unrolled_blocks_agree(name):
 
 
 @pytest.mark.parametrize("scan_blocks,policy", [
-    (True, "nothing_saveable"), (False, "dots_with_no_batch_dims_saveable")])
+    (True, "nothing_saveable"), (False, "dots_with_no_batch_dims_saveable"),
+    (True, "dense_and_conv_saveable"), (True, "nothing_saveable,dense_and_conv_saveable")])
 def test_remat_changes_memory_not_gradients(scan_blocks, policy):
   model, params, inputs = _setup("digits8", scan_blocks=scan_blocks)
   rematted = models.get_model("digits8", scan_blocks=scan_blocks, remat=True,
@@ -197,6 +200,50 @@ def test_remat_changes_memory_not_gradients(scan_blocks, policy):
   assert "remat" in jaxpr(rematted) and "remat" not in jaxpr(model)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                _grad(rematted)(params, inputs, key), _grad(model)(params, inputs, key))
+
+
+def test_dense_and_conv_policy_recomputes_exactly_the_attention_matmuls():
+  """`dense_and_conv_saveable` keeps every conv and dense output, so the backward pass
+  recomputes only attention's two batched matmuls: per block and image, the logits
+  QK^T and the weighted values AV, each 2 L^2 width FLOPs (L tokens; the heads split
+  `width`). Counted on the gradient's jaxpr (`flops.count_flops`), hardware minus
+  model FLOPs must be exactly that sum; `nothing_saveable` recomputes the convs too."""
+  model, params, inputs = _setup("digits16", scan_blocks=True)
+  assert model.block_types == ("res", "attn") and model.num_blocks == (1, 1)
+
+  def grad_flops(**remat):
+    m = models.get_model("digits16", scan_blocks=True, **remat)
+    return flops.count_flops(jax.make_jaxpr(_grad(m))(params, inputs, jax.random.key(1)))
+
+  plain = grad_flops()
+  saving = grad_flops(remat=True, remat_policy="dense_and_conv_saveable")
+  tokens = model.image_size // 2  # the attention level runs at 8 x 8
+  level = 2 * 4 * tokens**4 * model.channels[1]  # one down and one up block
+  mid = model.mid_blocks * 4 * (tokens // 2)**4 * model.mid_channels  # 4 x 4 tokens
+  assert plain.exact and saving.exact
+  assert saving.flops - plain.flops == BATCH * (level + mid)
+  assert grad_flops(remat=True).flops - plain.flops > 2 * BATCH * (level + mid)
+  # One policy per level, then the mid stack: each group recomputes its own attention only.
+  policy = lambda *names: dict(remat=True, remat_policy=",".join(names))
+  dense = "dense_and_conv_saveable"
+  assert grad_flops(**policy(dense, dense, "none")).flops - plain.flops == BATCH * level
+  assert grad_flops(**policy(dense, "none", dense)).flops - plain.flops == BATCH * mid
+  assert grad_flops(**policy(dense, dense, dense)).flops == saving.flops
+
+
+def test_every_pod_preset_remat_policy_is_valid_for_its_model():
+  for preset, policy in config_base.REMAT_POLICY.items():
+    model = models.get_model(preset, remat=True, remat_policy=policy)
+    model.validate()
+    assert len(uvit.UViT._remat_policies(model)) == len(model.channels) + 1
+
+
+@pytest.mark.parametrize("policy,error", [
+    ("dense_and_conv_saveable,nothing_saveable", "one policy or 3 comma-separated"),
+    ("dense_and_conv_saveable,sometimes,none", "'sometimes'")])
+def test_per_level_remat_policy_errors(policy, error):
+  with pytest.raises(ValueError, match=error):
+    models.get_model("digits16", remat=True, remat_policy=policy).validate()
 
 
 def test_labels_none_is_the_null_class_and_unconditional_ignores_labels():

@@ -18,13 +18,51 @@ import numpy as np
 
 Dtype = Any
 
+
+def dense_and_conv_saveable(prim, *args, **params) -> bool:
+  """Remat policy: save what a dense layer or a convolution computed, recompute the rest.
+
+  Saved: the output of every convolution and of every matmul without batch
+  dimensions (the dense layers: qkv, the attention and MLP projections, the
+  shortcuts). Recomputed on the backward pass: attention's two batched matmuls
+  (logits and weighted values) and all element-wise work. It sits between
+  `nothing_saveable` (every FLOP of the forward again) and `dots_saveable`, which
+  also keeps the float32 attention logits [B, heads, L, L], the largest activation
+  of a transformer block at 32 x 32 tokens. README: "Remat policies".
+  """
+  if prim is jax.lax.conv_general_dilated_p:
+    return True
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+
+
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dense_and_conv_saveable": dense_and_conv_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": (
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
+
+
+def remat_policies(spec: str, parts: int) -> tuple[str, ...]:
+  """The policy names of `parts` groups of blocks from one `remat_policy` string.
+
+  `spec` is one name for every group, or `parts` comma-separated names, one per group
+  (the UViT's groups are its levels, then the mid stack, as for `dropout`).
+
+  Raises:
+    ValueError: an unknown name, or a count other than 1 or `parts`.
+  """
+  names = tuple(name.strip() for name in spec.split(","))
+  for name in names:
+    if name != "none" and name not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy names must be among {sorted(REMAT_POLICIES) + ['none']}, "
+                       f"got {name!r} in {spec!r}")
+  if len(names) not in (1, parts):
+    raise ValueError(f"remat_policy must be one policy or {parts} comma-separated ones (one "
+                     f"per level, then the mid stack), got {len(names)} in {spec!r}")
+  return names * parts if len(names) == 1 else names
 
 
 def maybe_remat(module_cls, remat: bool, policy: str, in_scan: bool = False):

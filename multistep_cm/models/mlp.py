@@ -77,7 +77,7 @@ class MLPDenoiser(nn.Module):
     for key in ("data_dim", "width", "depth", "emb_dim"):
       if getattr(self, key) < 1:
         raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-    layers.maybe_remat(MLPBlock, self.remat, self.remat_policy)  # checks the policy name
+    layers.remat_policies(self.remat_policy, 1)  # one policy name: every block's
     layers.validate_segment_cond(self.segment_cond, self.num_step_values)
 
   @nn.compact

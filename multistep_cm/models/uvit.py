@@ -264,7 +264,10 @@ class UViT(nn.Module):
     mlp_ratio: MLP expansion of the transformer blocks.
     num_groups: GroupNorm groups in the ResBlocks and output head.
     dtype: compute dtype of convs and matmuls (parameters stay float32).
-    remat, remat_policy: rematerialise every block with a named policy.
+    remat, remat_policy: rematerialise every block with a named policy
+      (`layers.REMAT_POLICIES`), or with one policy per level and then the mid stack,
+      comma-separated (e.g. "dense_and_conv_saveable,nothing_saveable,
+      dense_and_conv_saveable" for two levels; `layers.remat_policies`).
     scan_blocks: scan the mid stack instead of unrolling it.
     attention_impl: "xla" or "cudnn" (NVIDIA GPUs, half-precision `dtype`); see above.
     segment_cond, num_step_values: the segment-layout conditioning of any-step
@@ -342,20 +345,25 @@ class UViT(nn.Module):
       if width % self.num_groups:
         raise ValueError(f"channels must be divisible by num_groups={self.num_groups}, "
                          f"got {width}")
-    layers.maybe_remat(ResBlock, self.remat, self.remat_policy)  # checks the policy name
+    self._remat_policies()  # checks the policy names and their count
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
                        f"got {self.attention_impl!r}")
 
+  def _remat_policies(self) -> tuple[str, ...]:
+    """One remat policy name per level, then the mid stack's."""
+    return layers.remat_policies(self.remat_policy, len(self.channels) + 1)
+
   def _block(self, level: int, index: int, up: bool, train: bool):
     kind, width = self.block_types[level], self.channels[level]
+    policy = self._remat_policies()[level]
     name = f"{'up' if up else 'down'}{level}_block{index}"
     common = dict(dropout=self.dropout[level], deterministic=not train, dtype=self.dtype,
                   name=name)
     if kind == "res":
-      return layers.maybe_remat(ResBlock, self.remat, self.remat_policy)(
+      return layers.maybe_remat(ResBlock, self.remat, policy)(
           width, num_groups=self.num_groups, **common)
-    return layers.maybe_remat(TransformerBlock, self.remat, self.remat_policy)(
+    return layers.maybe_remat(TransformerBlock, self.remat, policy)(
         width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
         attention_impl=self.attention_impl, **common)
 
@@ -427,7 +435,7 @@ class UViT(nn.Module):
     x = TransformerStack(
         self.mid_blocks, self.mid_channels, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
         dropout=self.dropout[-1], deterministic=not train, dtype=self.dtype,
-        scan=self.scan_blocks, remat=self.remat, remat_policy=self.remat_policy,
+        scan=self.scan_blocks, remat=self.remat, remat_policy=self._remat_policies()[-1],
         attention_impl=self.attention_impl, cross_attention=cross,
         name="mid")(x, cond, context, context_mask)
     self.sow("intermediates", "mid_out", x)
