@@ -13,8 +13,9 @@ One command, no network, sized for the 15 minutes of device time a session may g
   3. the train steps (the trainer's own `train_step.StepBuilder`, random state, teacher
      and batch) at that batch, in this order until the time budget is spent: CD with XLA
      and cuDNN attention, diffusion and CT with the faster attention, then all three with
-     remat (`nothing_saveable`); per variant the median step time, images/s, model FLOPs
-     (flops.py, as the trainer logs them) and MFU; CD/diffusion and CT/diffusion ratios;
+     remat (the config's policy, `dense_and_conv_saveable`); per variant the median step
+     time, images/s, model FLOPs (flops.py, as the trainer logs them) and MFU;
+     CD/diffusion and CT/diffusion ratios;
   4. K-step Multistep CM sampling against K single forwards, K = 1, 2, 4, 8
      (benchmarks/sampling.py).
 Variants not reached within `--budget_s` are listed as skipped. Writes
@@ -118,6 +119,7 @@ def run(args) -> dict[str, Any]:
   report["peak"] = {**peak, "listed_flops_per_s": hardware.peak_flops_per_device()}
   base = summary.load_config(args.config)
   base.mesh.data, base.mesh.fsdp = -1, 1
+  report["remat_policy"] = base.model.get("remat_policy", "nothing_saveable")
   overrides = lambda v: {"dtype": "bfloat16", "remat": v["remat"],
                          "attention_impl": v["attention"]}
 
@@ -254,8 +256,10 @@ def main(argv=None) -> int:
   plan = [_name(v) for v in variants()]
   print(f"device_check: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}), "
         f"jax {jax.__version__}; config {args.config}; budget {args.budget_s:.0f} s")
+  from multistep_cm.models import summary  # pylint: disable=g-import-not-at-top
+  policy = summary.load_config(args.config).model.get("remat_policy", "nothing_saveable")
   print("plan: bf16 matmul peak; batch probe (cd, no remat, xla); train steps "
-        + ", ".join(plan) + "; sampling mcm K=1,2,4,8 vs K forwards")
+        + ", ".join(plan) + f" (remat: {policy}); sampling mcm K=1,2,4,8 vs K forwards")
   if args.dry_run:
     ok = platform == "gpu"
     print(f"prerequisites: all importable; device: {'ok' if ok else 'not a GPU (' + platform + ')'}")
