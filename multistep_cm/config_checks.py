@@ -116,9 +116,13 @@ def either(*rules: Rule) -> Rule:
 def _remat_policy(v):
   """One policy name, or comma-separated names (one per UViT level, then the mid stack;
   the model checks the count)."""
+  if isinstance(v, str):
+    try:
+      layers.remat_policy_names(v)
+      return None
+    except ValueError:
+      pass
   names = ("none", *sorted(layers.REMAT_POLICIES))
-  if isinstance(v, str) and all(n.strip() in names for n in v.split(",")):
-    return None
   return f"one of {names}, or such names comma-separated (one per level, then the mid stack)"
 
 

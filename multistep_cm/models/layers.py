@@ -45,6 +45,20 @@ REMAT_POLICIES = {
 }
 
 
+def remat_policy_names(spec: str) -> tuple[str, ...]:
+  """The comma-separated policy names of one `remat_policy` string, each checked.
+
+  Raises:
+    ValueError: a name that is neither a key of `REMAT_POLICIES` nor "none".
+  """
+  names = tuple(name.strip() for name in spec.split(","))
+  for name in names:
+    if name != "none" and name not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy names must be among {sorted(REMAT_POLICIES) + ['none']}, "
+                       f"got {name!r} in {spec!r}")
+  return names
+
+
 def remat_policies(spec: str, parts: int) -> tuple[str, ...]:
   """The policy names of `parts` groups of blocks from one `remat_policy` string.
 
@@ -54,11 +68,7 @@ def remat_policies(spec: str, parts: int) -> tuple[str, ...]:
   Raises:
     ValueError: an unknown name, or a count other than 1 or `parts`.
   """
-  names = tuple(name.strip() for name in spec.split(","))
-  for name in names:
-    if name != "none" and name not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy names must be among {sorted(REMAT_POLICIES) + ['none']}, "
-                       f"got {name!r} in {spec!r}")
+  names = remat_policy_names(spec)
   if len(names) not in (1, parts):
     raise ValueError(f"remat_policy must be one policy or {parts} comma-separated ones (one "
                      f"per level, then the mid stack), got {len(names)} in {spec!r}")
