@@ -246,9 +246,9 @@ def _pod_run(c: ml_collections.ConfigDict, preset: str, resolution: int, mode: s
   c.model.dtype = "bfloat16"
   # Activation memory per chip (README: the TPU compile report): without remat the small
   # IN64 CT step needs 16.7 GiB of temporaries on a v5e-64 chip (XLA refuses it). Each
-  # preset's policy is the one that recomputes least while leaving 20% of a v5e chip's
-  # HBM free at the paper's slice (README: "Remat policies"). The mid stack is scanned
-  # (compile time flat in depth).
+  # preset's policy is the measured one that recomputes least while leaving 20% of a v5e
+  # chip's HBM free at the paper's slice (README: "Remat policies"). The mid stack is
+  # scanned (compile time flat in depth).
   c.model.remat = True
   c.model.remat_policy = REMAT_POLICY[preset]
   c.model.scan_blocks = True
