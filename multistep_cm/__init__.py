@@ -1,20 +1,17 @@
 """Multistep Consistency Models in JAX/Flax.
 
-Subpackages: `diffusion` (the maths, pure functions of arrays), `models` (the UViT and
-MLP denoisers, presets, sharding rules), `data` (sources and the input pipeline),
-`evaluation` (sample metrics, FID/IS, evaluation during training).
+The package root holds the commands (`python -m multistep_cm.<name>`): `main` (training),
+`sample`, `evaluate`, `compile_report` (will a step fit and how fast, compiled for a TPU
+slice), `toy` (the exact-teacher mixture experiment), `sampler_comparison` and `t2i_demo`.
 
-Beside them, one module per concern:
-  * commands (`python -m multistep_cm.<name>`): `main` (training), `sample`, `evaluate`,
-    `compile_report`, `toy`, `sampler_comparison`;
-  * training: `train` (the host loop, imported by `main` alone), `train_step` (the
-    static step and train state), `checkpointing`, `optim`, `sharding`, `metric_log`
-    (TensorBoard events and progress);
-  * configs: `config_base` (defaults), `config_build` (what a config builds),
-    `config_checks` (validation);
-  * sampling: `denoiser` (network -> x̂), `generation` (sharded sampling), `runs` (a
-    trained run read back), `images` (grids and PNG files);
-  * accounting: `flops` (the FLOP counter), `hardware` (chip peaks and HBM).
+The libraries sit in folders named for their role, each importing only from those before
+it (tests/unit/test_layout.py): `diffusion` (the maths, pure functions of arrays),
+`models` (the UViT and MLP denoisers, presets, sharding rules, and the network as the
+maths calls it), `data` (sources and the input pipeline), `runtime` (meshes, checkpoints,
+metric events, chip peaks, the FLOP counter), `config` (defaults, checks and the
+`RunPlan`), `sampling` (sharded sampling, runs read back, images), `evaluation` (sample
+metrics, FID/IS, evaluation during training) and `training` (the host loop, the train
+step, the optimiser).
 """
 
 import os as _os

@@ -24,7 +24,7 @@ Printed per chip:
   * the MFU implied by a training speed: `--steps_per_sec`, by default the paper's
     (spec §7.3, measured on 64 v5e chips for small models and 256 for large ones).
 
-FLOPs are counted on the step's jaxpr (`flops.py`, the counter behind the trainer's
+FLOPs are counted on the step's jaxpr (`runtime/flops.py`, the counter behind the trainer's
 logged MFU too: XLA's cost analysis counts the scanned mid stack's body once, 1 of 16
 blocks); XLA's own figure is shown beside them:
   * model FLOPs: the step's maths, traced with `remat` off; the numerator of MFU, as
@@ -46,11 +46,11 @@ from jax.experimental import topologies
 import ml_collections
 from ml_collections import config_flags
 
-from multistep_cm import config_build
-from multistep_cm import config_checks
-from multistep_cm import flops
-from multistep_cm import hardware
-from multistep_cm import train_step
+from multistep_cm.config import checks as config_checks
+from multistep_cm.config import plan as plan_lib
+from multistep_cm.runtime import flops
+from multistep_cm.runtime import hardware
+from multistep_cm.training import step as train_step
 
 FLAGS = flags.FLAGS
 
@@ -139,15 +139,17 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
   num_chips = len(devices)
   num_hosts = len({d.process_index for d in devices})
   config = ml_collections.ConfigDict(config.to_dict())  # a copy: the teacher path is set
-  mode = config.loss.mode
-  if config_build.needs_teacher(config) and not config.teacher_checkpoint:
+  if (plan_lib.RunPlan.from_config(config).objective.needs_teacher
+      and not config.teacher_checkpoint):
     config.teacher_checkpoint = "(not loaded: compile report)"  # only its shapes are used
   config_checks.validate(config, num_devices=num_chips, num_processes=num_hosts)
+  plan = plan_lib.RunPlan.from_config(config)
+  config, mode = plan.config, plan.objective.value
   kind = devices[0].device_kind
   chip = hardware.chip_spec(kind)
 
   t0 = time.time()
-  builder = train_step.StepBuilder(config, devices=devices)
+  builder = train_step.StepBuilder(plan, devices=devices)
   traced = builder.trace()
   model_flops, hardware_flops = builder.flops(traced)
   model = config.model.to_dict()
@@ -199,7 +201,7 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
   if steps_per_sec is None and paper_key in PAPER_STEPS_PER_SEC:
     steps_per_sec = PAPER_STEPS_PER_SEC[paper_key]
     speed_chips = PAPER_CHIPS[config.model.preset]
-    report["steps_per_sec_source"] = f"paper (spec §7.3), {speed_chips} chips"
+    report["steps_per_sec_source"] = f"paper (§7.3), {speed_chips} chips"
   elif steps_per_sec is not None:
     report["steps_per_sec_source"] = f"--steps_per_sec, {num_chips} chips"
   report["steps_per_sec"] = steps_per_sec
@@ -261,7 +263,7 @@ def define_flags():
       "devices.")
   flags.DEFINE_float(
       "steps_per_sec", None, "Training speed for the implied MFU; default: the paper's "
-      "(spec §7.3) for the config's model and mode, on the paper's chip count.")
+      "(§7.3) for the config's model and mode, on the paper's chip count.")
   flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
   flags.mark_flags_as_required(["config"])
 

@@ -137,16 +137,16 @@ def main(argv):
   initialize_distributed()
   # Imported after jax.distributed starts: nothing may touch a JAX backend before it.
   import jax  # pylint: disable=g-import-not-at-top
-  from multistep_cm import config_checks  # pylint: disable=g-import-not-at-top
+  from multistep_cm.config import checks as config_checks  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     # Before the trainer is even imported: a bad config fails in seconds.
     config_checks.validate_run(config, jax.device_count(), jax.process_count())
   except config_checks.ConfigError as e:
     _fail(EXIT_CONFIG, str(e))
-  from multistep_cm import checkpointing  # pylint: disable=g-import-not-at-top
-  from multistep_cm import train  # pylint: disable=g-import-not-at-top
   from multistep_cm.data import sources  # pylint: disable=g-import-not-at-top
+  from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  from multistep_cm.training import loop as train  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX %s, process %d of %d, %d local / %d global devices: %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -84,9 +84,9 @@ def parse_labels(text: str, num: int, num_classes: int) -> np.ndarray | None:
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from multistep_cm import generation  # pylint: disable=g-import-not-at-top
-  from multistep_cm import images  # pylint: disable=g-import-not-at-top
-  from multistep_cm import runs  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
 
   run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
   texts = None
@@ -94,7 +94,7 @@ def main(argv):
     spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
                            _SPACING.value, _FINAL_STEP.value)
     if getattr(run.model, "text_dim", 0):
-      from multistep_cm import prompts  # pylint: disable=g-import-not-at-top
+      from multistep_cm.sampling import prompts  # pylint: disable=g-import-not-at-top
       labels, texts = prompts.parse(_PROMPTS.value, _NUM.value, run.config, _SEED.value)
     else:
       labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))

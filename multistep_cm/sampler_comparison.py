@@ -88,8 +88,8 @@ def setup(data: str, workdir: str | None, num_samples: int, batch_size: int,
   """`(draw(spec, seed) -> samples, metric(samples) -> dict, description)` for `data`."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from multistep_cm import config_base  # pylint: disable=g-import-not-at-top
-  from multistep_cm import config_build  # pylint: disable=g-import-not-at-top
+  from multistep_cm.config import base as config_base  # pylint: disable=g-import-not-at-top
+  from multistep_cm.config import build as config_build  # pylint: disable=g-import-not-at-top
   from multistep_cm.data import digits  # pylint: disable=g-import-not-at-top
   from multistep_cm.data import mixture  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import energy  # pylint: disable=g-import-not-at-top
@@ -115,8 +115,8 @@ def setup(data: str, workdir: str | None, num_samples: int, batch_size: int,
   else:
     if not workdir:
       raise ValueError("--data=digits needs --workdir (a digits diffusion run)")
-    from multistep_cm import generation  # pylint: disable=g-import-not-at-top
-    from multistep_cm import runs  # pylint: disable=g-import-not-at-top
+    from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
+    from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
     run = runs.load_run(workdir)
     config = run.config
     if config.data.dataset != "digits" or run.student_steps is not None:
@@ -148,7 +148,7 @@ def setup(data: str, workdir: str | None, num_samples: int, batch_size: int,
 
 def main(argv):
   del argv
-  from multistep_cm import generation  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(_SAMPLERS.value) - set(VARIANTS))
   if unknown:
     raise app.UsageError(f"--samplers must be among {sorted(VARIANTS)}, got {unknown}")

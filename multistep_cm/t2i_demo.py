@@ -40,8 +40,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  from multistep_cm import images  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import t2i_report  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
   scales = [float(w) for w in _GUIDANCE.value]
   rows, picture = t2i_report.evaluate(_WORKDIR.value, _NUM.value, scales, _TEACHER_STEPS.value,
                            _SEED.value, _WEIGHTS.value, _GRID_PROMPTS.value, _GRID_COLS.value)

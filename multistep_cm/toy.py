@@ -43,19 +43,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm import config_base
-from multistep_cm import config_build
-from multistep_cm import config_checks
-from multistep_cm import denoiser
-from multistep_cm import generation
-from multistep_cm import optim
-from multistep_cm import train_step
+from multistep_cm.config import base as config_base
+from multistep_cm.config import build as config_build
+from multistep_cm.config import checks as config_checks
+from multistep_cm.config import plan as plan_lib
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import segments
 from multistep_cm.evaluation import energy
+from multistep_cm.models import denoiser
 from multistep_cm.models import partitioning
+from multistep_cm.sampling import generation
+from multistep_cm.training import optim
+from multistep_cm.training import step as train_step
 
 _STUDENT_STEPS = flags.DEFINE_list("student_steps", ["1", "2", "4", "8"], "Student step counts S.")
 _MODES = flags.DEFINE_list("modes", ["cd", "ct", "direct"], "Training modes.")
@@ -154,8 +155,8 @@ def _train(config, model, schedule, params, mix, key, teacher_fn_factory=None, c
   The teacher is `teacher_fn_factory` (the exact denoiser), else `model` with
   `teacher_params` (a PD halving after the first)."""
   tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-  loss_fn = train_step.make_loss_fn(config, model, schedule, teacher_model=model,
-                                    teacher_fn_factory=teacher_fn_factory)
+  loss_fn = train_step.make_loss_fn(plan_lib.RunPlan.from_config(config), model, schedule,
+                                    teacher_model=model, teacher_fn_factory=teacher_fn_factory)
   step_fn = train_step.make_train_step(config, loss_fn, tx, lr_schedule)
   k_state, k_data = jax.random.split(key)
   state = train_step.create_state(params, tx, k_state, len(config.ema_decays))
@@ -240,7 +241,7 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
     model = config_build.get_model(config)
     out = []
     for s in counts:
-      spec = generation.spec_for_config(config, s)
+      spec = plan_lib.RunPlan.from_config(config).sampler(s)
       x = jax.jit(generation.make_sample_fn(model, schedule, spec))(params, z1, None)
       r = row(label, s, x)
       out.append(r)
@@ -249,8 +250,9 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
     return out
 
   for mode in modes:
-    factory = exact_factory if mode in config_build.TEACHER_MODES else None
-    if mode == "pd":
+    objective = plan_lib.Objective(mode)
+    factory = exact_factory if objective.needs_teacher else None
+    if objective is plan_lib.Objective.PD:
       rows += _progressive_distillation(settings, student_steps, pretrained, mix, schedule,
                                         exact_factory, jax.random.fold_in(k_train, 5),
                                         student_rows)
@@ -294,11 +296,11 @@ def _fmt(values):
 
 def anystep_diagnostics(config, model, schedule, params, mix, teacher_fn_factory, key,
                         batch: int):
-  """Where an any-step model's step counts pull (issue 18): on one large batch at the end
+  """Where an any-step model's step counts pull: on one large batch at the end
   of training (the final teacher grid), each S's mean loss, the norm of the gradient of
   that mean, and the cosines between the S's gradients (negative: they conflict)."""
-  loss_fn = train_step.make_loss_fn(config, model, schedule, teacher_model=model,
-                                    teacher_fn_factory=teacher_fn_factory)
+  loss_fn = train_step.make_loss_fn(plan_lib.RunPlan.from_config(config), model, schedule,
+                                    teacher_model=model, teacher_fn_factory=teacher_fn_factory)
   k_data, k_loss = jax.random.split(key)
   data = {"x": mix.sample(k_data, batch)[0], "label": jnp.zeros((batch,), jnp.int32)}
   per_count = lambda p: loss_fn(p, None, data, config.num_train_steps, k_loss)[1][

@@ -23,10 +23,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from multistep_cm import config_base
-from multistep_cm import config_build
-from multistep_cm import train_step
+from multistep_cm.config import base as config_base
+from multistep_cm.config import build as config_build
 from multistep_cm.models import partitioning
+from multistep_cm.training import step as train_step
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -88,9 +88,10 @@ def tiny_mixture(mode="diffusion", steps=60, **kw):
 
 
 def data_config(**data):
-  """A config holding only `data` (and the default seed): what `config_build.make_source`
-  reads."""
-  return ml_collections.ConfigDict({"seed": 0, "data": data})
+  """A config of `data` over the defaults (image_size None, a TFDS dataset's own size,
+  unless given): what `config_build.make_source` reads."""
+  data.setdefault("image_size", None)
+  return config_base.with_defaults(ml_collections.ConfigDict({"seed": 0, "data": data}))
 
 
 def abstract_params(config):

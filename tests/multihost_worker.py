@@ -12,8 +12,8 @@ import os
 from absl import app
 import numpy as np
 
-from multistep_cm import main
 from multistep_cm.data import pipeline
+from multistep_cm import main
 
 
 def _record_indices(directory: str):

@@ -6,7 +6,7 @@
 Small enough to compile in seconds on a CPU; the shapes are what the TFDS path feeds
 (8x8 RGB, 10 classes).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 from multistep_cm.data import synthetic
 
 

@@ -9,7 +9,7 @@ checkpoints and on the data it consumed.
 """
 import ml_collections
 
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

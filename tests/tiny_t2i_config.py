@@ -6,7 +6,7 @@ text UViT, for compiling its step for a small TPU slice in a test:
 Everything else is the paper's T2I setting: text inputs in the batch, the CFG teacher,
 pseudo-Huber epsilon 1, 256 fixed teacher steps, bf16, remat, the scanned mid stack, FSDP.
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

@@ -6,7 +6,8 @@ text-to-image demo) and `text_encoder` (the fixed encoder of those captions), `m
 (the toy Gaussian mixture and its exact denoiser),
 `tfds_source` (prepared TFDS image datasets such as ImageNet, and their preprocessing),
 `prepare` (the command that prepares them), `synthetic` (an ImageNet-shaped TFDS dataset
-made on the spot, for tests and benchmarks), `pipeline` (the deterministic multi-host
-order, decoding ahead, global batches). `config_build.make_source` picks the source a
+made on the spot, for tests and benchmarks), `text_image` (text-image datasets built from
+the user's captions and text-encoder outputs), `pipeline` (the deterministic multi-host
+order, decoding ahead, global batches). `config.build.make_source` picks the source a
 config names.
 """

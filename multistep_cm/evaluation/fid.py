@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from multistep_cm import sharding
 from multistep_cm.evaluation import tree_io
+from multistep_cm.runtime import sharding
 
 # Metadata keys that must agree between two statistics before a distance between them means
 # anything: the same network, weights and preprocessing.

@@ -13,22 +13,21 @@
       - `eval/ode_error` (students with a teacher): the RMS distance between the
         student's samples and the teacher's `ode_steps`-step DDIM solve of the
         probability-flow ODE from the same noise and labels: the Direct-CM paper's
-        metric (spec §10.4). CT trains without a teacher; its ODE error is measured
+        metric (§10.4). CT trains without a teacher; its ODE error is measured
         against the diffusion run it started from (`evaluation_teacher`).
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm import checkpointing
-from multistep_cm import conditioning
-from multistep_cm import config_build
-from multistep_cm import generation
-from multistep_cm import images
-from multistep_cm import sharding
+from multistep_cm.config import build as config_build
+from multistep_cm.config import plan as plan_lib
 from multistep_cm.evaluation import sample_metrics
+from multistep_cm.models import conditioning
+from multistep_cm.runtime import checkpointing
+from multistep_cm.runtime import sharding
+from multistep_cm.sampling import generation
+from multistep_cm.sampling import images
 
 
 class SampleGrid:
@@ -36,13 +35,13 @@ class SampleGrid:
   grid (images.image_grid); a class-conditional model gets one row per class, the label
   at its left."""
 
-  def __init__(self, config, model, schedule, mesh):
+  def __init__(self, plan: plan_lib.RunPlan, mesh):
+    config, model = plan.config, plan.model
     # Replicated output: every process can read the grid, also when the batch spans hosts.
-    self._sample = jax.jit(generation.make_sample_fn(model, schedule,
-                                                     generation.spec_for_config(config)),
+    self._sample = jax.jit(generation.make_sample_fn(model, plan.schedule, _own_sampler(plan)),
                            out_shardings=sharding.replicated(mesh))
     k_z, _ = jax.random.split(jax.random.PRNGKey(config.seed + 7))
-    self._z = jax.random.normal(k_z, (config.sample_num,) + config_build.example_shape(config))
+    self._z = jax.random.normal(k_z, (config.sample_num,) + plan.example_shape)
     self._labels = self._row_labels = None
     if conditioning.is_text(model):
       # One prompt from the training data per row, its caption at the row's left.
@@ -64,25 +63,33 @@ class SampleGrid:
     return images.image_grid(samples, self._row_labels)
 
 
-def make_sample_grid(config, model, schedule, mesh) -> SampleGrid | None:
+def _own_sampler(plan: plan_lib.RunPlan):
+  """The sampler of the run's grids: the student's S (an any-step run's largest), or the
+  configured diffusion sampler."""
+  return plan.sampler(plan.student_steps or 0)
+
+
+def make_sample_grid(plan: plan_lib.RunPlan, mesh) -> SampleGrid | None:
   """The run's sample grid, or None when grids are off or the data are not images."""
-  if not config.sample_every_steps or len(config_build.example_shape(config)) != 3:
+  if not plan.config.sample_every_steps or len(plan.example_shape) != 3:
     return None
-  return SampleGrid(config, model, schedule, mesh)
+  return SampleGrid(plan, mesh)
 
 
-def enabled(config) -> bool:
-  return bool(config.get("evals", {}).get("every_steps", 0))
+def enabled(plan: plan_lib.RunPlan) -> bool:
+  return bool(plan.config.evals.every_steps)
 
 
-def evaluation_teacher(config, teacher_params, abstract_teacher):
+def evaluation_teacher(plan: plan_lib.RunPlan, teacher_params, abstract_teacher):
   """The teacher the ODE error is measured against, or None.
 
   The run's own teacher (cd, direct); for CT, which trains without one, the diffusion
   run it started from: `config.teacher_checkpoint` if set, else `config.init_from`
   (loaded with `abstract_teacher`'s shapes and shardings).
   """
-  if teacher_params is not None or config.loss.mode != "ct" or not config.evals.ode_error:
+  config = plan.config
+  if (teacher_params is not None or plan.objective is not plan_lib.Objective.CT
+      or not config.evals.ode_error):
     return teacher_params
   if config.teacher_checkpoint:
     path, weights, key = config.teacher_checkpoint, config.teacher_weights, "teacher_checkpoint"
@@ -96,23 +103,20 @@ def evaluation_teacher(config, teacher_params, abstract_teacher):
 class TrainingEvaluator:
   """Called as `evaluator(params) -> {name: value}`; built once per run."""
 
-  def __init__(self, config, model, schedule, mesh, teacher_params=None, teacher_model=None):
+  def __init__(self, plan: plan_lib.RunPlan, mesh, teacher_params=None, teacher_model=None):
+    config, model = plan.config, plan.model
     ec = config.evals
-    self.config, self.model, self.schedule, self.mesh = config, model, schedule, mesh
-    self.num_samples = int(ec.get("num_samples", 1000))
-    self.batch_size = int(ec.get("batch_size", 500))
+    self.model, self.schedule, self.mesh = model, plan.schedule, mesh
+    self.num_samples = int(ec.num_samples)
+    self.batch_size = int(ec.batch_size)
     self.seed = int(config.seed) + 2**16
     # A student is evaluated at each of its step counts (several for an any-step run).
-    counts = config_build.step_counts(config)
-    if counts:
-      self.specs = [generation.spec_for_config(config, s) for s in counts]
+    if plan.step_counts:
+      self.specs = [plan.sampler(s) for s in plan.step_counts]
     else:  # diffusion: the run's sampler, at `sample_steps` unless evals set fewer (cost)
-      spec = generation.spec_for_config(config)
-      self.specs = [dataclasses.replace(spec, steps=int(ec.get("sample_steps", 0))
-                                        or spec.steps)]
-    self.metric = sample_metrics.make_metric(
-        config, ec.get("metric", "auto"), ec.get("inception_weights", ""),
-        ec.get("reference_stats", ""))
+      self.specs = [plan.sampler(int(ec.sample_steps))]
+    self.metric = sample_metrics.make_metric(config, ec.metric, ec.inception_weights,
+                                             ec.reference_stats)
     self.labels = self.captions = None
     if conditioning.is_text(model):
       # Prompts from the training data; the metric judges samples against their captions.
@@ -120,10 +124,9 @@ class TrainingEvaluator:
     elif getattr(model, "num_classes", 0):
       self.labels = np.arange(self.num_samples, dtype=np.int32) % model.num_classes
     self.teacher_samples = None
-    if (ec.get("ode_error", True) and teacher_params is not None
-        and config_build.is_student(config)):
+    if ec.ode_error and teacher_params is not None and plan.objective.is_student:
       # The teacher is fixed, so its solve is computed once.
-      spec = generation.SamplerSpec("ddim", int(ec.get("ode_steps", 256)))
+      spec = generation.SamplerSpec("ddim", int(ec.ode_steps))
       self.teacher_samples, _ = self._generate(teacher_params, spec, teacher_model or model)
 
   def _generate(self, params, spec, model=None):

@@ -13,11 +13,11 @@ import re
 from absl import logging
 import numpy as np
 
-from multistep_cm import conditioning
-from multistep_cm import config_build
-from multistep_cm import generation
-from multistep_cm import runs
+from multistep_cm.config import build as config_build
 from multistep_cm.evaluation import sample_metrics
+from multistep_cm.models import conditioning
+from multistep_cm.sampling import generation
+from multistep_cm.sampling import runs
 
 
 def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, weights: str,
@@ -147,7 +147,7 @@ def write_figure(rows, header, prefix: str) -> str:
   beside the trained ones under `tensorboard --logdir`). Returns the PNG's path."""
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from multistep_cm import metric_log  # pylint: disable=g-import-not-at-top
+  from multistep_cm.runtime import metric_log  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   quality_figure(rows, header).savefig(buffer, format="png")
   with open(prefix + ".png", "wb") as fh:

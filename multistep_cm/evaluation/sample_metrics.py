@@ -14,10 +14,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from multistep_cm.config import base as config_base
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.evaluation import energy
 
-KINDS = ("auto", "digits", "prompts", "energy", "fid", "none")
+KINDS = config_base.METRIC_KINDS
 
 
 @dataclasses.dataclass
@@ -89,10 +90,10 @@ def make_metric(config, kind: str = "auto", inception_weights: str = "",
 
 
 def _fid_metric(inception_weights: str, reference_stats: str) -> SampleMetric:
-  from multistep_cm import images as images_lib  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import fid  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import inception  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import reference_stats as ref_lib  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import images as images_lib  # pylint: disable=g-import-not-at-top
   if not reference_stats:
     raise ValueError("FID needs reference statistics (--reference_stats / "
                      "config.evals.reference_stats): python -m "

@@ -9,11 +9,11 @@ COLUMNS = ("digit_accuracy", "thickness_accuracy", "width_accuracy", "slant_accu
 def evaluate(root: str, num: int, scales, teacher_steps: int = 0, seed: int = 0,
              weights: str = "ema0", grid_prompts: int = 6, grid_cols: int = 8):
   """`(rows, picture)`: one row per (model, w) with the prompt metric, and the grid."""
-  from multistep_cm import generation  # pylint: disable=g-import-not-at-top
-  from multistep_cm import images  # pylint: disable=g-import-not-at-top
-  from multistep_cm import prompts  # pylint: disable=g-import-not-at-top
-  from multistep_cm import runs  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import prompts  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
 
   paths = runs.find_runs(root)
   loaded = [runs.load_run(p, weights) for p in paths]

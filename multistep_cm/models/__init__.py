@@ -1,7 +1,9 @@
 """Denoising networks: the simple-diffusion UViT (`uvit.py`) and a residual MLP for vector
 data (`mlp.py`), their shared layers (`layers.py`), presets at the paper's sizes
 (`presets.py`), the logical-axis sharding rules (`partitioning.py`) and the `summary`
-command (`summary.py`).
+command (`summary.py`); and the network as the maths calls it: `denoiser.py` (a
+v-predicting network as `x̂ = f(z, t)`, with guidance and segment conditioning) and
+`conditioning.py` (what a model is conditioned on, as one pytree).
 
 Build one with `get_model(preset_or_config, **overrides)`; every model is called
 as `model.apply({'params': params}, z, logsnr, labels, train=False,

@@ -18,8 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from multistep_cm import flops
 from multistep_cm.models import presets
+from multistep_cm.runtime import flops
 
 
 def forward_flops(model: nn.Module, batch: int) -> float:
