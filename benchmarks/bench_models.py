@@ -5,7 +5,7 @@
 For each preset: the median wall time of a jitted forward pass and of a jitted
 forward+backward (gradient of a squared error w.r.t. the parameters) after
 warm-up, the FLOPs of the same traced functions (matmuls and convolutions counted
-on the jaxpr by the package's FLOP counter, flops.py), the achieved FLOP/s, and
+on the jaxpr by the package's FLOP counter, runtime/flops.py), the achieved FLOP/s, and
 that over the dense float32 matmul FLOP/s of this machine measured in the same run
 (a square `jnp.dot`, timed the same way). The ratios are what is comparable across
 machines, not the times. The mid stack is unrolled (`scan_blocks=False`), as in the
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from multistep_cm import flops as flops_lib
 from multistep_cm import models
+from multistep_cm.runtime import flops as flops_lib
 
 DEFAULT_PRESETS = ("digits8", "digits16", "small32", "mlp_toy")
 

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from multistep_cm import hardware
+from multistep_cm.runtime import hardware
 
 
 def machine() -> dict[str, Any]:

@@ -14,7 +14,7 @@ One command, no network, sized for the 15 minutes of device time a session may g
      and batch) at that batch, in this order until the time budget is spent: CD with XLA
      and cuDNN attention, diffusion and CT with the faster attention, then all three with
      remat (the config's policy, `dense_and_conv_saveable`); per variant the median step
-     time, images/s, model FLOPs (flops.py, as the trainer logs them) and MFU;
+     time, images/s, model FLOPs (runtime/flops.py, as the trainer logs them) and MFU;
      CD/diffusion and CT/diffusion ratios;
   4. K-step Multistep CM sampling against K single forwards, K = 1, 2, 4, 8
      (benchmarks/sampling.py).
@@ -106,9 +106,9 @@ def run(args) -> dict[str, Any]:
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks import sampling  # pylint: disable=g-import-not-at-top
   from benchmarks import train_step as bench  # pylint: disable=g-import-not-at-top
-  from multistep_cm import hardware  # pylint: disable=g-import-not-at-top
-  from multistep_cm import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   from multistep_cm.models import summary  # pylint: disable=g-import-not-at-top
+  from multistep_cm.runtime import hardware  # pylint: disable=g-import-not-at-top
+  from multistep_cm.training import step as train_step_lib  # pylint: disable=g-import-not-at-top
 
   budget = Budget(args.budget_s)
   report: dict[str, Any] = {"benchmark": "device_check", "date": common.today(),
@@ -125,7 +125,7 @@ def run(args) -> dict[str, Any]:
 
   # 2. The batch: one probe compile, activations scaled linearly.
   limit = bench.device_memory_limit(args.memory_limit_gb)
-  probe = bench.memory_bytes(train_step_lib.StepBuilder(bench.mode_config(
+  probe = bench.memory_bytes(train_step_lib.StepBuilder.from_config(bench.mode_config(
       base, "cd", args.probe_batch, overrides(variants()[0]))).compile())
   # State, teacher and outputs are fixed; the temporaries (activations) grow with the batch.
   fixed = probe["argument"] + probe["output"] - probe["alias"]
@@ -150,7 +150,7 @@ def run(args) -> dict[str, Any]:
       skipped.append(name)
       continue
     try:
-      builder = train_step_lib.StepBuilder(bench.mode_config(base, v["mode"], batch,
+      builder = train_step_lib.StepBuilder.from_config(bench.mode_config(base, v["mode"], batch,
                                                              overrides(v)))
       traced = builder.trace()
       model_flops, hardware_flops = builder.flops(traced)

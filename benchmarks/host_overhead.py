@@ -35,10 +35,10 @@ import jax
 
 from benchmarks import common
 from benchmarks import train_step
-from multistep_cm import train
-from multistep_cm import train_step as train_step_lib
 from multistep_cm.data import pipeline as pipeline_lib
 from multistep_cm.models import summary
+from multistep_cm.training import loop as train
+from multistep_cm.training import step as train_step_lib
 
 TARGET = 0.02
 
@@ -93,7 +93,7 @@ def run(args) -> dict[str, Any]:
   config = summary.load_config(args.config)
   config = train_step.mode_config(config, config.loss.mode, args.batch or config.batch_size,
                                   {})
-  builder = train_step_lib.StepBuilder(config)
+  builder = train_step_lib.StepBuilder.from_config(config)
   compiled = builder.compile()
   state, device_batch, teacher = train_step.random_inputs(builder)
   shard_index, shard_count = pipeline_lib.batch_shard(builder.batch_sharding, config.batch_size)

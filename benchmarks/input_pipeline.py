@@ -31,10 +31,10 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks import train_step
-from multistep_cm import hardware
 from multistep_cm.data import pipeline
 from multistep_cm.data import synthetic
 from multistep_cm.data import tfds_source
+from multistep_cm.runtime import hardware
 
 TARGET = 3.0
 # §7.3 (paper App. A.2): steps/s on 64 TPU v5e chips, batch 2048, small models.
@@ -119,7 +119,7 @@ def run(args) -> dict[str, Any]:
         step_flops_per_image={str(s): v for s, v in flops.items()},
         assumptions={"paper": "§7.3 steps/s, 64 TPU v5e chips, batch 2048",
                      "host_cores_per_chip": CORES_PER_CHIP,
-                     "peak_bound": "100% MFU at the listed bf16 peak (hardware.py)",
+                     "peak_bound": "100% MFU at the listed bf16 peak (runtime/hardware.py)",
                      "per_core_rate": "images per second of process CPU time, exact decoding"},
         target=TARGET, consumption=consumption(flops, rates))
   return report

@@ -9,7 +9,7 @@ their outputs (so each waits for the one before, as the sampler's steps do) and
 dispatched from Python. The ratio is the cost of the loop and the DDIM/aDDIM
 updates beyond the K network evaluations; the variants alternate, medians.
 `forward_flops` is the matmul and convolution FLOPs of one forward pass, counted
-on its jaxpr by the package's FLOP counter (flops.py).
+on its jaxpr by the package's FLOP counter (runtime/flops.py).
 """
 import argparse
 import sys
@@ -20,12 +20,12 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks import train_step
-from multistep_cm import config_build
-from multistep_cm import denoiser
-from multistep_cm import flops
-from multistep_cm import generation
+from multistep_cm.config import build as config_build
 from multistep_cm import models
+from multistep_cm.models import denoiser
 from multistep_cm.models import summary
+from multistep_cm.runtime import flops
+from multistep_cm.sampling import generation
 
 TARGET = 1.05
 SAMPLERS = ("mcm", "addim")

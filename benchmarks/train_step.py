@@ -9,9 +9,9 @@ ahead of time) built from one config with only `loss.mode` changed, run on a
 random state, a random teacher and a random batch already on the devices. Modes
 are timed in alternation after warm-up; the report has per mode the median step
 time (wall and process CPU), images/s, the step's model FLOPs (`StepBuilder.flops`:
-matmuls and convolutions counted on the jaxpr by flops.py, traced with remat off;
+matmuls and convolutions counted on the jaxpr by runtime/flops.py, traced with remat off;
 the numerator of the MFU the trainer logs), the achieved FLOP/s per device and the
-MFU against the device's listed peak (`hardware.py`) or, on a CPU, against a dense
+MFU against the device's listed peak (`runtime/hardware.py`) or, on a CPU, against a dense
 float32 matmul timed in the same run; and the ratios CT/diffusion and CD/diffusion
 against theory (4/3, 5/3: one and two extra forwards beside forward + backward) and
 the targets.
@@ -35,10 +35,10 @@ import ml_collections
 
 from benchmarks import common
 from multistep_cm import models
-from multistep_cm import train_step as train_step_lib
 from multistep_cm.models import partitioning
 from multistep_cm.models import presets
 from multistep_cm.models import summary
+from multistep_cm.training import step as train_step_lib
 
 MODES = ("diffusion", "ct", "cd", "direct")
 # Forward units beside the 3 of forward + backward: CT's target forward, CD's teacher too.
@@ -168,7 +168,7 @@ def run(args) -> dict[str, Any]:
       raise ValueError("--batch=max needs a device that reports its memory, or "
                        "--memory_limit_gb")
     # The last mode listed is searched; list the most memory-hungry (cd) last.
-    peak_bytes = lambda b: memory_bytes(train_step_lib.StepBuilder(
+    peak_bytes = lambda b: memory_bytes(train_step_lib.StepBuilder.from_config(
         mode_config(base, modes[-1], b, overrides)).compile())["peak"]
     search = largest_batch(peak_bytes, args.batch_start, limit)
     report["batch_search"] = search
@@ -178,7 +178,7 @@ def run(args) -> dict[str, Any]:
 
   results, runners = {}, {}
   for mode in modes:
-    builder = train_step_lib.StepBuilder(mode_config(base, mode, batch, overrides))
+    builder = train_step_lib.StepBuilder.from_config(mode_config(base, mode, batch, overrides))
     traced = builder.trace()
     model_flops, _ = builder.flops(traced)  # as the trainer logs: model FLOPs, all devices
     compiled = builder.compile(traced)

@@ -6,7 +6,7 @@
 Variants: size=8|16.
 Expected: see the README's digits table (evaluate with python -m multistep_cm.evaluate).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

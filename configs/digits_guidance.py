@@ -20,7 +20,7 @@ first half of every stage), batch=B.
 """
 import ml_collections
 
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

@@ -18,7 +18,7 @@ step counts, each trained as many steps as the PD chain takes to reach that coun
 """
 import ml_collections
 
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

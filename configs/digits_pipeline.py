@@ -14,7 +14,7 @@ Variants: size=8|16, steps=S, mode=cd|ct.
 """
 import ml_collections
 
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

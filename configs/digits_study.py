@@ -16,7 +16,7 @@ only the any-step one).
 """
 import ml_collections
 
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

@@ -17,7 +17,7 @@ minutes for the teacher and 4-8 for each student on the 2-core CPU (README: Resu
 """
 import ml_collections
 
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def student_stage(w: float) -> str:

@@ -18,7 +18,7 @@ over the first half), batch=B.
 """
 import ml_collections
 
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Paper settings (§7.1): batch 2048, 200k steps, teacher steps 64 -> 1280 over 10
 pseudo-Huber epsilon 1e-4, student initialised from the teacher.
 Expected FID (Table 1, small / large): 8.5/7.0 (1 step), 3.1/3.1 (2), 2.4/2.3 (4), 2.1/2.1 (8), 2.0/2.0 (16).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

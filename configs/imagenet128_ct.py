@@ -10,7 +10,7 @@ Paper settings (§7.1): batch 2048, 200k steps, teacher steps 64 -> 1280 over 10
 pseudo-Huber epsilon 1e-4, student initialised from the teacher.
 Expected FID (Table 1, small / large): 16.0/14.5 (1 step), 6.0/4.2 (2), 4.0/2.7 (4), 3.3/2.2 (8), 3.4/2.3 (16).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

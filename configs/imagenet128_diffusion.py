@@ -5,9 +5,9 @@
 
 Variants: size=small|large. Expected: the paper's teachers reach FID 2.2 (small and large) with
 512-step aDDIM (Table 1); their training hyperparameters are not in the paper (our choices in
-multistep_cm/config_base.py).
+multistep_cm/config/base.py).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

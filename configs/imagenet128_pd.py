@@ -11,7 +11,7 @@ Expected FID (small IN128, Table 5, PD re-implemented with aDDIM): 8.0 (2 steps)
 Variants: size=small|large, teacher=PATH, start=1024, end=1, halving_steps=50000,
 solver=addim|ddim (the teacher's steps), guidance=W (teacher guidance).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Paper settings (§7.1): batch 2048, 200k steps, teacher steps 64 -> 1280 over 10
 pseudo-Huber epsilon 1e-4, student initialised from the teacher.
 Expected FID (Table 1, small / large): 4.3/3.2 (1 step), 2.0/1.9 (2), 1.7/1.6 (4), 1.6/1.4 (8), 1.5/1.4 (16).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

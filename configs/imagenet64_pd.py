@@ -18,7 +18,7 @@ Expected FID (small IN64, Table 3 / Table 5, PD re-implemented with aDDIM): 10.7
 Variants: size=small|large, teacher=PATH, start=1024, end=1, halving_steps=50000,
 solver=addim|ddim (the teacher's steps), guidance=W (teacher guidance).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@
 The toy experiment with the exact teacher and the energy-distance table is
 `python -m multistep_cm.toy`; this config trains the same MLP with the full trainer.
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

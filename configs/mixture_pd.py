@@ -10,7 +10,7 @@ experiment with the exact denoiser as the first teacher is
 
 Variants: teacher=PATH, start=64, end=1, halving_steps=500, solver=addim|ddim, dim=8.
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

@@ -16,7 +16,7 @@ per chip (README: the TPU compile report, which says what we tried).
 Expected FID30k (Table 6, private data): 8.7 / 8.1 / 7.9 at 4 / 8 / 16 steps with the
 g = 0.5 teacher (teacher 7.9 at 256 steps); 12.4 / 13.9 / 14.4 with g = 3.
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):

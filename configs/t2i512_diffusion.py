@@ -6,9 +6,9 @@
 
 The paper's teacher reaches FID30k 7.9 (g = 0.5) and 12.7 (g = 3) at 256 steps on private
 data (Table 6); its training hyperparameters are not in the paper (our choices in
-multistep_cm/config_base.py), nor is its text encoder (T5-XXL widths, our choice).
+multistep_cm/config/base.py), nor is its text encoder (T5-XXL widths, our choice).
 """
-from multistep_cm import config_base
+from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):
