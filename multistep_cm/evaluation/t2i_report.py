@@ -17,8 +17,8 @@ def evaluate(root: str, num: int, scales, teacher_steps: int = 0, seed: int = 0,
 
   paths = runs.find_runs(root)
   loaded = [runs.load_run(p, weights) for p in paths]
-  teachers = [r for r in loaded if r.mode == "diffusion"]
-  students = sorted((r for r in loaded if r.mode != "diffusion"),
+  teachers = [r for r in loaded if not r.plan.objective.is_student]
+  students = sorted((r for r in loaded if r.plan.objective.is_student),
                     key=lambda r: float(r.config.loss.guidance_scale))
   if len(teachers) != 1:
     raise ValueError(f"{root} must hold one text-conditioned diffusion run (the teacher), "

@@ -159,7 +159,8 @@ def get_model_for_config(config: Any) -> nn.Module:
   if preset not in PRESETS:
     raise ValueError(f"config.model.preset must be one of {sorted(PRESETS)}, got {preset!r}")
   allowed = _module_fields(ARCHITECTURES[PRESETS[preset]["arch"]])
-  data = config.get("data", {}) if hasattr(config, "get") else {}
+  # A model-only config (the summary command's, some tests') has no data section.
+  data = config["data"] if "data" in config else {}
   from_data = {k: data[k] for k in ("image_size", "num_channels", "num_classes", "data_dim",
                                     "text_dim", "text_len")
                if k in data and k in allowed}

@@ -21,7 +21,7 @@ def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
     raise ValueError(f"config.optimizer.schedule must be one of {LR_SCHEDULES}, got {kind!r}")
   warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
   decay_steps = max(num_train_steps - warmup, 1)
-  end = lr * float(opt_config.get("end_lr_fraction", 0.0))
+  end = lr * float(opt_config.end_lr_fraction)
   if kind == "constant":
     after = optax.constant_schedule(lr)
   elif kind == "cosine":

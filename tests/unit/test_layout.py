@@ -163,3 +163,63 @@ def test_every_package_docstring_names_its_modules():
       if f"`{name}`" not in doc and f"`{name}.py`" not in doc:
         missing.append(f"{os.path.relpath(init, ROOT)}: {name}")
   assert not missing, missing
+
+
+# Where a config's objective may be read: where the plan is built (the config folder) and
+# the maths that implements each objective. Everything else asks the plan.
+MODE_READERS = ("config.base", "config.build", "config.checks", "config.plan",
+                "diffusion.losses")
+
+
+def _reads_loss_mode(node) -> bool:
+  """`<...>.loss.mode`, or `lc.mode` (the configs' name for `config.loss`)."""
+  if not (isinstance(node, ast.Attribute) and node.attr == "mode"):
+    return False
+  inner = node.value
+  return ((isinstance(inner, ast.Attribute) and inner.attr == "loss")
+          or (isinstance(inner, ast.Name) and inner.id == "lc"))
+
+
+def _defaulted_config_gets(tree, keys) -> list[str]:
+  """`x.get("<key>", <default>)` calls whose key is a key of config/base.py (checkpoint and
+  file metadata, dicts of their own, aside)."""
+  found = []
+  for node in ast.walk(tree):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "get" and len(node.args) == 2
+        and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys
+        and "meta" not in ast.unparse(node.func.value)):
+      found.append(ast.unparse(node))
+  return found
+
+
+def _config_keys() -> set[str]:
+  from multistep_cm.config import base as config_base  # pylint: disable=g-import-not-at-top
+  keys = set()
+
+  def walk(tree):
+    for key, value in tree.items():
+      keys.add(key)
+      if isinstance(value, dict):
+        walk(value)
+
+  walk(config_base.base_config().to_dict())
+  return keys
+
+
+def test_loss_mode_is_read_only_where_the_plan_is_built():
+  readers = sorted(name for name, tree in _modules().items()
+                   if any(_reads_loss_mode(n) for n in ast.walk(tree)))
+  assert set(readers) <= {f"{PACKAGE}.{m}" for m in MODE_READERS}, readers
+  assert _reads_loss_mode(ast.parse("config.loss.mode").body[0].value)
+  assert not _reads_loss_mode(ast.parse("plan.objective").body[0].value)
+
+
+def test_no_config_default_is_repeated_outside_the_defaults():
+  """A config read with `.get(key, default)` repeats a default config/base.py holds: the
+  plan's config has every key, so code reads it directly."""
+  keys = _config_keys()
+  found = {name: calls for name, tree in _modules().items()
+           if (calls := _defaulted_config_gets(tree, keys))}
+  assert not found, found
+  assert _defaulted_config_gets(ast.parse('c.get("seed", 0)'), keys)
