@@ -1,4 +1,4 @@
-"""ImageNet128 Multistep Consistency Training (spec §3, Algorithm 1), from a diffusion teacher.
+"""ImageNet128 Multistep Consistency Training (§3, Algorithm 1), from a diffusion teacher.
 
     python -m multistep_cm.main \
         --config=configs/imagenet128_ct.py:size=small,steps=8,teacher=gs://BUCKET/mcm/in128_small_diffusion \

@@ -1,4 +1,4 @@
-"""ImageNet128 diffusion teacher (the UViT of simple diffusion, spec §7.2).
+"""ImageNet128 diffusion teacher (the UViT of simple diffusion, docs/maths.md §7.2).
 
     python -m multistep_cm.main --config=configs/imagenet128_diffusion.py:size=small \
         --workdir=gs://BUCKET/mcm/in128_small_diffusion

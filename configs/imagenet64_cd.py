@@ -1,4 +1,4 @@
-"""ImageNet64 Multistep Consistency Distillation (spec §3, Algorithm 1), from a diffusion teacher.
+"""ImageNet64 Multistep Consistency Distillation (§3, Algorithm 1), from a diffusion teacher.
 
     python -m multistep_cm.main \
         --config=configs/imagenet64_cd.py:size=small,steps=8,teacher=gs://BUCKET/mcm/in64_small_diffusion \

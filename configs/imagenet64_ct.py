@@ -1,4 +1,4 @@
-"""ImageNet64 Multistep Consistency Training (spec §3, Algorithm 1), from a diffusion teacher.
+"""ImageNet64 Multistep Consistency Training (§3, Algorithm 1), from a diffusion teacher.
 
     python -m multistep_cm.main \
         --config=configs/imagenet64_ct.py:size=small,steps=8,teacher=gs://BUCKET/mcm/in64_small_diffusion \

@@ -1,4 +1,4 @@
-"""ImageNet64 diffusion teacher (the UViT of simple diffusion, spec §7.2).
+"""ImageNet64 diffusion teacher (the UViT of simple diffusion, docs/maths.md §7.2).
 
     python -m multistep_cm.main --config=configs/imagenet64_diffusion.py:size=small \
         --workdir=gs://BUCKET/mcm/in64_small_diffusion

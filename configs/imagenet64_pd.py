@@ -7,7 +7,7 @@
 Stages pd<N> for N = start/2, ..., end (diffusion/losses.py, `pd_loss`): each student
 matches two steps of its 2N-step teacher with one, starting from and distilling the
 stage before it; the first distils the diffusion run `teacher`. Each samples with DDIM
-on its N uniform steps. The official ImageNet64 outer loop (spec baselines §2.1): from
+on its N uniform steps. The official ImageNet64 outer loop (docs/maths.md §14.2): from
 1024 teacher steps, 50k steps per halving at batch 2048, Adam at 1e-4 annealed linearly
 to 0 in each halving, no EMA (config_base.imagenet_pd_config); the paper's
 re-implementation takes the teacher's steps with aDDIM (Tables 3 and 5), everything else

@@ -1,4 +1,4 @@
-"""512x512 text-to-image Multistep Consistency Distillation (spec §7, Table 6), from a
+"""512x512 text-to-image Multistep Consistency Distillation (docs/maths.md §7, Table 6), from a
 diffusion teacher with classifier-free guidance.
 
     python -m multistep_cm.main \

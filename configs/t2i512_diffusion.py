@@ -1,4 +1,4 @@
-"""512x512 text-to-image diffusion teacher (the UViT of spec §7.2, text-conditioned).
+"""512x512 text-to-image diffusion teacher (the UViT of docs/maths.md §7.2, text-conditioned).
 
     python -m multistep_cm.main --config=configs/t2i512_diffusion.py \
         --config.data.dataset=tfds:text_images/NAME --config.data.data_dir=gs://BUCKET/tfds \

@@ -22,7 +22,7 @@ Printed per chip:
     not fitting, with the bytes from XLA's message;
   * FLOPs per step (below);
   * the MFU implied by a training speed: `--steps_per_sec`, by default the paper's
-    (spec §7.3, measured on 64 v5e chips for small models and 256 for large ones).
+    (docs/maths.md §7.3, measured on 64 v5e chips for small models and 256 for large ones).
 
 FLOPs are counted on the step's jaxpr (`runtime/flops.py`, the counter behind the trainer's
 logged MFU too: XLA's cost analysis counts the scanned mid stack's body once, 1 of 16
@@ -54,7 +54,7 @@ from multistep_cm.training import step as train_step
 
 FLAGS = flags.FLAGS
 
-# Spec §7.3: measured training speed (steps/s) on TPU v5e, batch 2048; small models on
+# §7.3: measured training speed (steps/s) on TPU v5e, batch 2048; small models on
 # 64 chips, large ones and T2I (CD only) on 256.
 PAPER_STEPS_PER_SEC = {
     ("imagenet64_small", "ct"): 2.7, ("imagenet64_small", "cd"): 2.5,

@@ -1,4 +1,5 @@
-"""Diffusion samplers at equal network evaluations (spec §5.7, Fig. 3 and Fig. 5).
+"""Diffusion samplers at equal network evaluations (docs/maths.md §5.7, Fig. 3 and Fig. 5;
+Euler, Heun and the Karras grid: §16).
 
     python -m multistep_cm.sampler_comparison --data=toy
     python -m multistep_cm.sampler_comparison --data=digits_mixture

@@ -218,7 +218,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def imagenet_config(resolution: int, mode: str, size: str = "small", student_steps: int = 8,
                     teacher: str = "", guidance: float = 0.0) -> ml_collections.ConfigDict:
-  """The paper's ImageNet settings (spec §7.1, §1.2, §3.2, §5.5); our choices are marked.
+  """The paper's ImageNet settings (§7.1, §1.2, §3.2, §5.5); our choices are marked.
 
   Args:
     resolution: 64 or 128.
@@ -312,7 +312,7 @@ def _pod_run(c: ml_collections.ConfigDict, preset: str, resolution: int, mode: s
 
 def t2i_config(mode: str, student_steps: int = 8, teacher: str = "",
                guidance: float = 0.5) -> ml_collections.ConfigDict:
-  """The paper's 512x512 text-to-image settings (spec §7.1-7.3, App. A.1/A.2); our
+  """The paper's 512x512 text-to-image settings (§7.1-7.3, App. A.1/A.2); our
   choices are marked.
 
   Args:
@@ -320,13 +320,13 @@ def t2i_config(mode: str, student_steps: int = 8, teacher: str = "",
     student_steps: S (4, 8 or 16 in Table 6).
     teacher: the diffusion run (workdir or checkpoint) the student starts from and distils.
     guidance: classifier-free guidance w of the CD teacher, x̂_c + w (x̂_c - x̂_u). Table 6
-      distils teachers at g = 0.5 and g = 3; the paper does not define its g (spec §7.1:
+      distils teachers at g = 0.5 and g = 3; the paper does not define its g (§7.1:
       guidance formulation NOT FOUND): our default 0.5, the low-guidance rows, read as
       Ho & Salimans' w.
   """
   if mode not in ("diffusion", "cd"):
     raise ValueError(f"t2i config: mode 'diffusion' or 'cd' (the paper distils T2I with CD "
-                     f"only, spec §7.1), got {mode!r}")
+                     f"only, §7.1), got {mode!r}")
   c = base_config()
   # A text-image dataset the user prepares (README: Text-image data); the paper's is
   # private (§7.1). Override with --config.data.dataset=tfds:text_images/<name>.
@@ -335,7 +335,7 @@ def t2i_config(mode: str, student_steps: int = 8, teacher: str = "",
   c.data.num_channels = 3
   c.data.num_classes = 0
   # The encoder is NOT FOUND (§7.1): T5-XXL's width 4096 at 128 tokens is our choice
-  # (Imagen's encoder, spec baselines §1), as in the t2i_512 preset.
+  # (Imagen's encoder, §15.1), as in the t2i_512 preset.
   c.data.text_dim, c.data.text_len = 4096, 128
   c.data.random_flip = False  # our choice: captions may name left and right
   # The 32 -> 512 interpolated cosine (§1.2, App. A.1), FSDP over the 256 chips (§7.3).
@@ -490,7 +490,7 @@ def pd_stages(make_stage, start_steps: int, end_steps: int, teacher: str,
   Stage `pd<N>` trains an N-step student against the 2N-step teacher before it: the
   diffusion run `teacher` for the first halving (which also initialises it: the
   official code starts from the teacher's EMA weights), then the previous stage, whose
-  weights also initialise it. The official outer loop (spec baselines §2.1): the
+  weights also initialise it. The official outer loop (§14.2): the
   optimizer reset per halving (a fresh stage), the learning rate annealed linearly to 0
   over each halving, no warm-up, no EMA (decay 0, so 'ema0' is the parameters).
 
@@ -540,7 +540,7 @@ def imagenet_pd_config(resolution: int, size: str = "small", teacher: str = "",
                        start: int = 1024, end: int = 1, halving_steps: int = 50_000,
                        solver: str = "addim", guidance: float = 0.0):
   """Progressive Distillation of an ImageNet diffusion run, the official ImageNet64 outer
-  loop (spec baselines §2.1): from 1024 teacher steps, 50k steps per halving at batch
+  loop (§14.2): from 1024 teacher steps, 50k steps per halving at batch
   2048, Adam at 1e-4; the teacher's steps with aDDIM as the paper re-implemented it."""
 
   def pd_student(n, previous):

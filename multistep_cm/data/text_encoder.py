@@ -6,9 +6,9 @@ a small closed vocabulary gets a pseudo-random unit vector drawn once from
 `np.random.default_rng(seed)` in vocabulary order; a sinusoidal position code (scaled to unit
 norm) is added so that word order is visible to the model ("a thick seven" and "seven thick a"
 differ). Padding positions are zero vectors with mask 0: the layout of the token embeddings a
-real encoder (T5, precomputed offline: baselines_and_text.md §1, recommendation 1) gives the
+real encoder (T5, precomputed offline: docs/maths.md §15.2) gives the
 model, `embeddings [N, L, D]` float32 and `mask [N, L]` int32, so the demo exercises the same
-model inputs (issue 15) as a real text-to-image dataset.
+model inputs (§15.4) as a real text-to-image dataset.
 
 Everything here is numpy: input code runs before `jax.distributed.initialize` on multi-host
 jobs, so it must not start a JAX backend.

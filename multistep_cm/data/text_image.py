@@ -1,9 +1,9 @@
 """Text-image datasets the user prepares from their own files: images, captions, embeddings.
 
-The paper's text-to-image experiment (spec §7, Table 6) conditions on a text encoder's
+The paper's text-to-image experiment (docs/maths.md §7, Table 6) conditions on a text encoder's
 token embeddings. Running a T5-XXL-sized encoder inside the training job costs tens of
 GiB and pod time, so the embeddings are computed once, offline, by the user's encoder
-and stored beside the images (baselines_and_text.md §1, item 1). Nothing is downloaded.
+and stored beside the images (§15.2). Nothing is downloaded.
 
   python -m multistep_cm.data.prepare --text_images=MANIFEST --embeddings=EMBEDDINGS \
       --name=NAME --data_dir=DATA_DIR

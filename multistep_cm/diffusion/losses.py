@@ -1,4 +1,4 @@
-"""Training objectives: the diffusion v-loss, the Multistep CM loss (spec §3, §10) and PD.
+"""Training objectives: the diffusion v-loss, the Multistep CM loss (docs/maths.md §3, §10) and PD.
 
 Functions here are pure: they take the network as a function and the random
 draws (noise, times) as arrays, so tests can set every draw, and return
@@ -30,8 +30,8 @@ Choices where the paper is ambiguous (§13), with the defaults used here:
     `nograd`), no EMA target network (§3.3).
 
 Progressive Distillation (`pd_loss`, mode "pd"), the paper's distillation baseline
-(spec Tables 3 and 5: "PD re-implemented using aDDIM"), as the official
-diffusion_distillation code defines one halving (shared/spec/baselines_and_text.md §2.1):
+(the paper's Tables 3 and 5: "PD re-implemented using aDDIM"), as the official
+diffusion_distillation code defines one halving (§14.1):
 the N-step student draws its step i ~ U{0..N-1}, t = (i + 1) / N; the teacher takes two
 steps t -> t - 1/(2N) -> t - 1/N; the target x̃ is the inverse DDIM of (z_t, z_teacher),
 or the teacher's second x̂ when t - 1/N = 0; the loss is the weighted squared x-error.

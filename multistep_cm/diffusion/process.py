@@ -1,4 +1,4 @@
-"""The forward process and the network's v-parameterization (spec §1.1, §1.3).
+"""The forward process and the network's v-parameterization (docs/maths.md §1.1, §1.3).
 
 `z_t = alpha_t x + sigma_t eps`; the network predicts `v = alpha_t eps - sigma_t x`,
 so `x̂ = alpha_t z_t - sigma_t v̂`. At t = 0 the data endpoint (alpha, sigma) = (1, 0)

@@ -1,5 +1,5 @@
 """Samplers: diffusion sampling with DDIM, aDDIM, Euler or Heun, and Multistep CM sampling
-(spec §4, §5.3, §5.7).
+(docs/maths.md §4, §5.3; Euler, Heun and the Karras grid: §16).
 
 Each sampler is one `jax.lax.fori_loop` over a descending time grid, so a K-step
 sampler compiles to one program whose cost is K network evaluations (Heun: 2K - 1).
@@ -8,7 +8,7 @@ sampler compiles to one program whose cost is K network evaluations (Heun: 2K - 
 Euler and Heun are EDM's samplers (Karras et al. 2022, Algorithm 1) in its coordinates
 `sigma = sigma_t / alpha_t = exp(-logSNR / 2)`, `x = z_t / alpha_t`, on the
 probability-flow ODE `dx/dsigma = (x - x̂) / sigma`. An Euler step there is exactly a
-DDIM step (tests/test_samplers.py), so Heun is DDIM plus EDM's second-order correction.
+DDIM step (tests/unit/test_samplers.py), so Heun is DDIM plus EDM's second-order correction.
 """
 from typing import Callable
 
@@ -54,9 +54,11 @@ def karras_grid(num_steps: int, schedule: Schedule, rho: float = KARRAS_RHO):
 
   `sigma_i = (sigma_max^(1/rho) + i/K (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho` for
   i = 0..K, with sigma_max and sigma_min the schedule's own at t = 1 and t = 0, and
-  `t_i = t(logSNR = -2 log sigma_i)` through the schedule's inverse. EDM appends sigma = 0
-  after its sigma_min; here sigma_min is the schedule's t = 0, which the solvers already
-  treat as the data (sigma = 0), so the K steps end there.
+  `t_i = t(logSNR = -2 log sigma_i)` through the schedule's inverse. That is EDM's eq. 5
+  with K + 1 levels and sigma_min replaced by 0: the last time is the schedule's t = 0,
+  which the solvers treat as the data (sigma = 0). So Heun's last step is a first-order
+  step from sigma_{K-1} to 0, whereas EDM's `num_steps=K` grid has K levels and a last
+  step from sigma_min to 0 (§16.3).
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -186,7 +188,7 @@ def sample(denoise_fn: Callable, z, schedule: Schedule, num_steps: int, sampler:
     z: N(0, I) noise, the latent at t = 1.
     schedule: the noise schedule.
     num_steps: K, the number of steps (network evaluations: `nfe(sampler, K)`).
-    sampler: "ddim", "addim" (§5.3), "euler" or "heun" (EDM, §5.7).
+    sampler: "ddim", "addim" (§5.3), "euler" or "heun" (EDM, §16).
     x_var: for aDDIM: None (the analytic rule 0.1 / (2 + SNR)), a callable `x_var(t)`
       (a table, Algorithm 3) or a constant.
     spacing: "uniform" in t, or "karras" (EDM's sigma spacing, rho = 7; `karras_grid`).

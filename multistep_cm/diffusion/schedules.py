@@ -1,10 +1,10 @@
-"""Variance-preserving noise schedules in logSNR form (spec §1.1, §1.2).
+"""Variance-preserving noise schedules in logSNR form (docs/maths.md §1.1, §1.2).
 
 `z_t = alpha_t x + sigma_t eps` with `alpha_t^2 = sigmoid(logsnr(t))` and
 `sigma_t^2 = sigmoid(-logsnr(t))`, t in [0, 1], t = 1 the noise end.
 
 The simple-diffusion formulas follow the reimplementation consensus recorded in
-the spec (§1.2): the ±15 clip is applied to the *unshifted* cosine by mapping t
+§1.2: the ±15 clip is applied to the *unshifted* cosine by mapping t
 into [t_min, t_max] (so a shifted schedule spans [-15 + shift, 15 + shift]),
 and the interpolated schedule is `t * shifted(low) + (1 - t) * shifted(high)`,
 i.e. noisier (low-resolution shift) near t = 1 and the full-resolution schedule

@@ -1,12 +1,12 @@
 """Segment boundaries of Multistep CMs: where each of the S student steps starts and ends.
 
-The paper splits t in [0, 1] into S equal segments (§3.1). Here the boundaries are a
+The paper splits t in [0, 1] into S equal segments (docs/maths.md §3.1). Here the boundaries are a
 choice, each a monotone map g of u = k / S:
   * "uniform": t_k = k / S (the paper);
   * "logsnr": equal steps in logSNR between logSNR(0) and logSNR(1);
   * "karras": the EDM spacing (Karras et al. 2022, rho = 7) of the VE noise level
     sigma = exp(-logSNR / 2), over EDM's range [0.002, 80] clipped to the schedule's
-    (spec §12.1); the first and last boundaries stay at t = 0 and 1;
+    (§12.1); the first and last boundaries stay at t = 0 and 1;
   * an explicit list of S + 1 times from 0 to 1.
 Because each kind is a map of k / S, the boundaries of S are a subset of those of 2S
 (nested grids), which any-step training relies on.

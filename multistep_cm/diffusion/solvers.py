@@ -1,4 +1,4 @@
-"""One-step solvers between diffusion times: DDIM, inverse DDIM and aDDIM (spec §2, §5).
+"""One-step solvers between diffusion times: DDIM, inverse DDIM and aDDIM (docs/maths.md §2, §5).
 
 All functions take arrays with a leading batch axis and any data shape after it;
 `t` and `s` are scalars or `[B]` vectors with `t > s`; reductions run over all
@@ -7,8 +7,8 @@ non-batch axes, per example, never across the batch.
 The endpoint t = 0 is the data itself. The logSNR-clipped schedules give
 `alpha_0 ~ 1 - 1.5e-7`, `sigma_0 ~ 5.5e-4` at t = 0; the solvers replace them by
 exactly (1, 0), so a step to s = 0 returns x̂ (Algorithm 2 returns
-`f(z_{1/T}, 1/T)`, spec §4) and the MCM target of the first segment is exactly
-the classic consistency target `f(z_s, s)` (spec §2, "for t_step = 0").
+`f(z_{1/T}, 1/T)`, §4) and the MCM target of the first segment is exactly
+the classic consistency target `f(z_s, s)` (§2, "for t_step = 0").
 """
 import dataclasses
 from typing import Callable

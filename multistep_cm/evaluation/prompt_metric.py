@@ -2,7 +2,7 @@
 
   python -m multistep_cm.evaluation.prompt_metric --sanity [--image_size 8]
 
-The paper scores text-to-image samples by FID and CLIP score on private prompts (spec §8,
+The paper scores text-to-image samples by FID and CLIP score on private prompts (docs/maths.md §8,
 Table 6); the embedded demo replaces the CLIP score, which needs weights, by checking what the
 prompt names. `prompt_metrics(images, prompts)` judges samples drawn for captions such as
 "a thick slanted seven" (`data.captions`), reporting:

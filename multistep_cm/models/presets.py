@@ -1,6 +1,6 @@
 """Named model presets and `get_model`, the one way the rest of the code builds a network.
 
-The four ImageNet presets follow spec §7.2 (widths, depths, resolutions and
+The four ImageNet presets follow §7.2 of docs/maths.md (widths, depths, resolutions and
 dropout placement as the paper states them); `t2i_512` is the text-to-image
 model, conditioned on precomputed T5-XXL-width token embeddings (the encoder runs
 offline; uvit.py states the text-conditioning assumptions). The small presets are
@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     emb_dim=128, dropout=0.0),
 }
 
-# Parameter counts stated by the paper (spec §7.2).
+# Parameter counts stated by the paper (§7.2).
 PAPER_PARAMS = {
     "imagenet64_small": 394e6,
     "imagenet64_large": 1.23e9,

@@ -1,15 +1,15 @@
 """UViT: the U-Net with a transformer core of simple diffusion (Hoogeboom et al. 2023).
 
-Architecture facts from the MCM paper (spec §7.2): ResNet-block stages at high
+Architecture facts from the MCM paper (docs/maths.md §7.2): ResNet-block stages at high
 resolution with 2x2 average-pool downsampling, transformer stages
 (self-attention + MLP x4) at low resolution, a mid stack of transformer blocks,
 and a mirrored up path that starts each stage with nearest-neighbour
-upsampling. The network outputs v-hat (spec §1.3: x-hat = alpha z - sigma v-hat)
+upsampling. The network outputs v-hat (§1.3: x-hat = alpha z - sigma v-hat)
 and is conditioned on logSNR(t) and either a class label with an extra null class
-or a sequence of precomputed text embeddings (spec §7.2: the T2I model; §1.3: the
+or a sequence of precomputed text embeddings (§7.2: the T2I model; §1.3: the
 model interface is the diffusion model's, "plus class or text conditioning").
 
-Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
+Choices where the papers are silent (§7.2 "NOT FOUND"), and why:
 - Skip connections: U-Net style, every block of the down path stores its
   output and the mirrored up block consumes it by channel concatenation (as in
   DDPM/ADM and in simple diffusion's U-Net ancestry). ResBlocks fold the wider
@@ -28,7 +28,7 @@ Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
   flash attention supports. The output projections of attention and MLP are
   zero-initialised so each block starts as the identity. MLP: dense (4x) ->
   GELU -> dense. Dropout on the attention and MLP outputs, only at the
-  levels the preset names (spec §7.2 places dropout per level).
+  levels the preset names (§7.2 places dropout per level).
 - Position information: a fixed 2D sine-cosine embedding added where a
   transformer level starts (down, mid and up), parameter-free.
 - Width changes at transformer levels: a dense projection at the stage entry,
@@ -52,7 +52,7 @@ Choices where the papers are silent (spec §7.2 "NOT FOUND"), and why:
   the LayerNorm'd tokens projected once to the mid width, with a learned null
   token in front; every block of the mid stack gets a pre-LN, FiLM-modulated
   cross-attention sub-block after self-attention, zero-initialised).
-  ASSUMPTION (spec §13, baselines_and_text.md §1): which route simple diffusion
+  ASSUMPTION (§13, §15): which route simple diffusion
   and the MCM T2I model used is not stated in any source we have. The default
   "both" follows Imagen, from the same group, which adds a pooled text vector to
   the timestep embedding and also cross-attends to the token sequence. Cross-

@@ -1,8 +1,9 @@
 """Progressive Distillation (mode 'pd') against closed-form truth and its staged configs.
 
 The teacher is the exact denoiser E[x | z_t] of the toy mixture. The teacher's two steps
-and the student's inverse DDIM are written here from the formulas (eq. 4, 5 and 14 of the
-spec, with alpha and sigma from the schedule's logSNR), independently of solvers.py.
+and the student's inverse DDIM are written here from the formulas (docs/maths.md §2 and
+§5.2, the paper's eq. 4, 5 and 14, with alpha and sigma from the schedule's logSNR),
+independently of solvers.py.
 """
 import jax
 import jax.numpy as jnp

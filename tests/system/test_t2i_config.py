@@ -1,6 +1,6 @@
 """The paper's text-to-image configs (configs/t2i512_*.py) against the paper's stated
-settings (spec §1.2, §3.2, §3.6, §5.5, §7.1-7.3; the numbers are written here from the
-spec, not read from config_base), and the T2I CD step compiled for a small TPU slice.
+settings (docs/maths.md §1.2, §3.2, §3.6, §5.5, §7.1-7.3; the numbers are written here
+from those sections, not read from config_base), and the T2I CD step compiled for a small TPU slice.
 """
 import importlib.util
 import json
@@ -24,7 +24,7 @@ from helpers import file_config
 from helpers import run_module
 
 
-def _logsnr_cosine(t, lmin=-15.0, lmax=15.0):  # spec §1.2
+def _logsnr_cosine(t, lmin=-15.0, lmax=15.0):  # §1.2
   t_min, t_max = math.atan(math.exp(-lmax / 2)), math.atan(math.exp(-lmin / 2))
   return -2 * np.log(np.tan(t_min + t * (t_max - t_min)))
 

@@ -1,4 +1,4 @@
-"""Euler, Heun, Karras spacing and aDDIM's final step against closed-form truth (spec §5.7).
+"""Euler, Heun, Karras spacing and aDDIM's final step against closed-form truth (§16, §5.3).
 
 The exact denoiser of a Gaussian mixture stands in for the network, so every error
 measured here is the sampler's own.
