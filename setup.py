@@ -15,7 +15,7 @@ _RUNTIME = [
     "clu>=0.0.12",
     # clu's TensorBoard writer and tfds need TensorFlow; the CPU build is enough
     # because TensorFlow only reads data and writes event files here. Where TensorFlow is
-    # missing (a GPU image with JAX alone), tensorboardX writes the events (metric_log.py).
+    # missing (a GPU image with JAX alone), tensorboardX writes the events (runtime/metric_log.py).
     "tensorflow-cpu>=2.21.0",
     "tensorboard>=2.21.0",
     "tensorboardX>=2.6",

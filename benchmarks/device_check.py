@@ -10,7 +10,7 @@ One command, no network, sized for the 15 minutes of device time a session may g
      whose compiled memory fits 90% of the device's memory: one compile at
      `--probe_batch`, then the activation bytes scaled linearly, rounded down to a
      multiple of 8 (the timed compile at that batch confirms it fits);
-  3. the train steps (the trainer's own `train_step.StepBuilder`, random state, teacher
+  3. the train steps (the trainer's own training/step.py `StepBuilder`, random state, teacher
      and batch) at that batch, in this order until the time budget is spent: CD with XLA
      and cuDNN attention, diffusion and CT with the faster attention, then all three with
      remat (the config's policy, `dense_and_conv_saveable`); per variant the median step

@@ -4,7 +4,7 @@
     python -m benchmarks.train_step --config=configs/imagenet64_cd.py --batch=max \
         --modes=diffusion,ct,cd --model=attention_impl=cudnn   # GPU: the largest batch
 
-Each step is the trainer's own (`train_step.StepBuilder`: sharded, donated, compiled
+Each step is the trainer's own (training/step.py: `StepBuilder`, sharded, donated, compiled
 ahead of time) built from one config with only `loss.mode` changed, run on a
 random state, a random teacher and a random batch already on the devices. Modes
 are timed in alternation after warm-up; the report has per mode the median step

@@ -1,4 +1,4 @@
-"""Guidance as an input on the digits (issue 18): one student told w against fixed-w students.
+"""Guidance as an input on the digits: one student told w against fixed-w students.
 
     python -m multistep_cm.main \
         --config=configs/digits_guidance.py:teacher=/tmp/mcm_digits/teacher \

@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 128  # global, over all devices and hosts
   # Gradient accumulation: the batch's gradient as the mean over this many micro-batches,
-  # one at a time (activation memory of batch_size / grad_accum_steps; train_step.py).
+  # one at a time (activation memory of batch_size / grad_accum_steps; training/step.py).
   c.grad_accum_steps = 1
   c.num_train_steps = 2000
 
@@ -73,8 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.teacher_solver = "addim"  # or 'ddim'
   c.loss.guidance_scale = 0.0  # classifier-free guidance of the CD teacher
   # (w_min, w_max): each example's teacher is guided at w ~ U[w_min, w_max] and the student
-  # (model.guidance_cond) is told w, so one student samples at any w in the range (issue
-  # 18); empty: off (the fixed guidance_scale). Sampling without --guidance uses w_min.
+  # (model.guidance_cond) is told w, so one student samples at any w in the range (guidance
+  # as an input); empty: off (the fixed guidance_scale). Sampling without --guidance uses w_min.
   c.loss.guidance_range = ()
   c.loss.huber_epsilon = 1e-4
   c.loss.huber_reduction = "mean"  # 'mean', 'sum', 'elementwise'
@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # student initialisation (the paper starts from the teacher's weights)
   c.init_weights = "ema0"
 
-  # --- optimiser (optim.py) ---
+  # --- optimiser (training/optim.py) ---
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3
@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_warmup = True
   c.nonfinite = "skip"  # non-finite loss or gradient: 'skip' the update, or 'stop' the run
 
-  # --- mesh (sharding.py): data x fsdp = all devices; -1 = the rest ---
+  # --- mesh (runtime/sharding.py): data x fsdp = all devices; -1 = the rest ---
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1

@@ -110,7 +110,7 @@ def make_source(config) -> sources.Source:
 
 
 def prompts(config, num: int, seed: int = 0):
-  """`(conditioning, captions)`: `num` training examples' text conditioning (conditioning.py;
+  """`(conditioning, captions)`: `num` training examples' text conditioning (models/conditioning.py;
   numpy `text_embedding` [num, L, D], `text_mask` [num, L]) and their caption strings, drawn
   without replacement (with, past the dataset's size) by `seed`: the prompts a text model's
   grids and evaluations sample from. The source must have `captions(indices)`."""
@@ -133,7 +133,7 @@ def trained_boundaries(config, schedule=None) -> dict[str, list[float]]:
   """`{str(S): boundaries}` snapped to the final teacher grid: what sampling must use.
 
   The trainer stores them in every student checkpoint's metadata, where the sampling
-  commands read them back (runs.py).
+  commands read them back (sampling/runs.py).
   """
   schedule = get_schedule(config) if schedule is None else schedule
   lc = config.loss

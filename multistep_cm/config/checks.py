@@ -10,7 +10,7 @@ Allowed but suspicious values are refused or warned about, as `SCHEMA` says.
 `validate_run` is what the main job calls first, for a single-run config or every
 stage of a staged one, so a mistake in a later stage fails before the first trains.
 Checks that need files (the teacher checkpoint, the dataset) run in the trainer,
-still before anything is allocated or compiled (train.py, step 1).
+still before anything is allocated or compiled (training/loop.py, step 1).
 """
 import dataclasses
 import math

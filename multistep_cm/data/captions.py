@@ -1,6 +1,6 @@
 """The embedded text-to-image demo's data: the digits with captions measured from each image.
 
-A caption names the digit and up to three binary properties measured from the image (issue 15):
+A caption names the digit and up to three binary properties measured from the image (§15.4):
 "a thick wide slanted seven", or only some of them ("a seven", "a thin seven"). Word order is
 fixed: article, thickness, width, slant, digit. The properties, measured on the ink
 `w = clip((x + 1) / 2 - 1/8, 0, 7/8) / (7/8)` (the 1/8 floor keeps a sample's faint background

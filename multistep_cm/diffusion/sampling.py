@@ -242,7 +242,7 @@ def classifier_free_guidance(denoise_fn: Callable, labels, null, guidance_scale,
   conditioning (class ids [B], or any pytree with a leading batch axis, e.g. text
   embeddings); `null` is the unconditional input: a class id, or a pytree like
   `labels`. `guidance_scale` is one w, or one per example ([B], broadcast over the
-  data axes: a student trained on a range of w, issue 18). With `return_conditional`,
+  data axes: a student trained on a range of w and told it). With `return_conditional`,
   the guided function returns `(x̂_guided, x̂_c)`.
   """
   if isinstance(null, int):

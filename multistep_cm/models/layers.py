@@ -276,7 +276,7 @@ class Conditioning(nn.Module):
   t_step; the data end t_step = 0 is the schedule's maximum logSNR). Both start at
   zero, so a student initialised from a diffusion checkpoint starts as the teacher.
 
-  A guidance-conditioned student (`guidance_cond`, issue 18) is told the
+  A guidance-conditioned student (`guidance_cond`) is told the
   classifier-free guidance scale w its teacher was guided at (`guidance` float [B]):
   a projection of sinusoidal features of w is added, zero-initialised for the same
   reason, so one student serves every w of its trained range.

@@ -9,7 +9,7 @@ below map them onto a mesh with axes ('data', 'fsdp'):
 A dimension that the mesh axis does not divide is replicated instead, so any
 preset works on any mesh.
 
-The mesh axes must be of type `AxisType.Auto` (sharding.make_mesh builds them so):
+The mesh axes must be of type `AxisType.Auto` (runtime/sharding.py: `make_mesh` builds them so):
 the layers leave it to XLA's sharding propagation to all-gather FSDP-sharded weights.
 """
 from typing import Any, Sequence

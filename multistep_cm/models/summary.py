@@ -6,7 +6,7 @@
 Everything is computed on abstract shapes: the count from `jax.eval_shape` of
 `init`, the stage shapes from `jax.eval_shape` of `apply` collecting the sown
 'intermediates', the FLOPs on the jaxpr of `apply` given `ShapeDtypeStruct`
-parameters, by the package's one FLOP counter (flops.py: matmuls and convolutions,
+parameters, by the package's one FLOP counter (runtime/flops.py: matmuls and convolutions,
 every block of the scanned mid stack counted), the one behind the trainer's logged
 MFU and the compile report.
 """

@@ -25,7 +25,7 @@ of each array's words, position-weighted so that any change of one word changes 
 first (`tree_checksums`, computed on the devices, sharded arrays included), and every
 restore recomputes them: a checkpoint whose bytes changed, or that cannot be read at
 all (a truncated file), raises `CorruptCheckpointError` naming the step and the array.
-The trainer then falls back to the newest checkpoint that verifies (train.py).
+The trainer then falls back to the newest checkpoint that verifies (training/loop.py).
 Checkpoints written before checksums existed restore unverified.
 
 Errors are this project's: a checkpoint that is missing or does not fit the model

@@ -1,14 +1,14 @@
 """FLOPs of a traced program, counted on its jaxpr: matmuls and convolutions.
 
 The one FLOP counter of the package: the trainer's logged MFU
-(`train_step.StepBuilder.flops`), the compile report and the model summary all count
+(training/step.py: `StepBuilder.flops`), the compile report and the model summary all count
 with `count_flops`. `xla_flops` reads XLA's own figure, which the compile report and
 the tests show beside it for comparison only.
 
 Why not XLA's cost analysis: it counts the body of a `while` loop once, whatever its
 trip count, and the UViT's mid stack is a scan of 16 blocks (`scan_blocks`), so the
 compiled step of a scanned model reports 15 blocks too few
-(tests/test_compile_report.py shows it). Here a scan's body counts `length` times.
+(tests/system/test_compile_report.py shows it). Here a scan's body counts `length` times.
 
 What is counted: `2 * M * N * K` per `dot_general`, and per convolution 2 x batch x
 output channels x input channels per group x the (output position, kernel tap) pairs

@@ -6,7 +6,7 @@ with clu's progress report (steps/s, ETA) and profiler hooks. Without TensorFlow
 image with JAX alone, where TensorFlow is only needed to read TFDS data), tensorboardX
 writes the same tags as classic TensorBoard summaries (scalars, PNG images, the config
 as text) and this module reports progress and profiles itself. TensorBoard reads both
-(tests/test_train.py reads them with TensorBoard's own reader).
+(tests/system/test_train.py reads them with TensorBoard's own reader).
 
 Nothing here imports TensorFlow or clu unless it can be imported: `import
 multistep_cm.training.loop` works where TensorFlow cannot be.

@@ -74,7 +74,7 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
     seed: noise and random labels come from it.
     batch_size: global batch per call (rounded up to a multiple of the device count).
     labels: for a class-conditional model: None (uniformly random classes), or an
-      int array of `num_samples` class ids; for a text model (conditioning.py), the dict
+      int array of `num_samples` class ids; for a text model (models/conditioning.py), the dict
       of `num_samples` prompts' `text_embedding` [N, L, D] and `text_mask` [N, L].
     x_var_table: aDDIM's per-t table when `spec.x_var == 'table'`.
     mesh: the devices to use, the batch split over all its axes (default: all devices).

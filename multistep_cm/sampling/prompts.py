@@ -1,6 +1,6 @@
 """Prompts for text-conditioned runs: what the sampling commands condition on.
 
-A text model is conditioned on its encoder's outputs (conditioning.py), never on strings, so
+A text model is conditioned on its encoder's outputs (models/conditioning.py), never on strings, so
 a prompt reaches it as `text_embedding` [N, L, D] and `text_mask` [N, L]: from the run's
 training data, from an .npz the user's encoder wrote, or, for the embedded captioned digits
 whose encoder the project ships (data/captions.py), from the strings themselves.
@@ -13,7 +13,7 @@ from multistep_cm.data import captions
 
 def parse(text: str, num: int, config, seed: int = 0):
   """`--prompts` of a text-conditioned run (sample.py): `(conditioning, captions)`, `num`
-  of each (cycled), the conditioning as conditioning.py's numpy dict.
+  of each (cycled), the conditioning as models/conditioning.py's numpy dict.
 
   Raises:
     ValueError: a missing key or a shape that does not fit the run (one line).

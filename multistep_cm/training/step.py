@@ -166,7 +166,7 @@ def make_loss_fn(plan: plan_lib.RunPlan, model, schedule, teacher_model=None,
 
   def loss_fn(params, teacher_params, batch, step, rng):
     x = batch[data_key]
-    # Class labels, or a text model's embeddings and mask (conditioning.py).
+    # Class labels, or a text model's embeddings and mask (models/conditioning.py).
     labels = conditioning.from_batch(model, batch)
     k_eps, k_time, k_drop, k_label = jax.random.split(rng, 4)
     eps = jax.random.normal(k_eps, x.shape, x.dtype)

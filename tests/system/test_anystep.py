@@ -115,7 +115,7 @@ def test_sampling_walks_the_given_boundaries_and_passes_segment_starts():
 
 
 def test_anystep_shares_draw_each_count_that_often():
-  """`loss.anystep_probs` (issue 18): each count's share of the batch, given in any order
+  """`loss.anystep_probs`: each step count's share of the batch, given in any order
   with its counts; equal shares when empty."""
   config = config_base.set_anystep(tiny_mixture("cd", steps=1, teacher="/t"), (8, 1, 4, 2),
                                    probs=(0.4, 0.1, 0.3, 0.2))

@@ -1,4 +1,4 @@
-"""Guidance as an input (issue 18): a student told the teacher's guidance scale w.
+"""Guidance as an input: a student told the teacher's guidance scale w.
 
 A range `loss.guidance_range` makes each example draw its own w; the teacher's CD step is
 classifier-free guided at that w (x_var from the conditional output, §5.5) and the

@@ -34,14 +34,14 @@ _SETTINGS = {
 
 POD = ["--tpu-name=mcm-small", "--zone=us-west4-a", "--project=my-project"]
 TRAIN = POD + [
-    "--config=configs/imagenet64.py:small",
+    "--config=configs/imagenet64_diffusion.py:size=small",
     "--workdir=gs://my-bucket/mcm/in64_small",
     "--tfds-data-dir=gs://my-bucket/tfds",
     "--config.batch_size=2048",
 ]
 MAIN = [
     "-m", "multistep_cm.main",
-    "--config=configs/imagenet64.py:small",
+    "--config=configs/imagenet64_diffusion.py:size=small",
     "--workdir=gs://my-bucket/mcm/in64_small",
     "--config.batch_size=2048",
 ]
@@ -146,8 +146,8 @@ def test_settings_from_environment_equal_flags(env):
   from_flags = tpu(env, "train", *TRAIN).stdout
   from_env = tpu(env, "train", "--config.batch_size=2048", extra_env={
       "TPU_NAME": "mcm-small", "ZONE": "us-west4-a", "PROJECT_ID": "my-project",
-      "CONFIG": "configs/imagenet64.py:small", "WORKDIR": "gs://my-bucket/mcm/in64_small",
-      "TFDS_DATA_DIR": "gs://my-bucket/tfds"}).stdout
+      "CONFIG": "configs/imagenet64_diffusion.py:size=small",
+      "WORKDIR": "gs://my-bucket/mcm/in64_small", "TFDS_DATA_DIR": "gs://my-bucket/tfds"}).stdout
   assert from_flags == from_env
   via_overrides = tpu(env, "train", *TRAIN[:-1],
                       extra_env={"OVERRIDES": "--config.batch_size=2048"}).stdout
@@ -346,7 +346,7 @@ def test_worker_commands_detach_then_stop(env, tmp_path, handles_sigterm):
 
 def test_slurm_dry_run_runs_the_trainer_on_every_task(env):
   result = run_script(env, "gpu_slurm.sbatch", "--config.batch_size=2048", extra_env={
-      "DRY_RUN": "1", "CONFIG": "configs/imagenet64.py:small",
+      "DRY_RUN": "1", "CONFIG": "configs/imagenet64_diffusion.py:size=small",
       "WORKDIR": "gs://my-bucket/mcm/in64_small", "TFDS_DATA_DIR": "gs://my-bucket/tfds"})
   cd, srun = commands(result.stdout)
   assert cd == ["cd", str(REPO)]
@@ -372,14 +372,14 @@ def test_slurm_asks_for_one_task_per_gpu(env):
 
 def test_single_node_dry_run_drives_all_gpus_from_one_process(env, tmp_path):
   result = run_script(env, "gpu_single_node.sh", "--dry-run",
-                      "--config=configs/imagenet64.py:small", "--workdir=runs/in64",
+                      "--config=configs/imagenet64_diffusion.py:size=small", "--workdir=runs/in64",
                       "--gpus=0,1,2,3", "--config.batch_size=2048", cwd=tmp_path)
   cd, argv = commands(result.stdout)
   assert cd == ["cd", str(REPO)]
   assert argv[0] == "env" and "CUDA_VISIBLE_DEVICES=0,1,2,3" in argv
   # The relative workdir is the caller's, made absolute before the cd.
   assert argv[argv.index("python") + 1:] == [
-      "-m", "multistep_cm.main", "--config=configs/imagenet64.py:small",
+      "-m", "multistep_cm.main", "--config=configs/imagenet64_diffusion.py:size=small",
       f"--workdir={tmp_path}/runs/in64", "--config.batch_size=2048"]
   missing = run_script(env, "gpu_single_node.sh", "--dry-run", "--config=configs/x.py", ok=False)
   assert missing.returncode != 0 and len(missing.stderr.splitlines()) == 1

@@ -167,7 +167,7 @@ def test_tensorboard_reads_the_runs_and_evaluates_outputs(trained, tmp_path):
 
 
 def test_euler_and_heun_sample_a_trained_teacher(trained, tmp_path):
-  """Euler is DDIM (the identity of tests/test_samplers.py) on the real network too; the
+  """Euler is DDIM (the identity of tests/unit/test_samplers.py) on the real network too; the
   sample command takes Heun on the Karras grid and says so; a student refuses both."""
   _, teacher, student = trained
   run = runs.load_run(teacher)

@@ -44,7 +44,7 @@ def test_toy_experiment_runs_every_mode_and_reports_every_row():
     row = next(r for r in rows if r["model"] == "MCM-CD any-step (segment_start)"
                and r["steps"] == s)
     assert np.isfinite(row["ed_truth"])
-  # Its diagnostics (issue 18): each S's loss and gradient norm, and the cosines between
+  # The any-step model's diagnostics: each S's loss and gradient norm, and the cosines between
   # the S's gradients, a symmetric matrix with a unit diagonal.
   any_rows = [r for r in rows if r["model"] == "MCM-CD any-step (segment_start)"]
   cos = np.asarray([r["grad_cos"] for r in any_rows])

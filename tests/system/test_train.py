@@ -93,8 +93,8 @@ def test_logged_mfu_and_the_compile_report_count_the_same_flops(tmp_path, monkey
   assert report["hardware_flops_per_chip"] > 1.1 * expected  # remat recomputes forwards
   assert report["xla_flops_per_chip"] != pytest.approx(expected, rel=1e-4)
   # The speed the trainer divided by: its examples_per_sec / batch_size. Its steps_per_sec
-  # is that too, but clu's ReportProgress writes its own steps_per_sec (timed apart) at the
-  # same steps, so that tag holds two values per log step.
+  # is that too; the progress hooks (runtime/metric_log.py: clu's ReportProgress without a
+  # writer, or its own Progress) log theirs as text only, so the tag is the trainer's.
   logged_speeds = {}
   for step, value in scalars["steps_per_sec"]:
     logged_speeds.setdefault(step, []).append(value)

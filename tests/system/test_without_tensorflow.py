@@ -14,7 +14,7 @@ from helpers import run_module
 
 
 def test_the_trainer_imports_without_tensorflow():
-  """The issue's own check, plus the other modules a GPU run imports."""
+  """The trainer imports with TensorFlow blocked, and so do the other modules a GPU run imports."""
   code = ("import sys; sys.modules['tensorflow'] = None; "
           "sys.modules['tensorflow_datasets'] = None; import multistep_cm.training.loop, "
           "multistep_cm.training.step, multistep_cm.sampling.runs, multistep_cm.compile_report, "

@@ -1,4 +1,4 @@
-"""The captioned digits (issue 15's embedded text-to-image demo) and the prompt-following metric."""
+"""The captioned digits (the text-to-image demo, §15.4) and the prompt-following metric."""
 import itertools
 
 import numpy as np

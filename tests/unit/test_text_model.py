@@ -1,4 +1,4 @@
-"""Text conditioning of the UViT (issue 15): both routes, padding, null text, equivalences.
+"""Text conditioning of the UViT (§15.2, §15.3): both routes, padding, null text, equivalences.
 
 All on the `digits8_text` preset (8x8, a two-block mid stack, 8 tokens of width 64) with
 random parameters (test_models._random_params: nothing zero, so the zero-initialised output
