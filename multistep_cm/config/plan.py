@@ -128,9 +128,19 @@ class RunPlan:
     """The network (models/presets.py with the config's overrides)."""
     return config_build.get_model(self.config)
 
+  @property
+  def teacher_model(self):
+    """The architecture of the diffusion model the student distils or starts from."""
+    return config_build.teacher_architecture(self.model)
+
   def make_source(self):
     """The training data source (config/build.py: `make_source`)."""
     return config_build.make_source(self.config)
+
+  def prompts(self, num: int, seed: int = 0):
+    """`(conditioning, captions)` of `num` training examples drawn by `seed`: what a text
+    model's grids and evaluations sample from (config/build.py: `prompts`)."""
+    return config_build.prompts(self.config, num, seed)
 
   @property
   def student_steps(self) -> int | None:

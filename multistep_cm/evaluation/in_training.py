@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm.config import build as config_build
 from multistep_cm.config import plan as plan_lib
 from multistep_cm.evaluation import sample_metrics
 from multistep_cm.models import conditioning
@@ -47,7 +46,7 @@ class SampleGrid:
       # One prompt from the training data per row, its caption at the row's left.
       rows = int(np.ceil(np.sqrt(config.sample_num)))
       cols = -(-config.sample_num // rows)
-      cond, captions = config_build.prompts(config, rows, seed=config.seed + 7)
+      cond, captions = plan.prompts(rows, seed=config.seed + 7)
       which = np.arange(config.sample_num) // cols
       self._labels = jax.tree.map(lambda a: jnp.asarray(a[which]), cond)
       self._row_labels = np.asarray(captions, dtype=object)[which]
@@ -120,7 +119,7 @@ class TrainingEvaluator:
     self.labels = self.captions = None
     if conditioning.is_text(model):
       # Prompts from the training data; the metric judges samples against their captions.
-      self.labels, self.captions = config_build.prompts(config, self.num_samples, self.seed)
+      self.labels, self.captions = plan.prompts(self.num_samples, self.seed)
     elif getattr(model, "num_classes", 0):
       self.labels = np.arange(self.num_samples, dtype=np.int32) % model.num_classes
     self.teacher_samples = None

@@ -13,7 +13,6 @@ import re
 from absl import logging
 import numpy as np
 
-from multistep_cm.config import build as config_build
 from multistep_cm.evaluation import sample_metrics
 from multistep_cm.models import conditioning
 from multistep_cm.sampling import generation
@@ -50,7 +49,7 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
     if conditioning.is_text(run.model):
       # A text model samples from prompts: training captions drawn with the seed, every
       # row the same; the metric judges the samples against them.
-      prompts, captions = config_build.prompts(run.config, num_samples, seed)
+      prompts, captions = run.plan.prompts(num_samples, seed)
     for spec in specs:
       samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
                                             num_samples, seed=seed, batch_size=batch_size,

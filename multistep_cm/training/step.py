@@ -364,7 +364,7 @@ class StepBuilder:
     plan, config = self.plan, self.plan.config
     self.mesh = sharding_lib.make_mesh(config.mesh, self.devices)
     self.model = plan.model
-    self.teacher_model = config_build.teacher_architecture(self.model)
+    self.teacher_model = plan.teacher_model
     self.schedule = plan.schedule
     self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
     self.layout = state_layout(self.model, self.tx, self.mesh, len(config.ema_decays))
