@@ -66,7 +66,7 @@ _BATCH = flags.DEFINE_integer("batch", 256, "Batch size.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 10_000, "Samples per evaluation.")
 _HUBER = flags.DEFINE_float("huber_epsilon", 1e-4, "Pseudo-Huber epsilon (§3.6).")
 _WEIGHTING = flags.DEFINE_enum("weighting", "snr_plus_one", list(losses.WEIGHTINGS),
-                               "Loss weighting (see diffusion/losses.py).")
+                               "Loss weighting (§3.6; docs/design.md#losses).")
 _BOUNDARIES = flags.DEFINE_enum("boundaries", "uniform", list(segments.KINDS),
                                 "Segment boundaries (diffusion/segments.py).")
 _ANYSTEP = flags.DEFINE_enum("anystep", "", ["", "steps", "segment_start", "none"],

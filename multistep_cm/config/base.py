@@ -78,9 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.guidance_range = ()
   c.loss.huber_epsilon = 1e-4
   c.loss.huber_reduction = "mean"  # 'mean', 'sum', 'elementwise'
-  c.loss.weighting = "snr_plus_one"  # or 'v_space' (diffusion/losses.py explains the default)
+  c.loss.weighting = "snr_plus_one"  # or 'v_space' (docs/design.md#losses: why the default)
   c.loss.direct_x_var = "analytic"  # Direct CM with aDDIM: 'analytic' or 'data'
-  # Progressive Distillation (mode 'pd'; diffusion/losses.py gives the reasons): the
+  # Progressive Distillation (mode 'pd'; the reasons: docs/maths.md §14.3): the
   # student's N is loss.student_steps, its teacher takes 2N steps (teacher_steps_* unused).
   c.loss.pd_midpoint_x_var = "data"  # the second aDDIM step's x_var: 'first_step', 'analytic'
   c.loss.pd_weighting = "snr_trunc"  # max(SNR, 1) on the squared x-error, or 'snr_plus_one'

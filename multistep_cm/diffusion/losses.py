@@ -1,54 +1,14 @@
-"""Training objectives: the diffusion v-loss, the Multistep CM loss (docs/maths.md §3, §10) and PD.
+"""Training objectives: the diffusion v-loss, the Multistep CM loss in modes ct, cd and
+direct (docs/maths.md §3, §10) and Progressive Distillation, mode pd (§14).
 
-Functions here are pure: they take the network as a function and the random
-draws (noise, times) as arrays, so tests can set every draw, and return
-per-example losses `[B]`; the trainer takes the batch mean.
+Functions here are pure: they take the networks as functions (`student_fn(z, t, rng) -> x̂`,
+`rng` its dropout key, the same for both student calls; `teacher_fn(z, t) -> x̂`, or
+`(x̂_guided, x̂_conditional)` for a guided teacher) and the random draws (noise, times) as
+arrays, so tests can set every draw, and return per-example losses `[B]`; the trainer
+takes the batch mean.
 
-Network functions:
-  * `student_fn(z, t, rng) -> x̂`: the model being trained; `rng` is its dropout
-    key. The MCM loss passes the same key to both student calls (synchronised
-    dropout, §3.3).
-  * `teacher_fn(z, t) -> x̂`, or `-> (x̂_guided, x̂_conditional)` when the teacher
-    uses classifier-free guidance: the aDDIM step uses the guided output and
-    x_var the conditional one (§5.5).
-
-Choices where the paper is ambiguous (§13), with the defaults used here:
-  * T = N_per_segment * student_steps, so t tiles each segment exactly (§3.1).
-  * Pseudo-Huber `sqrt(mean(a^2) + c^2) - c` per example (`huber_reduction="mean"`):
-    with c = 1e-4 it is the RMS, a Euclidean norm; with c = 1 it is ~ mean(a^2)/2,
-    the paper's T2I remark (§3.6). "sum" (iCT) and "elementwise" are options.
-  * Weighting `"snr_plus_one"` by default: `(SNR(t) + 1) d(x_diff)`, Algorithm 1's
-    literal `w_t = SNR(t) + 1`. The text calls it "v-loss (equivalent to SNR + 1
-    weighting)", which holds for squared norms; for the non-squared norm the
-    v-space distance is `d(x_diff / sigma_t) = sqrt(SNR + 1) ||x_diff||`
-    (`"v_space"`, an option). The two differ strongly at low t. Measured on the toy
-    mixture (README, `python -m multistep_cm.toy --weighting=...`, seeds 0-2):
-    CD with the literal weighting is better at S = 1 on every seed (energy
-    distance 0.009-0.018 vs 0.022-0.048) and equal within noise at S = 2, 4, 8, so
-    the paper's literal reading is the default.
-  * The target uses the online parameters under stop-gradient (the paper's
-    `nograd`), no EMA target network (§3.3).
-
-Progressive Distillation (`pd_loss`, mode "pd"), the paper's distillation baseline
-(the paper's Tables 3 and 5: "PD re-implemented using aDDIM"), as the official
-diffusion_distillation code defines one halving (§14.1):
-the N-step student draws its step i ~ U{0..N-1}, t = (i + 1) / N; the teacher takes two
-steps t -> t - 1/(2N) -> t - 1/N; the target x̃ is the inverse DDIM of (z_t, z_teacher),
-or the teacher's second x̂ when t - 1/N = 0; the loss is the weighted squared x-error.
-Each halving is a stage (config_base.pd_stages); the student of halving k is the teacher
-of halving k + 1. What the paper leaves open, with our defaults (config keys):
-  * `loss.teacher_solver`: "addim" (the paper's re-implementation) or "ddim" (Salimans
-    & Ho). aDDIM's first step takes x_var from Algorithm 1, line 10, as CD does.
-  * `loss.pd_midpoint_x_var`, x_var of the second aDDIM step: "data" (default: the same
-    rule at z_mid, eta times the squared error of the teacher's x̂ there against the true
-    x, as the Direct CM's "data" solve does on every step), "first_step" (reuse the first
-    step's), or "analytic" (0.1 / (2 + SNR)).
-  * `loss.pd_weighting`: "snr_trunc" (default: `max(SNR, 1)`, the official ImageNet64
-    config's `snr_trunc` = max(x-MSE, eps-MSE)) or "snr_plus_one" (its v-MSE). Squared
-    error, not pseudo-Huber: PD's own loss; the paper does not say it changed it.
-  * The starting N and the steps per halving are the staged config's arguments (the
-    official ImageNet64 run starts from 1024 teacher steps, 50k steps per halving, lr
-    annealed linearly to 0 in each, optimizer reset, no EMA: config_base.pd_config).
+The maths: docs/maths.md §3, §10 and §14; the design and the choices where the paper is
+ambiguous: docs/design.md#losses.
 """
 import math
 from typing import Callable, NamedTuple
@@ -296,7 +256,7 @@ def mcm_loss(student_fn: Callable, x, eps, segment, n_rel, dropout_rng, *, sched
     eta: xvar_frac for the aDDIM teacher step (0.75, §5.5).
     teacher_solver: "addim" (the paper) or "ddim".
     huber_epsilon, huber_reduction: the pseudo-Huber distance (§3.6).
-    weighting: "snr_plus_one" (default) or "v_space" (module docstring).
+    weighting: "snr_plus_one" (default) or "v_space" (§3.6; docs/design.md#losses).
     direct_x_var: x_var of the aDDIM steps of the Direct solve: "data" (eta times the
       squared error of each step's teacher prediction against the true x) or
       "analytic" (0.1 / (2 + SNR)).
@@ -423,7 +383,7 @@ def pd_loss(student_fn: Callable, x, eps, i, dropout_rng, *, schedule: Schedule,
   """One Progressive Distillation halving's loss per example: `(loss [B], aux)`.
 
   The student (N steps) learns to do in one DDIM step of 1/N what the teacher does in
-  two of 1/(2N) (module docstring, "Progressive Distillation").
+  two of 1/(2N) (docs/maths.md §14.1).
 
   Args:
     student_fn: `student_fn(z, t, rng) -> x̂`.

@@ -187,7 +187,7 @@ def logsnr_features(logsnr: jax.Array, num_features: int) -> jax.Array:
 
 
 SEGMENT_CONDITIONS = ("none", "steps", "segment_start")
-# How a text-conditioned UViT reads its text embeddings (models/uvit.py explains the default).
+# How a text-conditioned UViT reads its text embeddings (§15.2; why the default: docs/design.md).
 TEXT_ROUTES = ("pooled", "cross_attention", "both")
 
 

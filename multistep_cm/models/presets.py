@@ -3,7 +3,7 @@
 The four ImageNet presets follow §7.2 of docs/maths.md (widths, depths, resolutions and
 dropout placement as the paper states them); `t2i_512` is the text-to-image
 model, conditioned on precomputed T5-XXL-width token embeddings (the encoder runs
-offline; uvit.py states the text-conditioning assumptions). The small presets are
+offline; docs/maths.md §15 states the text-conditioning assumptions). The small presets are
 for CPU work and tests; `digits8_text` is the text-conditioned one.
 """
 import dataclasses

@@ -1,81 +1,13 @@
 """UViT: the U-Net with a transformer core of simple diffusion (Hoogeboom et al. 2023).
 
-Architecture facts from the MCM paper (docs/maths.md §7.2): ResNet-block stages at high
-resolution with 2x2 average-pool downsampling, transformer stages
-(self-attention + MLP x4) at low resolution, a mid stack of transformer blocks,
-and a mirrored up path that starts each stage with nearest-neighbour
-upsampling. The network outputs v-hat (§1.3: x-hat = alpha z - sigma v-hat)
-and is conditioned on logSNR(t) and either a class label with an extra null class
-or a sequence of precomputed text embeddings (§7.2: the T2I model; §1.3: the
-model interface is the diffusion model's, "plus class or text conditioning").
+ResNet-block stages at high resolution, transformer stages at low resolution, a mid stack
+of transformer blocks (one `nn.scan`), and a mirrored up path with U-Net skips. The network
+outputs v-hat (docs/maths.md §1.3) and is conditioned on logSNR(t) and either a class label
+with an extra null class or a sequence of precomputed text embeddings with their mask (§15.2).
+Attention runs through `jax.nn.dot_product_attention` (`attention_impl`: "xla" or "cudnn").
 
-Choices where the papers are silent (§7.2 "NOT FOUND"), and why:
-- Skip connections: U-Net style, every block of the down path stores its
-  output and the mirrored up block consumes it by channel concatenation (as in
-  DDPM/ADM and in simple diffusion's U-Net ancestry). ResBlocks fold the wider
-  input in through their first conv and a 1x1 shortcut; transformer blocks
-  project the concatenation back to the width with a dense layer (U-ViT,
-  Bao et al. 2023). Each up stage has as many blocks as its down stage.
-- ResBlocks: GroupNorm(32) -> swish -> conv3x3 -> GroupNorm -> FiLM
-  (scale-shift from the conditioning vector, ADM's "scale-shift norm") ->
-  swish -> dropout -> conv3x3 (zero-initialised), plus a 1x1 shortcut when the
-  width changes.
-- Transformer blocks: pre-LN; each of the two LayerNorms (without affine
-  parameters) is followed by the same FiLM scale-shift as the ResBlocks, so
-  every block sees the noise level (adaptive LayerNorm, as in DiT). Attention
-  head dimension 128 at ImageNet widths (4/8/16 heads at 512/1024/2048): ViTs
-  use 64-128, and 128 fills a TPU's 128-wide matrix unit and is a size cuDNN
-  flash attention supports. The output projections of attention and MLP are
-  zero-initialised so each block starts as the identity. MLP: dense (4x) ->
-  GELU -> dense. Dropout on the attention and MLP outputs, only at the
-  levels the preset names (§7.2 places dropout per level).
-- Position information: a fixed 2D sine-cosine embedding added where a
-  transformer level starts (down, mid and up), parameter-free.
-- Width changes at transformer levels: a dense projection at the stage entry,
-  applied at the lower resolution (after pooling on the way down, before
-  upsampling on the way up); nearest upsampling and average pooling commute
-  with a 1x1 projection, so this only saves FLOPs.
-- Conditioning: logSNR -> 256 sinusoidal features -> dense -> swish -> dense,
-  plus a learned class embedding (num_classes + 1 rows; the last is the null
-  class for classifier-free guidance), all float32. The conditioning width
-  `emb_dim` is fixed (2048) for all four ImageNet presets rather than scaled
-  with the channels: the paper's counts grow 394M -> 1.23B (x3.1) when every
-  channel count doubles, not x4, so a large block of parameters must grow only
-  linearly with width. Those are the FiLM projections from a fixed-width
-  conditioning vector, and 2048 is the width that lands all four counts
-  within 5% (ImageNet128 small/large then serve as checks; README table).
-- Text conditioning (`text_dim > 0`; the encoder runs offline, the model takes
-  its token embeddings [B, L, text_dim] and a padding mask [B, L]). Two routes,
-  chosen by `text_route`: "pooled" (`layers.PooledText`: the masked mean of the
-  LayerNorm'd tokens, projected and added to the conditioning vector, so it
-  reaches every block through FiLM) and "cross_attention" (`layers.TextContext`:
-  the LayerNorm'd tokens projected once to the mid width, with a learned null
-  token in front; every block of the mid stack gets a pre-LN, FiLM-modulated
-  cross-attention sub-block after self-attention, zero-initialised).
-  ASSUMPTION (§13, §15): which route simple diffusion
-  and the MCM T2I model used is not stated in any source we have. The default
-  "both" follows Imagen, from the same group, which adds a pooled text vector to
-  the timestep embedding and also cross-attends to the token sequence. Cross-
-  attention is in the mid stack only, at the lowest resolution where it costs
-  least per block (our choice; the down/up transformer levels have none). Null
-  conditioning (classifier-free guidance) is a caption without tokens (mask all
-  0): the pooled route answers it with a learned null vector, cross-attention
-  with the null token alone.
-- Output head: GroupNorm -> swish -> conv3x3 to the image channels,
-  zero-initialised (v-hat = 0 at initialisation), returned in float32.
-
-Mixed precision and performance: float32 parameters, convs and matmuls in
-`dtype`, norms, softmax (inside `jax.nn.dot_product_attention`) and
-conditioning in float32. Attention goes through `jax.nn.dot_product_attention`
-with `attention_impl`: "xla" (the default, any device; it materialises the
-[B, heads, L, L] float32 logits) or "cudnn" (flash attention on NVIDIA GPUs, for
-bfloat16/float16; no logits in memory). jax's `implementation=None` still means
-XLA (jax 0.10), so cuDNN has to be asked for. Text cross-attention is always
-XLA: its 1 + text_len keys make its logits small.
-The mid stack is an `nn.scan` over identical blocks with parameters stacked on
-a leading 'layers' axis (compile time flat in depth); `unstack_layers` and
-`stack_layers` map between the scanned and unrolled parameter trees. Blocks can
-be rematerialised with a named policy (`layers.REMAT_POLICIES`).
+The architecture: docs/maths.md §7.2; the design (the choices where the papers are silent,
+mixed precision, attention, the scanned mid stack): docs/design.md#the-uvit.
 """
 from collections.abc import Mapping
 from typing import Any
