@@ -4,7 +4,7 @@
         --workdir=/tmp/mcm_digits/cd4
 
 Variants: size=8|16, steps=S (student steps), teacher=PATH.
-Expected: see the README's digits table (evaluate with python -m multistep_cm.evaluate).
+Expected: see docs/results.md's digits table (evaluate with python -m multistep_cm.evaluate).
 """
 from multistep_cm.config import base as config_base
 

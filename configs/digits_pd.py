@@ -14,7 +14,7 @@ Variants: size=8|16, teacher=PATH, start=64 (the teacher's steps in the first ha
 end=1 (the last student's steps), halving_steps=1000 (steps per halving),
 solver=addim|ddim (the teacher's steps), compare=1/2/4/8: also MCM-CD students at those
 step counts, each trained as many steps as the PD chain takes to reach that count
-(experiment (b): PD vs CD at equal training compute; README), batch=128 (every stage).
+(experiment (b): PD vs CD at equal training compute; docs/results.md), batch=128 (every stage).
 """
 import ml_collections
 

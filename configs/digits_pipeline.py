@@ -5,7 +5,7 @@
 Stage `teacher` trains the diffusion model in <workdir>/teacher; stage `cd4` then
 initialises a 4-step Multistep CD student from it and distils it, in <workdir>/cd4.
 Sized to run in about 10 minutes on 2 CPU cores (batch 64, 4000 + 2000 steps); the
-digits study (configs/digits_study.py) trains longer for the README's table.
+digits study (configs/digits_study.py) trains longer for the README's results table.
 Both write TensorBoard logs and sample grids (also as PNG files) into their
 directories: `tensorboard --logdir /tmp/mcm_digits`. Re-running resumes (finished
 stages are skipped).
@@ -31,7 +31,8 @@ def get_config(arg=None):
     stage.checkpoint_every_steps = 1000
   c.stages[student].loss.anneal_steps = 1000
   # A quality curve in TensorBoard (eval/fd, and the student's eval/ode_error) at under 10%
-  # of each stage's time (README: Quick start): 500 samples every 500 teacher steps (8
+  # of each stage's time (docs/sampling_and_evaluation.md, evaluation during training):
+  # 500 samples every 500 teacher steps (8
   # points; 8 aDDIM steps, FD 22 against 17 at 64 steps in the digits study) and every 400
   # student steps (5 points; its ODE error against a 32-step DDIM solve, computed once).
   for stage, every in ((c.stages.teacher, 500), (c.stages[student], 400)):

@@ -8,12 +8,12 @@ dropout 0.1 so classifier-free guidance works) on the digits with generated capt
 ("a thick slanted seven": data/captions.py, encoded by the fixed encoder the project
 ships). Stages `cd_w0`, `cd_w1`, `cd_w3` then distil it into 4-step Multistep CD
 students, each from the teacher guided at w = 0, 1, 3 (x_var from the conditional output,
-§5.5). `t2i_demo` samples teacher and students on held-out prompts and writes the README's
+§5.5). `t2i_demo` samples teacher and students on held-out prompts and writes docs/results.md's
 prompt-following table and a grid with the prompts beside the rows.
 
 Variants: steps=S (student steps), guidance=0/1/3 (the students' w, '/'-separated), teacher_steps,
 student_steps_train (optimizer steps per student stage). Batch 64 throughout; about 25
-minutes for the teacher and 4-8 for each student on the 2-core CPU (README: Results).
+minutes for the teacher and 4-8 for each student on the 2-core CPU (docs/results.md).
 """
 import ml_collections
 

@@ -10,7 +10,7 @@ from and distilling the diffusion run `teacher` (§7.1), identical but for
 `loss.teacher_solver` (the teacher's step of Algorithm 1, line 10: aDDIM with x_var from
 the data, §5.5, or DDIM). Without `teacher`, a stage `teacher` trains the diffusion model
 first (as configs/digits_study.py). The paper (Table 4, ImageNet64): aDDIM helps from
-S = 4 up, DDIM is better at S = 1. README: the measured digits table.
+S = 4 up, DDIM is better at S = 1. docs/results.md: the measured digits table.
 
 Variants: size=8|16, teacher=PATH, steps=1/2/4/8 (the student step counts,
 '/'-separated), student_train_steps=N (each student; teacher steps annealed 64 -> 1280

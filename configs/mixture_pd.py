@@ -6,7 +6,7 @@
 Stages pd<N> for N = start/2, ..., end, each distilling the stage before it (the first:
 the diffusion MLP `teacher`; without it, a stage `teacher` trains one first). The toy
 experiment with the exact denoiser as the first teacher is
-`python -m multistep_cm.toy --modes=pd,cd --equal_compute` (README).
+`python -m multistep_cm.toy --modes=pd,cd --equal_compute` (docs/results.md).
 
 Variants: teacher=PATH, start=64, end=1, halving_steps=500, solver=addim|ddim, dim=8.
 """

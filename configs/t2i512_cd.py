@@ -10,9 +10,9 @@ Variants: steps=4|8|16, teacher=PATH (the diffusion run the student starts from 
 distils), guidance=W (the CD teacher's guidance; Table 6 distils g = 0.5 and g = 3).
 Paper settings (§7.1, App. A.1): CD only, batch 2048, 30k steps, teacher steps fixed at
 256, eta 0.75 on the conditional output, pseudo-Huber epsilon 1, 256 v5e chips (0.71
-steps/s, §7.3). The dataset is one the user prepares (README: Text-image data).
+steps/s, §7.3). The dataset is one the user prepares (docs/data.md, text-image data).
 As our reading of the paper's network stands, the step does not fit a v5e chip at 8 images
-per chip (README: the TPU compile report, which says what we tried).
+per chip (docs/performance.md, the 512-px student on v5e-256, which says what we tried).
 Expected FID30k (Table 6, private data): 8.7 / 8.1 / 7.9 at 4 / 8 / 16 steps with the
 g = 0.5 teacher (teacher 7.9 at 256 steps); 12.4 / 13.9 / 14.4 with g = 3.
 """

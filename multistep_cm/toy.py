@@ -30,7 +30,7 @@ chunk of steps. Beyond the paper (any-step training and segment boundaries):
 the S values (as many steps in total as the separate models together) and samples it at
 each S; `--boundaries=logsnr|karras` moves the segment boundaries.
 
-Everything runs on the CPU in a few minutes; the README tables come from these commands.
+Everything runs on the CPU in a few minutes; the tables of docs/results.md come from these commands.
 """
 import dataclasses
 import json
@@ -88,7 +88,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON here."
 
 @dataclasses.dataclass(frozen=True)
 class ToySettings:
-  """Everything that defines one toy run (defaults: the README table)."""
+  """Everything that defines one toy run (defaults: docs/results.md's toy table)."""
   data_dim: int = 8
   width: int = 128
   depth: int = 3
@@ -211,7 +211,7 @@ def run(settings: ToySettings, student_steps: Sequence[int], modes: Sequence[str
   truth = mix.sample(k_ref, settings.num_eval)[0]
   # The teacher's rows are Algorithm 3 as written: aDDIM on every step, the last one too
   # (`sample_on_grid`; `sampling.sample` ends aDDIM with a DDIM step by default). On this
-  # toy aDDIM's own last step is the better one (README, the sampler comparison).
+  # toy aDDIM's own last step is the better one (docs/results.md, the sampler comparison).
   sample_teacher = jax.jit(
       lambda z, k, smp: sampling.sample_on_grid(exact, z, schedule, sampling.uniform_grid(k), smp),
       static_argnums=(1, 2))

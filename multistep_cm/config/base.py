@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mixture_size = 65536  # mixture only: points drawn once (fixed seed) for the source
   c.data.num_threads = 0  # decode workers (threads or processes); 0 = the pipeline's default
   c.data.prefetch = 2
-  c.data.workers = "threads"  # Grain decodes in 'threads' or worker 'processes' (README: Data)
+  c.data.workers = "threads"  # Grain decodes in 'threads' or worker 'processes' (docs/data.md)
 
   c.batch_size = 128  # global, over all devices and hosts
   # Gradient accumulation: the batch's gradient as the mean over this many micro-batches,
@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   # tuple (empty: the single student_steps). Needs model.segment_cond (set_anystep).
   c.loss.anystep_counts = ()
   # The share of the batch each of those counts draws, in their order (empty: equal
-  # shares). For (1, 2, 4, 8), (0.7, 0.1, 0.1, 0.1) is the measured choice: README, "Why
+  # shares). For (1, 2, 4, 8), (0.7, 0.1, 0.1, 0.1) is the measured choice: docs/results.md, "Why
   # S = 1 fell behind".
   c.loss.anystep_probs = ()
 
@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.metric = "auto"  # 'digits', 'energy', 'fid', 'none'; auto picks by dataset
   c.evals.ode_error = True  # students with a teacher: distance to the teacher's ODE solve
   c.evals.ode_steps = 256
-  c.evals.inception_weights = ""  # FID: converted Inception weights (README)
+  c.evals.inception_weights = ""  # FID: converted Inception weights (docs: FID and IS)
   c.evals.reference_stats = ""  # FID: reference statistics .npz
   return c
 
@@ -268,7 +268,7 @@ def imagenet_config(resolution: int, mode: str, size: str = "small", student_ste
 
 _SAVE_DENSE = "dense_and_conv_saveable"
 # The remat policy of each pod preset (models/layers.py: `remat_policies`), chosen with the
-# compile report (README: "Remat policies"): the ImageNet steps recompute 0.5-3.5% of
+# compile report (docs/performance.md, "Remat policies"): the ImageNet steps recompute 0.5-3.5% of
 # their FLOPs instead of 11-14% with `nothing_saveable`. The small IN128 model recomputes
 # its 32 x 32 transformer level (one policy per level, then the mid stack): saving its
 # dense outputs too leaves only 16% of the HBM free. The 512-px T2I model keeps
@@ -290,10 +290,11 @@ def _pod_run(c: ml_collections.ConfigDict, preset: str, resolution: int, mode: s
   c.batch_size = 2048  # all runs, §7.1
   c.model.preset = preset
   c.model.dtype = "bfloat16"
-  # Activation memory per chip (README: the TPU compile report): without remat the small
-  # IN64 CT step needs 16.7 GiB of temporaries on a v5e-64 chip (XLA refuses it). Each
+  # Activation memory per chip (docs/performance.md, the TPU compile report): without
+  # remat the small IN64 CT step needs 16.7 GiB of temporaries on a v5e-64 chip (XLA
+  # refuses it). Each
   # preset's policy is the measured one that recomputes least while leaving 20% of a v5e
-  # chip's HBM free at the paper's slice (README: "Remat policies"). The mid stack is
+  # chip's HBM free at the paper's slice (docs/performance.md, "Remat policies"). The mid stack is
   # scanned (compile time flat in depth).
   c.model.remat = True
   c.model.remat_policy = REMAT_POLICY[preset]
@@ -303,7 +304,7 @@ def _pod_run(c: ml_collections.ConfigDict, preset: str, resolution: int, mode: s
   c.schedule.kwargs = ml_collections.ConfigDict(
       {"image_d": resolution, "noise_d_low": 32, "noise_d_high": resolution})
   c.loss.mode = mode
-  c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every chip (README: the compile report)
+  c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every chip (docs/performance.md, the compile report)
   c.ema_decays = (0.9999,)  # NOT FOUND in the paper: our choice
   c.ema_warmup = False
   c.optimizer.warmup_steps = 1000  # NOT FOUND: our choice
@@ -328,7 +329,7 @@ def t2i_config(mode: str, student_steps: int = 8, teacher: str = "",
     raise ValueError(f"t2i config: mode 'diffusion' or 'cd' (the paper distils T2I with CD "
                      f"only, §7.1), got {mode!r}")
   c = base_config()
-  # A text-image dataset the user prepares (README: Text-image data); the paper's is
+  # A text-image dataset the user prepares (docs/data.md, text-image data); the paper's is
   # private (§7.1). Override with --config.data.dataset=tfds:text_images/<name>.
   c.data.dataset = "tfds:text_images/YOUR_DATASET"
   c.data.image_size = 512
@@ -339,7 +340,7 @@ def t2i_config(mode: str, student_steps: int = 8, teacher: str = "",
   c.data.text_dim, c.data.text_len = 4096, 128
   c.data.random_flip = False  # our choice: captions may name left and right
   # The 32 -> 512 interpolated cosine (§1.2, App. A.1), FSDP over the 256 chips (§7.3).
-  # Measured (README: the TPU compile report): at 8 images of 512^2 per v5e chip this
+  # Measured (docs/performance.md, the TPU compile report): at 8 images of 512^2 per v5e chip this
   # step needs 34.5 GiB of temporaries even with every block rematerialised; as 8
   # accumulated micro-batches of one image per chip the CD step fits (10.9 GiB of 16).
   # The paper does not say how it fit (our choice; §7.2 may have patched the input).

@@ -25,7 +25,7 @@ SPACINGS = ("uniform", "karras")
 FINAL_STEPS = ("addim", "ddim")
 # aDDIM's last step to t = 0 (`final_step`). The aDDIM step to t = 0 has c(t, 0) = 1, so
 # it adds `sqrt(x_var / mean(eps^2)) eps` of isotropic noise to the finished sample.
-# Measured (README, "Diffusion samplers at equal NFE"): on the digits that noise lands
+# Measured (docs/results.md, "Diffusion samplers at equal NFE"): on the digits that noise lands
 # on pixels every digit has at -1 and makes aDDIM worse than DDIM at 2-8 steps; with a
 # DDIM last step (which returns x̂) aDDIM matches DDIM there (within 0.4 FD). On the 8-d
 # toy mixture, whose modes really are that wide, the aDDIM last step is better (ED 0.0048

@@ -28,7 +28,7 @@ def dense_and_conv_saveable(prim, *args, **params) -> bool:
   (logits and weighted values) and all element-wise work. It sits between
   `nothing_saveable` (every FLOP of the forward again) and `dots_saveable`, which
   also keeps the float32 attention logits [B, heads, L, L], the largest activation
-  of a transformer block at 32 x 32 tokens. README: "Remat policies".
+  of a transformer block at 32 x 32 tokens. docs/performance.md, "Remat policies".
   """
   if prim is jax.lax.conv_general_dilated_p:
     return True
@@ -176,7 +176,7 @@ def logsnr_features(logsnr: jax.Array, num_features: int) -> jax.Array:
   that is a logSNR step of ~0.005, so resolving it takes frequencies of a few
   hundred (DDPM's `1000 t` embedding is ~160 per logSNR unit there). With the
   earlier top frequency of 8, the toy mixture's 2-step students lost ~2x in
-  energy distance at the t = 0.5 boundary (README, toy experiment).
+  energy distance at the t = 0.5 boundary (docs/results.md, the toy mixture).
   """
   if num_features % 2:
     raise ValueError(f"logsnr_features needs an even num_features, got {num_features}")

@@ -1,6 +1,6 @@
 """The toy experiment on tiny settings: its plumbing, and what its rows must show by theory.
 
-Its full-size results are the README table; here the exact teacher's rows are checked
+Its full-size results are docs/results.md's toy table; here the exact teacher's rows are checked
 against closed-form facts, and a short CD run against its own starting point.
 """
 import jax
@@ -32,7 +32,8 @@ def test_toy_experiment_runs_every_mode_and_reports_every_row():
              if r["model"].startswith("teacher ")}
   # The 512-step DDIM solve is the ODE reference itself.
   assert teacher["ddim", 512]["ode_error"] == 0.0
-  # DDIM is a first-order ODE solver: twice the steps, about half the error (README: 0.59x).
+  # DDIM is a first-order ODE solver: twice the steps, about half the error
+  # (docs/results.md: 0.59x).
   assert teacher["ddim", 16]["ode_error"] < 0.75 * teacher["ddim", 8]["ode_error"]
   # aDDIM's extra noise scales with c(t, s)^2, so on a fine grid it follows the ODE too.
   assert 0 < teacher["addim", 512]["ode_error"] < 0.3 * teacher["ddim", 16]["ode_error"]

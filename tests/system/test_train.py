@@ -178,7 +178,7 @@ def test_staged_pipeline_config_wires_the_teacher(tmp_path):
     ("imagenet64_cd", "size=large,teacher=/t"), ("imagenet128_ct", "size=large,steps=1"),
     ("imagenet128_cd", "teacher=/t,guidance=0.5"), ("digits_t2i", "guidance=0/3")])
 def test_every_shipped_config_validates(name, arg):
-  """Each config file (with the variants the README names) passes the checks on 8 devices."""
+  """Each config file (with the variants the docs name) passes the checks on 8 devices."""
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   config_checks.validate_run(config, num_devices=8, num_processes=1)

@@ -261,7 +261,7 @@ def test_addim_beats_ddim_at_few_steps(mix, reference_sample):
     addim_ed = _sample_ed(mix, reference_sample, steps, "addim", final_step="addim")
     # The null spread at n = 4000 is ~1e-3; the gaps measured are ~3e-3 or more.
     assert addim_ed < ddim_ed - 1e-3, (steps, ddim_ed, addim_ed)
-    # The default DDIM last step gives part of that back on this mixture (README).
+    # The default DDIM last step gives part of that back on this mixture (docs/results.md).
     assert _sample_ed(mix, reference_sample, steps, "addim") < ddim_ed, steps
 
 
