@@ -98,7 +98,7 @@ def run(args) -> dict[str, Any]:
   state, device_batch, teacher = train_step.random_inputs(builder)
   shard_index, shard_count = pipeline_lib.batch_shard(builder.batch_sharding, config.batch_size)
   data = pipeline_lib.Pipeline(
-      train.open_source(config), config.batch_size, config.seed, shard_index, shard_count,
+      train.open_source(builder.plan), config.batch_size, config.seed, shard_index, shard_count,
       random_flip=bool(config.data.random_flip), num_threads=config.data.num_threads or None,
       prefetch=config.data.prefetch)
   log_every = args.log_every

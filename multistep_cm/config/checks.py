@@ -315,13 +315,14 @@ def validate_run(config, num_devices: int | None = None, num_processes: int | No
       raise ConfigError(f"{e} (in config.stages.{name})") from None
 
 
-def _check_image_size(config, model):
-  """The data's image size against what the model and the dataset can take."""
+def _check_image_size(config):
+  """The data's image size against what the model preset and the dataset can take."""
   preset = config.model.preset
   size = config.data.image_size
   if models.PRESETS[preset]["arch"] != "uvit":
     return
-  channels = model.channels
+  # A model attribute the config does not override is the preset's (models/presets.py).
+  channels = config.model.get("channels", models.PRESETS[preset]["channels"])
   factor = 2 ** len(channels)  # one 2x pooling per level
   if not isinstance(size, int) or size < factor or size % factor:
     raise ConfigError(f"config.data.image_size must be a positive multiple of {factor} for "
@@ -397,11 +398,11 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
                       f"data) or both 0, got {config.data.text_dim} and "
                       f"{config.data.text_len}")
 
+  _check_image_size(config)
   try:
-    model = config_build.get_model(config)
+    config_build.get_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
-  _check_image_size(config, model)
 
 
 def _check_guidance_range(config, text: bool):
