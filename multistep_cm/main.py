@@ -3,12 +3,14 @@
 Parses flags, starts `jax.distributed` on multi-host runs, logs the devices,
 validates the config (every stage of a staged one) and calls `train.run(config,
 workdir)`. Re-running with the same workdir resumes from its latest complete
-checkpoint. Every failure below ends with one line `error: ...` on stderr and its
+checkpoint; `--config=<workdir>/config.json` (the run's resolved config) replays it. Every failure below ends with one line `error: ...` on stderr and its
 exit code, not a traceback; an unexpected error still shows its traceback (exit 1).
 
 Exit codes:
   0   finished (num_train_steps reached)
-  2   bad config or command line (one line names the key and what is allowed)
+  2   bad config or command line (one line names the key and what is allowed), or a
+      resume that changes a key the workdir's checkpoints depend on (model, schedule,
+      objective, data shape)
   3   dataset missing, unprepared or corrupt (the message names the fixing command)
   4   checkpoint missing or incompatible (teacher, init_from, or the workdir's own)
   5   stopped on a non-finite loss or gradient (config.nonfinite='stop')
@@ -18,6 +20,7 @@ Exit codes:
       point, stops all at one step): run the same command again to resume (75 is
       EX_TEMPFAIL, "try again")
 """
+import json
 import logging as std_logging
 import os
 import sys
@@ -25,13 +28,16 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_WORKDIR = 2, 3, 4, 5, 6
 EXIT_PREEMPTED = 75
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/<name>.py[:variant]), or a run's "
+    "<workdir>/config.json to replay it; --config.key=value overrides either.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, config.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs without "
@@ -43,6 +49,47 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Start jax.distributed: auto = on TPU VMs, under multi-task SLURM, or when "
     "JAX_COORDINATOR_ADDRESS is set.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _from_json(value):
+  """A `config.json` value as the config file had it: lists as tuples (JSON has no tuples),
+  nested dicts as ConfigDicts, and None as a field any override may set."""
+  if isinstance(value, dict):
+    return ml_collections.ConfigDict({k: _from_json(v) for k, v in value.items()})
+  if isinstance(value, list):
+    return tuple(_from_json(v) for v in value)
+  if value is None:  # typed only by what an override gives it (data.data_dir, image_size)
+    return ml_collections.FieldReference(None, field_type=object)
+  return value
+
+
+class _ConfigFileOrJson(flags.ArgumentParser):
+  """`--config=`: a config file, parsed by ml_collections' own parser, or a `.json` path, a
+  run's `<workdir>/config.json` (the resolved config `training/loop.py` writes, every
+  default filled), loaded as a ConfigDict: `--config=<workdir>/config.json` replays that
+  run. `--config.key=value` overrides apply to both."""
+
+  def __init__(self, file_parser):
+    self._file_parser = file_parser
+
+  def parse(self, argument):
+    if not (isinstance(argument, str) and argument.endswith(".json")):
+      return self._file_parser.parse(argument)
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    try:
+      config = _from_json(json.loads(epath.Path(argument).read_text()))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--config={argument}: {e}") from None  # one line (_parse_flags)
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise ValueError(f"--config={argument}: not a JSON object (a run's config.json is one)")
+    config.lock()
+    return config
+
+  def flag_type(self):
+    return self._file_parser.flag_type()
+
+
+flags.FLAGS[_CONFIG.name].parser = _ConfigFileOrJson(flags.FLAGS[_CONFIG.name].parser)
 
 
 def _multi_host_environment() -> bool:

@@ -13,11 +13,13 @@ Checks that need files (the teacher checkpoint, the dataset) run in the trainer,
 still before anything is allocated or compiled (training/loop.py, step 1).
 """
 import dataclasses
+import json
 import math
 from typing import Any, Callable
 
 from absl import logging
 import jax
+import ml_collections
 
 from multistep_cm.config import base as config_base
 from multistep_cm.config import build as config_build
@@ -313,6 +315,45 @@ def validate_run(config, num_devices: int | None = None, num_processes: int | No
       validate(config.stages[name], num_devices, num_processes)
     except ConfigError as e:
       raise ConfigError(f"{e} (in config.stages.{name})") from None
+
+
+# What a resume may not change: the checkpoint's arrays, or what they mean, depend on it
+# (a key equal to one of these, or under one ending in ".").
+RESUME_FIXED = ("model.", "schedule.", "loss.mode", "data.image_size", "data.num_channels",
+                "data.num_classes")
+
+
+def _json_leaves(config) -> dict[str, Any]:
+  """`{dotted key: value}` of a config (or its `config.json` dict), every default filled,
+  the values as JSON has them (tuples as lists)."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(config)
+  config = config_base.with_defaults(config)
+  return dict(leaves(json.loads(config.to_json_best_effort())))
+
+
+def config_changes(old, new) -> dict[str, tuple[Any, Any]]:
+  """`{dotted key: (old value, new value)}` where two single-run configs differ (either a
+  ConfigDict or a `config.json` dict), compared as JSON values; a key one of them lacks is
+  None there. Sorted by key."""
+  a, b = _json_leaves(old), _json_leaves(new)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume(changes: dict[str, tuple[Any, Any]], workdir: str):
+  """Raises ConfigError, one line, if `changes` (`config_changes` of the config a workdir's
+  checkpoints were trained with and the one resuming them) touches a `RESUME_FIXED` key."""
+  fixed = [k for k in changes
+           if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_FIXED)]
+  if not fixed:
+    return
+  described = [f"config.{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed]
+  raise ConfigError(
+      f"{described[0]}{''.join('; ' + d for d in described[1:])}: the checkpoints in "
+      f"{workdir!r} were trained with the old value, and a resume cannot change the model, "
+      f"the schedule, the objective or the data's shape. Resume with the config it was "
+      f"trained with (--config={workdir}/config.json), or train this config in a new "
+      "workdir")
 
 
 def _check_image_size(config):

@@ -1,14 +1,17 @@
 """The host loop: `train_and_evaluate(config, workdir)` and staged runs, top to bottom.
 
-1. Validate the config and resolve it once into the run's plan (config/plan.py); build
-   the static step (training/step.py: StepBuilder: mesh, model,
+1. Validate the config and resolve it once into the run's plan (config/plan.py); refuse a
+   resume that changes what the workdir's checkpoints depend on (config/checks.py:
+   `check_resume`); build the static step (training/step.py: StepBuilder: mesh, model,
    schedule, optimiser, the abstract state and its shardings); check the teacher
    checkpoint and the dataset before anything is allocated.
 2. The train state: restored from the workdir (resume), or initialised from another
    run's parameters (`config.init_from`), or from scratch with a jitted init that
    creates it already sharded.
 3. The teacher (modes cd and direct) from `config.teacher_checkpoint`, sharded by the
-   same rules: an input of the step, never optimised or checkpointed.
+   same rules: an input of the step, never optimised or checkpointed. Only now, every
+   check passed, the workdir's record is written: `config.json` (atomically) and, for a
+   resume that changed keys, an entry of `config_history.json`.
 4. The step compiled once, ahead of time; its FLOPs counted on its jaxpr (runtime/flops.py).
 5. The loop: input -> step; device values are fetched only at log steps; sample grids
    and evaluations (evaluation/in_training.py), checkpoints, the non-finite policy and
@@ -17,9 +20,13 @@
 Only `main.py` imports this module: what is static about a step lives in
 training/step.py, what a config means in config/plan.py.
 """
+import contextlib
 import dataclasses
+import datetime
+import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -110,9 +117,15 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
                          num_processes=jax.process_count())
   plan = plan_lib.RunPlan.from_config(config)
   config = plan.config  # every default filled, read-only
+  # The config the workdir's checkpoints were trained with: a resume may change some keys
+  # (each recorded once the run starts), never what the checkpoints' arrays depend on.
+  previous = _previous_config(workdir)
+  changes = config_checks.config_changes(previous, config) if previous is not None else {}
+  if _has_checkpoints(workdir):
+    config_checks.check_resume(changes, workdir)
   if "://" not in workdir:
     os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
+    _check_writable(workdir)  # a read-only workdir fails here, before anything is built
   builder = train_step_lib.StepBuilder(plan)
   logging.info("Mesh %s over %d devices (%d processes): %s", dict(builder.mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
@@ -122,30 +135,39 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
                                config.teacher_weights, key="config.teacher_checkpoint")
   source = open_source(plan)
-  writer = metric_log.create_writer(workdir, just_logging=jax.process_index() > 0)
 
   # 2. The train state, sharded.
   ckpt = checkpointing.Checkpointer(
       checkpointing.checkpoint_dir(workdir), max_to_keep=config.checkpoint_keep,
       keep_period=config.checkpoint_keep_period or None, async_save=config.async_checkpoints)
-  state = _initial_state(config, builder, ckpt)
+  try:
+    state = _initial_state(config, builder, ckpt)
+  except BaseException:
+    ckpt.close()
+    raise
   start_step = int(jax.device_get(state.step))
   if start_step >= config.num_train_steps:
     logging.info("%s is already trained to step %d.", workdir, start_step)
     ckpt.close()
-    writer.close()
     return TrainResult(step=start_step)
+
+  # 3. The teacher: an input of the step, sharded like the student.
+  teacher_params = None
+  try:
+    if builder.teacher_abstract is not None:
+      teacher_params = _load_teacher(plan, builder.teacher_abstract)
+  except BaseException:
+    ckpt.close()
+    raise
+  # Every check that can refuse the run has passed: now the workdir records its config.
+  _record_config(config, workdir, start_step, changes)
+  writer = metric_log.create_writer(workdir, just_logging=jax.process_index() > 0)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(builder.layout.abstract.params))
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config_checks.leaves(config.to_dict())
                           if isinstance(v, (int, float, str, bool))})
   logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", config.model.preset,
                num_params / 1e6, start_step, config.num_train_steps)
-
-  # 3. The teacher: an input of the step, sharded like the student.
-  teacher_params = None
-  if builder.teacher_abstract is not None:
-    teacher_params = _load_teacher(plan, builder.teacher_abstract)
 
   # 4. Input, and the step compiled once.
   shard_index, shard_count = pipeline_lib.batch_shard(builder.batch_sharding, config.batch_size)
@@ -235,10 +257,82 @@ def _due(step: int, every: int) -> bool:
 # --- inputs: config, dataset, state, teacher ---------------------------------------------------
 
 
+CONFIG_FILE, HISTORY_FILE = "config.json", "config_history.json"
+
+
+def _previous_config(workdir: str) -> dict | None:
+  """The workdir's `config.json` (the config of its last start), or None if it has none."""
+  path = epath.Path(workdir, CONFIG_FILE)
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    logging.warning("%s is not valid JSON (%s): it will be replaced.", path, e)
+    return None
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  """Whether the workdir holds a complete checkpoint (a step directory)."""
+  directory = epath.Path(checkpointing.checkpoint_dir(workdir))
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _check_writable(workdir: str):
+  """Raises OSError (EROFS, EACCES, ...) if no file can be created in the local `workdir`."""
+  fd, path = tempfile.mkstemp(prefix=".write_test.", dir=workdir)
+  os.close(fd)
+  os.remove(path)
+
+
+def write_atomically(path: str, text: str):
+  """Writes `text` to `path` through a temporary file beside it and a rename, so a reader
+  (or a kill) sees the old file or the new one, never a part; remote paths (`://`) are
+  written directly (a GCS object appears whole)."""
+  if "://" in path:
+    epath.Path(path).write_text(text)
+    return
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                             dir=os.path.dirname(path) or ".")
+  try:
+    with os.fdopen(fd, "w") as fh:
+      fh.write(text)
+      fh.flush()
+      os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)  # as an open() would have made it (mkstemp's file is private)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def _record_config(config, workdir: str, step: int, changes: dict):
+  """Once the run is known to start: logs every key changed since the workdir's last start,
+  appends them to `<workdir>/config_history.json` (`[{"step", "date", "changes": {key:
+  [old, new]}}]`), and writes `config.json` (process 0; both atomically)."""
+  for key, (old, new) in changes.items():
+    logging.warning("Starting at step %d with config.%s changed: %r -> %r (recorded in %s).",
+                    step, key, old, new, HISTORY_FILE)
+  if jax.process_index() != 0:
+    return
+  if changes:
+    path = epath.Path(workdir, HISTORY_FILE)
+    history = json.loads(path.read_text()) if path.exists() else []
+    history.append({"step": step,
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                        timespec="seconds"),
+                    "changes": {k: list(v) for k, v in changes.items()}})
+    write_atomically(str(path), json.dumps(history, indent=2) + "\n")
+  _write_config(config, workdir)
+
+
 def _write_config(config, workdir: str):
-  if jax.process_index() == 0:  # epath: local paths and gs:// alike
-    epath.Path(workdir, "config.json").write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
+  """`<workdir>/config.json`, atomically (process 0): what the sampling commands read and
+  `--config=<workdir>/config.json` replays."""
+  if jax.process_index() == 0:
+    write_atomically(os.path.join(workdir, CONFIG_FILE),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def open_source(plan: plan_lib.RunPlan):
