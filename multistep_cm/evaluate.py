@@ -17,9 +17,16 @@ names the weights used, the checkpoint step, the number of samples, the network 
 the reference statistics. Beside it, `<output>.png` plots the primary metric against NFE
 (a line per diffusion sampler, a point per student), and the same figure goes to
 TensorBoard as image `quality_vs_nfe` of a run named after the output (`<output>/`).
+
+Every bad input is one line `evaluate: error: ...` naming the flag, checked before anything
+is sampled, and an exit status of docs/operations.md's table: 2 a bad flag (a workdir that
+does not exist or holds no run, weights a run does not have, a step count, sampler,
+spacing or guidance that is not one, a count that is not positive, choices that leave no
+row to report); 4 a checkpoint that cannot be read; 6 an output that cannot be written.
 """
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -49,17 +56,67 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output prefix (default <workdir>/
 flags.mark_flags_as_required(["workdir"])
 
 
+def fail(code: int, message: str):
+  """One line `evaluate: error: ...` on stderr and exit `code`."""
+  print(f"evaluate: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl's parsing, but a flag it cannot parse, an unknown or a missing one is one line
+  and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(2, (str(e).splitlines() or [type(e).__name__])[0])
+
+
+def check_flags(runs, sampling):
+  """Raises runs.InputError on a flag whose values are not what it takes."""
+  for flag, values, allowed in (("samplers", _SAMPLERS.value, sampling.SAMPLERS),
+                                ("spacing", _SPACING.value, sampling.SPACINGS)):
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+      raise runs.InputError(f"--{flag}={','.join(values)}: {bad or 'nothing'} is not one of "
+                            f"{list(allowed)}")
+  bad = [s for s in _STEPS.value if not (s.strip().isdigit() and int(s) > 0)]
+  if bad:
+    raise runs.InputError(f"--steps={','.join(_STEPS.value)}: {bad} are not step counts "
+                          "(positive integers, comma-separated)")
+  for w in _GUIDANCE.value:
+    try:
+      float(w)
+    except ValueError:
+      raise runs.InputError(f"--guidance={','.join(_GUIDANCE.value)}: {w!r} is not a "
+                            "number") from None
+  runs.positive("num_samples", _NUM.value)
+  runs.positive("batch_size", _BATCH.value)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    fail(2, f"unexpected arguments {argv[1:]} (flags are --name=value)")
   import jax  # pylint: disable=g-import-not-at-top
+  from multistep_cm.diffusion import sampling  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import report  # pylint: disable=g-import-not-at-top
-  rows, header = report.evaluate_runs(_WORKDIR.value, _STEPS.value, _SAMPLERS.value, _NUM.value,
-                               _SEED.value, _WEIGHTS.value, _METRIC.value, _INCEPTION.value,
-                               _REFERENCE.value, _BATCH.value, spacings=_SPACING.value,
-                               final_step=_FINAL_STEP.value, guidance=_GUIDANCE.value)
+  from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
+  prefix = _OUTPUT.value or os.path.join(_WORKDIR.value, f"eval_{_WEIGHTS.value}")
+  try:  # every input, before anything is sampled
+    check_flags(runs, sampling)
+    runs.check_run(_WORKDIR.value, _WEIGHTS.value, root_ok=True)
+    runs.check_writable(os.path.dirname(os.path.abspath(prefix)),
+                        "--output" if _OUTPUT.value else "--workdir (the default --output)")
+    rows, header = report.evaluate_runs(
+        _WORKDIR.value, _STEPS.value, _SAMPLERS.value, _NUM.value, _SEED.value, _WEIGHTS.value,
+        _METRIC.value, _INCEPTION.value, _REFERENCE.value, _BATCH.value,
+        spacings=_SPACING.value, final_step=_FINAL_STEP.value, guidance=_GUIDANCE.value)
+  except runs.InputError as e:
+    fail(e.code, str(e))
+  except checkpointing.CheckpointError as e:
+    fail(4, str(e))
   if jax.process_index() != 0:
     return
-  prefix = _OUTPUT.value or os.path.join(_WORKDIR.value, f"eval_{_WEIGHTS.value}")
   markdown = report.to_markdown(rows, header)
   with open(prefix + ".md", "w") as fh:
     fh.write(markdown)
@@ -73,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

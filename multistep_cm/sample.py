@@ -27,6 +27,13 @@ A student trained on a range of guidance scales (`loss.guidance_range`) is told
 checkpoint records, and without `--guidance` it is the range's lower end. A choice that
 does not fit the run (w outside the range, a step count it was not trained for) is
 refused in one line, exit status 2.
+
+Every bad input is one line `sample: error: ...` naming the flag, checked before anything
+is sampled, and an exit status of docs/operations.md's table: 2 a bad flag (a workdir
+that does not exist or is a staged root, a checkpoint step or weights it does not have,
+listing what it has; a count that is not positive; a value absl cannot parse); 4 a
+checkpoint that cannot be read (corrupt: the line names the earlier steps to pick);
+6 an `--output` directory that cannot be written.
 """
 import json
 import os
@@ -73,7 +80,10 @@ def parse_labels(text: str, num: int, num_classes: int) -> np.ndarray | None:
   cycling through the given list."""
   if not num_classes or text == "random":
     return None
-  ids = [int(v) for v in text.split(",") if v.strip()]
+  try:
+    ids = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    ids = []
   bad = [i for i in ids if not 0 <= i < num_classes]
   if not ids or bad:
     raise ValueError(f"--labels must be 'random' or class ids in [0, {num_classes}), got "
@@ -81,16 +91,46 @@ def parse_labels(text: str, num: int, num_classes: int) -> np.ndarray | None:
   return np.resize(np.asarray(ids, np.int32), num)
 
 
+def fail(code: int, message: str):
+  """One line `sample: error: ...` on stderr and exit `code`."""
+  print(f"sample: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl's parsing, but a flag it cannot parse (`--steps=abc`), an unknown or a missing
+  one is one line and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(2, (str(e).splitlines() or [type(e).__name__])[0])
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    fail(2, f"unexpected arguments {argv[1:]} (flags are --name=value)")
   import jax  # pylint: disable=g-import-not-at-top
+  from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
 
-  run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
   texts = None
-  try:
+  try:  # every input, before anything is sampled
+    runs.check_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
+    runs.positive("num_samples", _NUM.value)
+    runs.positive("batch_size", _BATCH.value)
+    if _XVAR.value == "table":
+      runs.positive("table_examples", _TABLE_EXAMPLES.value)
+    runs.check_writable(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
+    try:
+      run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
+    except checkpointing.CheckpointError as e:
+      earlier = [s for s in runs.checkpoint_steps(_WORKDIR.value)
+                 if _CKPT_STEP.value is None or s < _CKPT_STEP.value][:-1]
+      hint = (f"; earlier checkpoints: steps {earlier} (pick one with --checkpoint_step)"
+              if earlier else "")
+      raise runs.InputError(f"{e}{hint}", code=4) from None
     spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
                            _SPACING.value, _FINAL_STEP.value)
     if getattr(run.model, "text_dim", 0):
@@ -98,9 +138,10 @@ def main(argv):
       labels, texts = prompts.parse(_PROMPTS.value, _NUM.value, run.config, _SEED.value)
     else:
       labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
+  except runs.InputError as e:
+    fail(e.code, str(e))
   except ValueError as e:  # a choice that does not fit the run (or a bad prompt): user input
-    print(f"sample: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(2, str(e))
   table = None
   if spec.kind == "addim" and spec.x_var == "table":
     data, data_labels = run.training_examples(_TABLE_EXAMPLES.value, _SEED.value)
@@ -138,4 +179,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

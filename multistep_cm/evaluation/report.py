@@ -31,20 +31,38 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
   held-out prompts at several guidance scales)."""
   run_dirs = runs.find_runs(workdir)
   steps = [int(s) for s in steps]
+  # Every run's rows first, from its plan alone: a choice that leaves no row to report is
+  # refused before anything is loaded or sampled.
+  specs_of = {}
+  for run_dir in run_dirs:
+    plan = runs.load_plan(run_dir)
+    if not plan.objective.is_student:
+      specs_of[run_dir] = [generation.SamplerSpec(s, k, spacing=sp,
+                                                  final_step=final_step if s == "addim" else None)
+                           for s in samplers for sp in spacings for k in steps]
+    else:
+      ws = [float(w) for w in guidance] if plan.guidance_range and guidance else [None]
+      try:
+        specs_of[run_dir] = [plan.sampler(s, w, name=run_dir) for s in plan.step_counts
+                             if not steps or s in steps for w in ws]
+      except ValueError as e:  # a guidance scale outside the range it was trained on
+        raise runs.InputError(str(e)) from None
+  if not any(specs_of.values()):
+    students = [f"{os.path.basename(d)}: {runs.load_plan(d).step_counts}"
+                for d in run_dirs if runs.load_plan(d).objective.is_student]
+    raise runs.InputError(
+        f"--steps={','.join(map(str, steps))}: no row to report in {workdir} (its students "
+        f"sample with {', '.join(students) or 'none'} steps; diffusion runs need --samplers "
+        "and --steps)")
   metric, rows = None, []
   for run_dir in run_dirs:
+    specs = specs_of[run_dir]
+    if not specs:
+      continue
     run = runs.load_run(run_dir, weights)
     if metric is None:
       metric = sample_metrics.make_metric(run.config, metric_kind, inception_weights,
                                           reference_stats)
-    if run.student_steps is None:
-      specs = [generation.SamplerSpec(s, k, spacing=sp,
-                                      final_step=final_step if s == "addim" else None)
-               for s in samplers for sp in spacings for k in steps]
-    else:
-      ws = [float(w) for w in guidance] if run.guidance_range and guidance else [None]
-      specs = [run.sampler_spec(s, guidance=w) for s in run.step_counts
-               if not steps or s in steps for w in ws]
     prompts = captions = None
     if conditioning.is_text(run.model):
       # A text model samples from prompts: training captions drawn with the seed, every

@@ -9,6 +9,7 @@ checkpoint) and reads its own training examples (for aDDIM's x_var table).
 import dataclasses
 import json
 import os
+import tempfile
 
 import jax
 import ml_collections
@@ -107,6 +108,88 @@ class Run:
     return f"EMA (decay {decay}), step {self.step}"
 
 
+class InputError(ValueError):
+  """A command-line choice of `sample` or `evaluate` that does not fit what is on disk: one
+  line naming the flag (and what exists), and the exit `code` of docs/operations.md's
+  table: 2 a bad flag, 4 a checkpoint that cannot be read, 6 an output that cannot be
+  written."""
+
+  def __init__(self, message: str, code: int = 2):
+    super().__init__(message)
+    self.code = code
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the run's complete checkpoints, oldest first (none: [])."""
+  directory = epath.Path(checkpointing.checkpoint_dir(workdir))
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def weight_names(config) -> list[str]:
+  """What `--weights` may name for a run of `config`: 'params' and one EMA per decay."""
+  decays = config_base.with_defaults(config).ema_decays
+  return ["params"] + [f"ema{i}" for i in range(len(decays))]
+
+
+def check_run(workdir: str, weights: str, step: int | None = None, root_ok: bool = False):
+  """Raises InputError unless `workdir` is a run (or, with `root_ok`, a directory of runs)
+  whose checkpoints hold `weights` (every run's) and, if given, the checkpoint of `step`;
+  reads only directory listings and `config.json`."""
+  if not epath.Path(workdir).exists():
+    raise InputError(f"--workdir={workdir} does not exist")
+  if not epath.Path(workdir).is_dir():
+    raise InputError(f"--workdir={workdir} is not a directory")
+  if is_run_dir(workdir):
+    run_dirs = [workdir]
+  else:
+    stages = sorted(p.name for p in epath.Path(workdir).iterdir()
+                    if p.is_dir() and is_run_dir(str(p)))
+    if not stages:
+      raise InputError(f"--workdir={workdir} holds no run (a directory with config.json and "
+                       "checkpoints/, written by python -m multistep_cm.main)")
+    if not root_ok:
+      raise InputError(f"--workdir={workdir} is a staged run's root: name one of its stages "
+                       f"{stages} (e.g. --workdir={os.path.join(workdir, stages[-1])})")
+    run_dirs = [os.path.join(workdir, name) for name in stages]
+  for run_dir in run_dirs:
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+      raise InputError(f"--workdir={run_dir} has no complete checkpoint yet", code=4)
+    if step is not None and step not in steps:
+      raise InputError(f"--checkpoint_step={step}: {run_dir} has checkpoints of steps "
+                       f"{steps}")
+    try:
+      names = weight_names(load_config(run_dir))
+    except (checkpointing.CheckpointError, ValueError) as e:
+      raise InputError(f"--workdir={run_dir}: its config.json cannot be read ({e})",
+                       code=4) from None
+    if weights not in names:
+      raise InputError(f"--weights={weights}: {run_dir} has {names}")
+
+
+def check_writable(directory: str, flag: str):
+  """Raises InputError (exit 6) unless a file can be created in `directory` (made if
+  missing; remote paths are not checked)."""
+  if "://" in directory:
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise InputError(f"{flag}: cannot write to {directory!r}: {e.strerror or e}",
+                     code=6) from None
+
+
+def positive(flag: str, value: int):
+  """Raises InputError unless `value` (of `--flag`) is a positive integer."""
+  if value is None or value < 1:
+    raise InputError(f"--{flag} must be a positive integer, got {value}")
+
+
 def is_run_dir(path: str) -> bool:
   return (epath.Path(path) / "config.json").exists()
 
@@ -131,6 +214,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise checkpointing.CheckpointError(f"{workdir!r} is not a run directory (no config.json)")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_plan(workdir: str, step: int | None = None) -> plan_lib.RunPlan:
+  """The run's plan from `config.json` and one checkpoint's metadata (default the latest),
+  no weights read."""
+  config = load_config(workdir)
+  path = workdir if step is None else os.path.join(checkpointing.checkpoint_dir(workdir),
+                                                   str(step))
+  ckpt, found_step = checkpointing.resolve(path)
+  try:
+    meta = ckpt.restore_meta(found_step) or {}
+  finally:
+    ckpt.close()
+  return plan_lib.RunPlan.from_run(config, meta)
 
 
 def load_run(workdir: str, weights: str = "ema0", step: int | None = None, mesh=None) -> Run:

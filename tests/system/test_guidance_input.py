@@ -328,6 +328,6 @@ def test_sample_command_on_a_guidance_and_anystep_checkpoint(tmp_path, monkeypat
                     "--guidance=4", f"--output={tmp_path / 'x.npz'}", check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if "guidance" in l]
-  assert lines == ["sample: --guidance=4 is outside [1, 3], the guidance range "
+  assert lines == ["sample: error: --guidance=4 is outside [1, 3], the guidance range "
                    f"{student} was trained on"], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
