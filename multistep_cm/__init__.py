@@ -7,7 +7,8 @@ slice), `toy` (the exact-teacher mixture experiment), `sampler_comparison` and `
 The libraries sit in folders named for their role, each importing only from those before
 it (tests/unit/test_layout.py): `diffusion` (the maths, pure functions of arrays),
 `models` (the UViT and MLP denoisers, presets, sharding rules, and the network as the
-maths calls it), `data` (sources and the input pipeline), `runtime` (meshes, checkpoints,
+maths calls it), `teachers` (other models' teachers, in any frame and with any target, as
+our denoisers), `data` (sources and the input pipeline), `runtime` (meshes, checkpoints,
 metric events, chip peaks, the FLOP counter), `config` (defaults, checks and the
 `RunPlan`), `sampling` (sharded sampling, runs read back, images), `evaluation` (sample
 metrics, FID/IS, evaluation during training) and `training` (the host loop, the train

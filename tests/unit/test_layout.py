@@ -96,8 +96,8 @@ def test_one_mesh_constructor():
 # The library folders, each importing only from the folders before it. The commands (the
 # package root's modules, and the few commands that live beside what they run) may import
 # anything.
-ORDER = ("diffusion", "models", "data", "runtime", "config", "sampling", "evaluation",
-         "training")
+ORDER = ("diffusion", "models", "teachers", "data", "runtime", "config", "sampling",
+         "evaluation", "training")
 COMMANDS = ("main", "sample", "evaluate", "compile_report", "toy", "sampler_comparison",
             "t2i_demo")
 SUBPACKAGE_COMMANDS = ("models.summary", "data.prepare", "evaluation.convert_inception",
