@@ -3,6 +3,7 @@
 Timings are never asserted (they depend on the machine); what is checked is that
 each derived figure is the arithmetic of the measured ones it claims to be.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,11 +14,14 @@ from benchmarks import bench_models
 from benchmarks import host_overhead
 from benchmarks import input_pipeline
 from benchmarks import sampling
+from benchmarks import tpu_cost_model
 from benchmarks import train_step
 from multistep_cm.config import build as config_build
 from multistep_cm import models
 from multistep_cm.models import summary
 from multistep_cm.training import step as train_step_lib
+
+from helpers import run_module
 
 
 def test_train_step_report_is_consistent(tmp_path):
@@ -154,3 +158,27 @@ def test_device_check_runs_its_plan_within_the_budget(tmp_path):
   assert not report["steps"]
   assert len(report["skipped"]) == len(device_check.variants()) + 1  # + the sampling
   assert report["skipped"][0] == "cd/no_remat/xla" and report["skipped"][-1] == "sampling"
+
+
+def test_tpu_cost_model_sums_the_compilers_cycle_estimates():
+  text = ('HloModule m\n%body { %a = f32[2] fusion(), backend_config={"estimated_cycles":"7"} }\n'
+          'ENTRY %main {\n  %f = f32[2] fusion(), backend_config={"estimated_cycles":"100",'
+          '"cost_model_type":"COST_MODEL_TYPE_CLASSIC"}\n  %c = f32[2] copy(%f), backend_config='
+          '{"estimated_cycles":"20","cost_model_type":"COST_MODEL_TYPE_INVALID"}\n}\n')
+  assert tpu_cost_model.estimated_cycles(text) == {"cycles": 120, "instructions": 2,
+                                                   "invalid": 1, "while_loops": 0}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'")
+def test_tpu_cost_model_of_a_matmul_is_below_the_chips_peak(tmp_path):
+  out = tmp_path / "cost.json"
+  run_module("benchmarks.tpu_cost_model", "--cases=matmul", f"--out={out}", devices=None,
+             timeout=300)
+  r = json.loads(out.read_text())
+  (row,) = r["cases"]
+  assert row["jaxpr_flops"] == row["xla_flops"] == 2 * 8192**3
+  assert row["instructions"] >= 1 and row["while_loops"] == 0
+  # No estimate may beat the chip's peak; a large matmul should come near it.
+  assert 0.5 < row["cycles_fraction_of_peak"] <= 1.0
+  assert row["xla_optimal_seconds"] >= row["jaxpr_flops"] / r["peak_flops"] * 0.999
