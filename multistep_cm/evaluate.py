@@ -101,6 +101,7 @@ def main(argv):
   from multistep_cm.evaluation import report  # pylint: disable=g-import-not-at-top
   from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
+  checkpointing.quiet_orbax_logs()
   prefix = _OUTPUT.value or os.path.join(_WORKDIR.value, f"eval_{_WEIGHTS.value}")
   try:  # every input, before anything is sampled
     check_flags(runs, sampling)

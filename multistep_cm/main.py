@@ -194,6 +194,7 @@ def main(argv):
   from multistep_cm.data import sources  # pylint: disable=g-import-not-at-top
   from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from multistep_cm.training import loop as train  # pylint: disable=g-import-not-at-top
+  checkpointing.quiet_orbax_logs()  # unless --verbosity asks for orbax's INFO lines
 
   logging.info("JAX %s, process %d of %d, %d local / %d global devices: %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -114,6 +114,7 @@ def main(argv):
   from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
+  checkpointing.quiet_orbax_logs()
 
   texts = None
   try:  # every input, before anything is sampled

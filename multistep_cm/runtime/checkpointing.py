@@ -36,6 +36,7 @@ errno (ENOSPC, EROFS, ...), also when the write failed in orbax's background thr
 import contextlib
 import dataclasses
 import errno
+import logging as std_logging
 import os
 import re
 from typing import Any
@@ -48,6 +49,28 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "ema", "opt_state", "train", "meta")
+
+
+class QuietOrbax(std_logging.Filter):
+  """Drops orbax's records below WARNING (each save and restore logs dozens: 57 of the
+  62 lines of one `sample` call) and its "Given directory is read only" warning, which
+  every reader gets (`Checkpointer(read_only=True)` is read-only on purpose)."""
+
+  def filter(self, record):
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+def quiet_orbax_logs():
+  """Installs `QuietOrbax` on absl's log handler, unless the command line set
+  `--verbosity` (or `-v`): then orbax logs as it does by itself."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+    return
+  logging.get_absl_handler().addFilter(QuietOrbax())
 
 
 class CheckpointError(RuntimeError):

@@ -122,6 +122,14 @@ def test_sample_names_earlier_checkpoints_when_the_latest_is_corrupt(root, tmp_p
   proc = command("sample", f"--workdir={teacher}", f"--output={tmp_path / 's.npz'}",
                  "--checkpoint_step=1", "--num_samples=4", "--progress=false")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Quiet by default: none of orbax's INFO lines, nor its "read only" warning for a reader;
+  # --verbosity brings them back.
+  assert "checkpoint_manager.py" not in proc.stderr and "read only" not in proc.stderr
+  assert len(proc.stderr.splitlines()) <= 4, proc.stderr
+  proc = command("sample", f"--workdir={teacher}", f"--output={tmp_path / 's.npz'}",
+                 "--checkpoint_step=1", "--num_samples=4", "--progress=false",
+                 "--verbosity=0")
+  assert proc.returncode == 0 and "checkpoint_manager.py" in proc.stderr, proc.stderr[-3000:]
 
 
 EVALUATE_CASES = {

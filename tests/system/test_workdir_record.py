@@ -147,6 +147,7 @@ def test_config_json_takes_overrides_and_a_bad_path_is_one_line(tmp_path):
   written = json.loads((tmp_path / "copy" / "config.json").read_text())
   assert written["num_train_steps"] == 3 and written["data"]["data_dir"] == "/unused"
   assert "over 8 devices" in proc.stderr
+  assert "checkpoint_manager.py" not in proc.stderr  # orbax's INFO lines, off by default
   proc = run_main(tmp_path / "none.json", tmp_path / "x", check=False)
   one_error_line(proc, 2, "--config=", "none.json")
 
