@@ -23,6 +23,7 @@ Exit codes:
 import json
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app
@@ -124,10 +125,16 @@ def _parse_flags(argv):
     _CONFIG.value.keys()  # a config file that failed to load says so on first use
     return remaining
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
-    key = str(e).strip("\"'")
+    # At any depth: a nested key's KeyError arrives wrapped in an AttributeError, its text
+    # "'key'\nDid you mean "other" instead of "key"?".
+    inner = e.args[0] if e.args else e
+    text = str(inner.args[0] if isinstance(inner, BaseException) and inner.args else inner)
+    key = text.splitlines()[0].strip("\"'") if text else type(e).__name__
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
     given = [a.split("=")[0] for a in argv if a.startswith("--config.")
              and key in a.split("=")[0].split(".")]
-    print(f"error: {given[0] if given else key}: the config has no key {key!r}",
+    print(f"error: {given[0] if given else key}: the config has no key {key!r}"
+          f"{f' (did you mean {suggestion.group(1)!r}?)' if suggestion else ''}",
           file=sys.stderr)
   except Exception as e:  # pylint: disable=broad-except
     # A config file's own error arrives with its traceback as text: its last line says it.

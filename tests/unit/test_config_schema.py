@@ -103,6 +103,9 @@ def test_suspicious_values_are_warned_about(caplog):
     ("--config.loss.boundaries=karras2", "config.loss.boundaries"),
     ("--config.loss.anystep_counts=(1,3)", "config.loss.anystep_counts"),
     ("--config.optimizer.learning_rate=nan", "config.optimizer.learning_rate"),
+    # A typo of a nested key: named as typed, with ml_collections' suggestion, one line.
+    ("--config.optimizer.lerning_rate=1e-3", "--config.optimizer.lerning_rate: the config has "
+     "no key 'lerning_rate' (did you mean 'learning_rate'?)"),
 ])
 def test_main_exits_2_with_one_line(tmp_path, override, key):
   proc = run_main("configs/mixture_ct.py", tmp_path / "run", None, override, check=False)
