@@ -19,6 +19,8 @@ Exit codes:
       multi-process jobs: a SIGTERM to any process, through JAX's preemption sync
       point, stops all at one step): run the same command again to resume (75 is
       EX_TEMPFAIL, "try again")
+  130 a second SIGINT (Ctrl-C) while the first one's stop was under way: stopped at once,
+      without a new checkpoint; the last complete one is intact
 """
 import json
 import logging as std_logging
@@ -34,6 +36,7 @@ from ml_collections import config_flags
 
 EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_WORKDIR = 2, 3, 4, 5, 6
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/<name>.py[:variant]), or a run's "
@@ -208,6 +211,10 @@ def main(argv):
                jax.device_count(), jax.devices()[0].device_kind)
   try:
     result = train.run(config, workdir)
+  except KeyboardInterrupt:  # a second Ctrl-C: the trainer's handler let it through
+    _fail(EXIT_INTERRUPTED, "interrupted (a second Ctrl-C, or one before training set up "
+          "its handler): stopped at once without saving; the last complete checkpoint is "
+          "intact, run the same command to resume")
   except config_checks.ConfigError as e:
     _fail(EXIT_CONFIG, str(e))
   except sources.DatasetError as e:

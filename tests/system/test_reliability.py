@@ -159,6 +159,33 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_equals_an_uninterrup
   assert_same_params(workdir, straight, total, mixture(long_run))
 
 
+def test_a_second_ctrl_c_exits_130_in_one_line(tmp_path, jax_cache):
+  """A second SIGINT while the first one's stop is under way stops the run where it is, with
+  one line and exit 130, no traceback; the checkpoints before it restore."""
+  workdir = tmp_path / "run"
+  long_run = dict(TINY, num_train_steps=100_000, checkpoint_every_steps=2,
+                  record_example_ids=True)
+  with started_main(MIXTURE, workdir, long_run, log_path=tmp_path / "run.log",
+                    cache=jax_cache) as proc:
+    wait_for(lambda: checkpoint_dirs(workdir)[0], proc)
+    proc.send_signal(signal.SIGINT)
+    # Sent together the two would reach Python's handler as one: the second follows as soon
+    # as the first is seen, while its checkpoint is being saved.
+    wait_for(lambda: "Received signal 2" in (tmp_path / "run.log").read_text(), proc,
+             poll=0.005)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=120)
+  log = (tmp_path / "run.log").read_text()
+  assert code == 130, log[-3000:]
+  assert "Traceback" not in log, log[-3000:]
+  lines = [line for line in log.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and "interrupted" in lines[0], log[-3000:]
+  states = restore_all(workdir, mixture(long_run))
+  assert states
+  for state in states.values():
+    assert_finite(state)
+
+
 @pytest.mark.slow  # two processes, then a third on 4 devices: about a minute
 def test_preemption_of_one_host_stops_all_and_resumes_on_one_host_with_4_devices(
     tmp_path, jax_cache):
