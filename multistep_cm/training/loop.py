@@ -318,7 +318,12 @@ def _record_config(config, workdir: str, step: int, changes: dict):
     return
   if changes:
     path = epath.Path(workdir, HISTORY_FILE)
-    history = json.loads(path.read_text()) if path.exists() else []
+    history = []
+    if path.exists():
+      try:
+        history = json.loads(path.read_text())
+      except ValueError as e:
+        logging.warning("%s is not valid JSON (%s): starting it again.", path, e)
     history.append({"step": step,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                         timespec="seconds"),
