@@ -165,14 +165,20 @@ def test_a_second_signal_goes_to_the_previous_handler():
   """The first SIGINT asks the loop to stop after a checkpoint; a second, while that stop is
   under way, reaches the handler from before (Python's: KeyboardInterrupt)."""
   stop = train.StopSignal((signal.SIGINT,))
-  with stop:
-    if signal.getsignal(signal.SIGINT) != stop._handle:  # pylint: disable=protected-access
-      pytest.skip("signal handlers can be installed from the main thread only")
-    signal.raise_signal(signal.SIGINT)
-    assert stop.requested()
-    with pytest.raises(KeyboardInterrupt):
+  # Python's own handler before it, as in `python -m multistep_cm.main` (a test worker may
+  # have set another).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with stop:
+      if signal.getsignal(signal.SIGINT) != stop._handle:  # pylint: disable=protected-access
+        pytest.skip("signal handlers can be installed from the main thread only")
       signal.raise_signal(signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      assert stop.requested()
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, outer)
 
 
 def test_an_interrupted_run_exits_130_in_one_line(tmp_path):
