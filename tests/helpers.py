@@ -258,3 +258,14 @@ def read_hparams(logdir):
       for key, value in info.hparams.items():
         out[key] = getattr(value, value.WhichOneof("kind"))
   return out
+
+
+def assert_one_line_error(proc, code, *fragments):
+  """Exit `code`, an `error: ...` line holding every fragment, and no traceback."""
+  assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+  return lines[0]

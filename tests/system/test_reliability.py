@@ -29,6 +29,7 @@ from multistep_cm.runtime import checkpointing
 from multistep_cm.training import loop as train
 from multistep_cm.training import step as train_step
 
+from helpers import assert_one_line_error
 from helpers import file_config
 from helpers import free_port
 from helpers import main_args
@@ -78,17 +79,6 @@ def wait_for(condition, *procs, timeout=180.0, poll=0.05):
         raise AssertionError(f"a run exited ({proc.returncode}) before the condition held")
     time.sleep(poll)
   raise AssertionError("timed out")
-
-
-def assert_one_line_error(proc, code, *fragments):
-  """Exit `code`, an `error: ...` line holding every fragment, and no traceback."""
-  assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  for fragment in fragments:
-    assert fragment in lines[0], (fragment, lines[0])
-  return lines[0]
 
 
 def checkpoint_dirs(workdir):
@@ -185,10 +175,7 @@ def test_an_interrupted_run_exits_130_in_one_line(tmp_path):
   """What main answers to that KeyboardInterrupt: one line and exit 130, no traceback."""
   proc = run_module("interrupted_main", *main_args(MIXTURE, tmp_path / "run", TINY),
                     check=False)
-  assert proc.returncode == 130, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1 and "interrupted" in lines[0], proc.stderr[-3000:]
+  assert_one_line_error(proc, 130, "interrupted")
 
 
 @pytest.mark.slow  # two processes, then a third on 4 devices: about a minute

@@ -17,6 +17,7 @@ from multistep_cm.runtime import checkpointing
 from multistep_cm.training import loop as train
 from multistep_cm.training import step as train_step
 
+from helpers import assert_one_line_error
 from helpers import file_config
 from helpers import run_main
 from helpers import run_module
@@ -44,16 +45,6 @@ def file_hashes(root) -> dict[str, str]:
   return out
 
 
-def one_error_line(proc, code, *fragments):
-  assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  for fragment in fragments:
-    assert fragment in lines[0], (fragment, lines[0])
-  return lines[0]
-
-
 def final_params(workdir, config):
   """The parameters of the workdir's latest checkpoint, as numpy arrays."""
   abstract = train_step.StepBuilder.from_config(config).layout.abstract
@@ -78,7 +69,7 @@ def test_a_refused_resume_leaves_the_workdir_byte_identical_and_it_still_samples
   before = file_hashes(workdir)
   assert "config.json" in before
   proc = run_main(f"{DIGITS}:size=16", workdir, TINY_DIGITS, check=False)
-  one_error_line(proc, 2, "config.model.preset: 'digits8' -> 'digits16'",
+  assert_one_line_error(proc, 2, "config.model.preset: 'digits8' -> 'digits16'",
                  "config.data.image_size: 8 -> 16", f"--config={workdir}/config.json")
   assert "Compiled the train step" not in proc.stderr
   assert file_hashes(workdir) == before
@@ -92,7 +83,7 @@ def test_a_run_refused_in_a_new_workdir_leaves_no_config_json(tmp_path):
   """A missing dataset (exit 3) and a missing teacher (exit 4): no config.json, no events."""
   proc = run_main(TINY_IMAGE, tmp_path / "w", {"data.data_dir": tmp_path / "empty"},
                   check=False)
-  one_error_line(proc, 3, "'synthetic_jpeg' is not prepared")
+  assert_one_line_error(proc, 3, "'synthetic_jpeg' is not prepared")
   assert not os.path.exists(tmp_path / "w" / "config.json")
 
   student = dict(TINY, **TINY_ANNEAL, **{"loss.mode": "cd", "loss.student_steps": 2,
@@ -113,7 +104,7 @@ def test_a_refused_run_keeps_an_existing_workdirs_files(tmp_path):
   before = file_hashes(workdir)
   proc = run_main(TINY_IMAGE, workdir, {"data.data_dir": tmp_path / "empty",
                                         "num_train_steps": 4}, check=False, devices=1)
-  one_error_line(proc, 3, "'synthetic_jpeg' is not prepared")
+  assert_one_line_error(proc, 3, "'synthetic_jpeg' is not prepared")
   assert file_hashes(workdir) == before
 
 
@@ -149,7 +140,7 @@ def test_config_json_takes_overrides_and_a_bad_path_is_one_line(tmp_path):
   assert "over 8 devices" in proc.stderr
   assert "checkpoint_manager.py" not in proc.stderr  # orbax's INFO lines, off by default
   proc = run_main(tmp_path / "none.json", tmp_path / "x", check=False)
-  one_error_line(proc, 2, "--config=", "none.json")
+  assert_one_line_error(proc, 2, "--config=", "none.json")
 
 
 # --- (c) resume with a changed config ---------------------------------------------------------
