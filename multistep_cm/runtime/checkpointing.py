@@ -39,6 +39,7 @@ import errno
 import logging as std_logging
 import os
 import re
+import tempfile
 from typing import Any
 
 from absl import logging
@@ -159,6 +160,14 @@ def _as_workdir_error(error: BaseException, directory: str) -> OSError | None:
       return OSError(code, os.strerror(code), directory)
     seen = seen.__cause__ or seen.__context__
   return None
+
+
+def probe_writable(directory: str):
+  """Raises OSError (EROFS, EACCES, ...) unless a file can be created in the local
+  `directory`: a run or an output fails here, before anything is computed."""
+  fd, path = tempfile.mkstemp(prefix=".write_test.", dir=directory)
+  os.close(fd)
+  os.remove(path)
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -9,7 +9,6 @@ checkpoint) and reads its own training examples (for aDDIM's x_var table).
 import dataclasses
 import json
 import os
-import tempfile
 
 import jax
 import ml_collections
@@ -176,9 +175,7 @@ def check_writable(directory: str, flag: str):
     return
   try:
     os.makedirs(directory, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=directory)
-    os.close(fd)
-    os.remove(probe)
+    checkpointing.probe_writable(directory)
   except OSError as e:
     raise InputError(f"{flag}: cannot write to {directory!r}: {e.strerror or e}",
                      code=6) from None

@@ -125,7 +125,8 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     config_checks.check_resume(changes, workdir)
   if "://" not in workdir:
     os.makedirs(workdir, exist_ok=True)
-    _check_writable(workdir)  # a read-only workdir fails here, before anything is built
+    # A read-only workdir fails here, before anything is built.
+    checkpointing.probe_writable(workdir)
   builder = train_step_lib.StepBuilder(plan)
   logging.info("Mesh %s over %d devices (%d processes): %s", dict(builder.mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
@@ -276,13 +277,6 @@ def _has_checkpoints(workdir: str) -> bool:
   """Whether the workdir holds a complete checkpoint (a step directory)."""
   directory = epath.Path(checkpointing.checkpoint_dir(workdir))
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-def _check_writable(workdir: str):
-  """Raises OSError (EROFS, EACCES, ...) if no file can be created in the local `workdir`."""
-  fd, path = tempfile.mkstemp(prefix=".write_test.", dir=workdir)
-  os.close(fd)
-  os.remove(path)
 
 
 def write_atomically(path: str, text: str):
