@@ -7,7 +7,8 @@ text-to-image demo) and `text_encoder` (the fixed encoder of those captions), `m
 `tfds_source` (prepared TFDS image datasets such as ImageNet, and their preprocessing),
 `prepare` (the command that prepares them), `synthetic` (an ImageNet-shaped TFDS dataset
 made on the spot, for tests and benchmarks), `text_image` (text-image datasets built from
-the user's captions and text-encoder outputs), `pipeline` (the deterministic multi-host
-order, decoding ahead, global batches). `config.build.make_source` picks the source a
+the user's captions and text-encoder outputs), `image_folder` (image datasets built from
+the user's folders or EDM-style zips of images, and their record), `pipeline` (the
+deterministic multi-host order, decoding ahead, global batches). `config.build.make_source` picks the source a
 config names.
 """

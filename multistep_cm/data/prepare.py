@@ -17,6 +17,17 @@ writes `text_images/my_captions`, which a config reads as
 `data.dataset = 'tfds:text_images/my_captions'` with `data.text_len`, `data.text_dim`
 set to the embeddings' L and D.
 
+A folder or zip of the user's own images (data/image_folder.py describes the layouts):
+
+  python -m multistep_cm.data.prepare --images=my_images/ --name=shapes \
+      --data_dir=/data/tfds --image_size=32 --holdout=0.1
+
+writes `image_folders/shapes`, which a config reads as `data.dataset = 'folder:shapes'`
+with `data.image_size`, `data.num_channels` and `data.num_classes` as the command prints
+(a config that disagrees is refused).
+
+Exit codes: 0 written; 2 a bad command line or input (one `error:` line; nothing written).
+
 This calls the TFDS builder API directly, which is what
 `tfds build NAME --data_dir=... --manual_dir=... --file_format=array_record`
 does; that CLI in tensorflow-datasets 4.9.10 also needs apache-beam installed.
@@ -26,6 +37,7 @@ import sys
 
 import tensorflow_datasets as tfds
 
+from multistep_cm.data import image_folder
 from multistep_cm.data import tfds_source
 # Imported for its side effect: it registers the `synthetic_jpeg` builder with TFDS.
 from multistep_cm.data import synthetic  # pylint: disable=unused-import
@@ -56,22 +68,57 @@ def main(argv=None) -> int:
   text.add_argument("--embeddings", default=None,
                     help=".npz with text_embedding [N, L, D] and text_mask [N, L] (or a folder "
                     "with text_embedding.npy and text_mask.npy), row i for example i")
-  text.add_argument("--name", default=None, help="the dataset is text_images/NAME")
+  text.add_argument("--name", default=None,
+                    help="the dataset is text_images/NAME, or image_folders/NAME (folder:NAME)")
   text.add_argument("--embedding_dtype", default="float32", choices=text_image.DTYPES,
                     help="stored embedding dtype (float16 halves the bytes)")
-  text.add_argument("--channels", default=3, type=int, choices=(1, 3),
-                    help="image channels the dataset declares (3: RGB, 1: grey)")
+  text.add_argument("--channels", default=None, type=int, choices=(1, 3),
+                    help="image channels the dataset declares (3: RGB, 1: grey; text images: "
+                    "3 unless given; --images: 1 if every image is grey, else 3)")
+  own = parser.add_argument_group("your own images (instead of --dataset; with --name)")
+  own.add_argument("--images", default=None,
+                   help="a folder of images (flat, or one subfolder per class), or an EDM "
+                   "dataset_tool folder or .zip with dataset.json")
+  own.add_argument("--image_size", default=None, type=int,
+                   help="resize every image to N x N (default: the images' own size)")
+  own.add_argument("--crop", default="center", choices=image_folder.CROPS,
+                   help="center: the central square; none: images must be square")
+  own.add_argument("--holdout", default=None,
+                   help="held out as the 'validation' split: a fraction (0.1) or a count (500)")
+  own.add_argument("--skip_bad", action="store_true",
+                   help="leave out unreadable or truncated images (counted) instead of stopping")
   args = parser.parse_args(argv)
-  if (args.dataset is None) == (args.text_images is None):
-    parser.error("give either --dataset or --text_images (with --embeddings and --name)")
+  given = [f for f, v in (("--dataset", args.dataset), ("--text_images", args.text_images),
+                          ("--images", args.images)) if v is not None]
+  if len(given) != 1:
+    parser.error("give one of --dataset, --text_images (with --embeddings and --name) or "
+                 "--images (with --name)")
   if args.dataset is not None:
     print(prepare(args.dataset, args.data_dir, args.manual_dir))
+    return 0
+  if args.images is not None:
+    if args.name is None:
+      parser.error("--images needs --name")
+    try:
+      path, record = image_folder.build(args.images, args.name, args.data_dir,
+                                        args.image_size, args.crop, args.holdout,
+                                        args.skip_bad, args.channels)
+    except image_folder.InputError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(image_folder.describe(record), file=sys.stderr)
+    print(f"train with --config.data.dataset=folder:{args.name} --config.data.image_size="
+          f"{record['image_size']} --config.data.num_channels={record['channels']} "
+          f"--config.data.num_classes={record['num_classes']}"
+          + (f" --config.data.data_dir={args.data_dir}" if args.data_dir else ""),
+          file=sys.stderr)
+    print(path)
     return 0
   if args.embeddings is None or args.name is None:
     parser.error("--text_images needs --embeddings and --name")
   try:
     path = text_image.build(args.text_images, args.embeddings, args.name, args.data_dir,
-                            args.embedding_dtype, args.channels)
+                            args.embedding_dtype, args.channels or 3)
   except text_image.InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -37,6 +37,8 @@ class Source:
   """
 
   num_classes: int = 0
+  # The names of classes 0 .. num_classes - 1 where the dataset has them (sample-grid rows).
+  class_names: tuple[str, ...] | None = None
 
   def __len__(self) -> int:
     raise NotImplementedError

@@ -58,6 +58,12 @@ SYNTHETIC = "synthetic_jpeg"
 TEXT_IMAGES = "text_images"
 TEXT_EMBEDDING, TEXT_MASK = "text_embedding", "text_mask"
 
+# Image datasets the user prepares from a folder or zip of images (data/image_folder.py):
+# `image_folders/<name>`, which a config names as 'folder:<name>'.
+IMAGE_FOLDERS = "image_folders"
+# What only their own files describe (no registered TFDS builder).
+USER_DATASETS = (TEXT_IMAGES, IMAGE_FOLDERS)
+
 # The manual-download archives `tfds build imagenet2012` looks for in manual_dir.
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -130,6 +136,9 @@ def prepare_command(name: str, data_dir: str | None) -> str:
     command = ("python -m multistep_cm.data.prepare --text_images=MANIFEST "
                f"--embeddings=EMBEDDINGS --name={config or 'NAME'}")
     return command + (f" --data_dir={data_dir}" if data_dir is not None else "")
+  if builder == IMAGE_FOLDERS:
+    command = f"python -m multistep_cm.data.prepare --images=DIR_OR_ZIP --name={config or 'NAME'}"
+    return command + (f" --data_dir={data_dir}" if data_dir is not None else "")
   command = f"python -m multistep_cm.data.prepare --dataset={name}"
   if data_dir is not None:
     command += f" --data_dir={data_dir}"
@@ -150,6 +159,8 @@ def _how_to_prepare(name: str, data_dir: str | None) -> str:
   lines = [f"Prepare it once with:\n  {prepare_command(name, data_dir)}"]
   if name.startswith(TEXT_IMAGES + "/"):
     return lines[0] + "\n(multistep_cm/data/text_image.py describes MANIFEST and EMBEDDINGS)"
+  if name.startswith(IMAGE_FOLDERS + "/"):
+    return lines[0] + "\n(docs/data.md, 'Your own images', describes the folder layouts)"
   manual = ""
   if _needs_manual_download(name):
     manual = " --manual_dir=MANUAL_DIR"
@@ -167,7 +178,8 @@ class TfdsSource(Source):
 
   Examples are `{'image': float32 [S, S, C] in [-1, 1], 'label': int32}` (see the
   module docstring for the preprocessing). Datasets without a `'label'` feature
-  (e.g. `downsampled_imagenet`, text-image data) get the null class, `num_classes` = 0.
+  (e.g. `downsampled_imagenet`, text-image data) get the null class, `num_classes` = 0;
+  `class_names` are the label feature's names (None without one).
   Opened with `text_dim > 0`, a text-image dataset's examples also hold
   `'text_embedding'` float32 [L, D] and `'text_mask'` int32 [L] (1 = token, 0 = padding);
   its captions are read apart, by `captions`.
@@ -197,13 +209,14 @@ class TfdsSource(Source):
     self.name, self.split, self.fast_decode = name, split, fast_decode
     where = f"in data_dir={data_dir}" if data_dir else "in TFDS's default data_dir"
     try:
-      if name.startswith(TEXT_IMAGES + "/"):
-        # Made from the user's files: only the files describe it (data/text_image.py).
+      if name.split("/")[0] in USER_DATASETS:
+        # Made from the user's files: only the files describe it (data/text_image.py,
+        # data/image_folder.py).
         builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=data_dir)
       else:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
-      if name.startswith(TEXT_IMAGES + "/"):
+      if name.split("/")[0] in USER_DATASETS:
         raise DatasetError(f"TFDS dataset {name!r} is not prepared {where}.\n"
                            f"{_how_to_prepare(name, data_dir)}") from e
       raise DatasetError(f"TFDS has no dataset named {name!r} (tensorflow-datasets "
@@ -227,6 +240,7 @@ class TfdsSource(Source):
     label = features["label"] if "label" in features else None
     self._has_label = isinstance(label, tfds.features.ClassLabel)
     self.num_classes = label.num_classes if self._has_label else 0
+    self.class_names = tuple(label.names) if self._has_label else None
     self._has_caption = "caption" in features
     self._length = len(self._data)
 

@@ -47,9 +47,11 @@ def _font(tile_h: int):
 
 
 def grid_layout(num: int, height: int, width: int, labels=None,
-                min_tile: int = MIN_TILE) -> GridLayout:
+                min_tile: int = MIN_TILE, class_names=None) -> GridLayout:
   """The layout of `num` samples of `height` x `width`: with `labels`, one row per distinct
-  label (in increasing order, samples in their order); without, as square as fits."""
+  label (in increasing order, samples in their order); without, as square as fits. With
+  `class_names`, a row of class id k is written `class_names[k]` (ids beyond them, such as
+  the null class, as their number)."""
   scale = max(1, -(-min_tile // min(height, width)))
   tile_h, tile_w = height * scale, width * scale
   gap = max(2, tile_h // 16)
@@ -63,22 +65,27 @@ def grid_layout(num: int, height: int, width: int, labels=None,
   # Class ids in increasing order; text (prompts) in the order it first appears.
   distinct = (np.unique(labels) if labels.dtype.kind in "iub"
               else list(dict.fromkeys(labels.tolist())))
-  rows = tuple((str(label), tuple(int(i) for i in np.flatnonzero(labels == label)))
+  names = tuple(class_names or ())
+  text = lambda label: (names[label] if labels.dtype.kind in "iu" and 0 <= label < len(names)
+                        else str(label))
+  rows = tuple((text(label), tuple(int(i) for i in np.flatnonzero(labels == label)))
                for label in distinct)
   font = _font(tile_h)
   label_w = 2 * gap + max(int(np.ceil(font.getlength(text))) for text, _ in rows)
   return GridLayout(tile_h, tile_w, scale, gap, label_w, rows)
 
 
-def image_grid(samples: np.ndarray, labels=None, min_tile: int = MIN_TILE) -> np.ndarray:
+def image_grid(samples: np.ndarray, labels=None, min_tile: int = MIN_TILE,
+               class_names=None) -> np.ndarray:
   """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H', cols*W', C] picture (`grid_layout`):
   tiles upscaled to at least `min_tile` pixels, a background gap between them, and with
-  `labels` ([N] ints, or strings such as prompts) one row per label, written at its left."""
+  `labels` ([N] ints, or strings such as prompts) one row per label, written at its left
+  (an int label k as `class_names[k]` where given: a dataset's `source.class_names`)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   samples = to_uint8(samples)
   n, h, w, c = samples.shape
-  layout = grid_layout(n, h, w, labels, min_tile)
+  layout = grid_layout(n, h, w, labels, min_tile, class_names)
   grid = np.full(layout.shape + (c,), BACKGROUND, np.uint8)
   for r, (_, indices) in enumerate(layout.rows):
     for q, i in enumerate(indices):
