@@ -479,8 +479,8 @@ _CONFIG_FIELDS = {"image_size": "image_size", "num_channels": "channels",
 
 def config_disagreement(name: str, data_dir: str | None, values: dict) -> str | None:
   """Where a config's data shape disagrees with `image_folders/<name>`'s record: one line
-  naming the key, both values and the override that fixes it; None if all agree or the
-  dataset is not prepared (its source says how to prepare it).
+  naming each such key, both values and the overrides that fix them; None if all agree or
+  the dataset is not prepared (its source says how to prepare it).
 
   Args:
     values: `{'data.image_size': 8, 'model.num_classes': 10, ...}`, the config's values of
@@ -490,16 +490,19 @@ def config_disagreement(name: str, data_dir: str | None, values: dict) -> str | 
     record = read_record(name, data_dir)
   except DatasetError:
     return None
-  for key, value in values.items():
-    field = _CONFIG_FIELDS[key.rsplit(".", 1)[-1]]
-    if value != record[field]:
-      what = {"image_size": f"{record['image_size']}x{record['image_size']} images",
-              "channels": f"{record['channels']} channel(s)",
-              "num_classes": (f"{record['num_classes']} classes ("
-                              f"{', '.join(record['class_names'][:10])})" if record["num_classes"]
-                              else "no classes (unlabelled)")}[field]
-      return (f"config.{key}={value!r}, but folder:{name} holds {what}, "
-              f"{key.rsplit('.', 1)[-1]}={record[field]} (its record "
-              f"{os.path.join(dataset_path(name, data_dir), RECORD)}); set "
-              f"--config.{key}={record[field]}, or prepare the images again to match")
-  return None
+  what = {"image_size": f"{record['image_size']}x{record['image_size']} images",
+          "channels": f"{record['channels']} channel(s)",
+          "num_classes": (f"{record['num_classes']} classes ("
+                          f"{', '.join(record['class_names'][:10])}"
+                          f"{', ...' if record['num_classes'] > 10 else ''})"
+                          if record["num_classes"] else "no classes (unlabelled)")}
+  wrong = [(key, value, _CONFIG_FIELDS[key.rsplit(".", 1)[-1]]) for key, value in values.items()
+           if value != record[_CONFIG_FIELDS[key.rsplit(".", 1)[-1]]]]
+  if not wrong:
+    return None
+  said = "; ".join(f"config.{key}={value!r}, but it holds {what[field]}"
+                   for key, value, field in wrong)
+  fix = " ".join(f"--config.{key}={record[field]}" for key, _, field in wrong)
+  return (f"folder:{name} disagrees with the config: {said} (its record "
+          f"{os.path.join(dataset_path(name, data_dir), RECORD)}); set {fix}, or prepare the "
+          "images again to match")
