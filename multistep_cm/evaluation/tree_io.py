@@ -6,7 +6,7 @@ numpy alone, and a reader can list what is inside with `np.load(path).files`.
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -72,3 +72,38 @@ def digest(tree: Mapping[str, Any]) -> str:
     sha.update(f"{path}:{value.shape};".encode())
     sha.update(value.tobytes())
   return sha.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes: names the source a converter read."""
+  sha = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      sha.update(chunk)
+  return sha.hexdigest()
+
+
+def fill_from_state_dict(shapes: Mapping[str, tuple[int, ...]],
+                         state_dict: Mapping[str, np.ndarray],
+                         source_name: Callable[[str], str],
+                         to_layout: Callable[[str, np.ndarray], np.ndarray],
+                         ignored: Callable[[str], bool]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Fills each Flax path of `shapes` from `state_dict[source_name(path)]` in float32,
+  through `to_layout`. Returns (flat variables, problems): the missing entries, the wrong
+  shapes, and the entries left over that `ignored` does not excuse."""
+  flat, used, problems = {}, set(), []
+  for path, shape in shapes.items():
+    name = source_name(path)
+    if name not in state_dict:
+      problems.append(f"missing {name} (for {path})")
+      continue
+    value = to_layout(path, np.asarray(state_dict[name], np.float32))
+    if value.shape != tuple(shape):
+      problems.append(f"{name}: shape {value.shape} in Flax layout, expected {tuple(shape)}")
+      continue
+    flat[path] = value
+    used.add(name)
+  leftover = sorted(k for k in state_dict if k not in used and not ignored(k))
+  if leftover:
+    problems.append(f"unused source entries {leftover[:10]}")
+  return flat, problems
