@@ -51,7 +51,7 @@ from multistep_cm.data import tfds_source
 from multistep_cm.data.sources import DatasetError
 
 BUILDER = tfds_source.IMAGE_FOLDERS
-VERSION = _VERSION = "1.0.0"
+VERSION = "1.0.0"
 RECORD = "image_folder.json"
 EDM_LABELS = "dataset.json"
 HOLDOUT_SPLIT = "validation"
@@ -226,15 +226,17 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def holdout_count(holdout: str | float | int | None, total: int) -> int:
   """Examples held out: a fraction in (0, 1), or a count; at least one must stay to train."""
-  if holdout in (None, "", 0, "0"):
+  if holdout is None or holdout == "":
     return 0
   try:
     value = float(holdout)
   except (TypeError, ValueError):
     value = -1.0  # refused below
+  if value == 0:
+    return 0
   if 0 < value < 1:
     count = max(1, int(round(value * total)))
-  elif value >= 1 and value == int(value):
+  elif 1 <= value <= sys.maxsize and value == int(value):
     count = int(value)
   else:
     raise InputError(f"--holdout={holdout} must be a fraction in (0, 1) or a whole number "
@@ -286,13 +288,14 @@ def read_record(name: str, data_dir: str | None) -> dict:
 def _builder_class():
   """The TFDS builder, defined on first use: TFDS (and TensorFlow) load only to prepare."""
   tfds = tfds_source._tfds()  # pylint: disable=protected-access
+  version = VERSION  # the class body's own VERSION hides the module's
 
   class ImageFolders(tfds.core.GeneratorBasedBuilder):
     """`image_folders/NAME`: the user's images (module docstring). Only preparing runs this
     code; a prepared dataset is read back from what its files describe."""
 
-    VERSION = tfds.core.Version(_VERSION)
-    RELEASE_NOTES = {_VERSION: "First version."}
+    VERSION = tfds.core.Version(version)
+    RELEASE_NOTES = {version: "First version."}
 
     def __init__(self, *, name, plan, **kwargs):
       self._plan = plan
@@ -440,7 +443,12 @@ def build(images: str, name: str, data_dir: str | None = None, image_size: int |
       with open(os.path.join(builder.data_path, RECORD), "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=1)
       os.makedirs(os.path.dirname(final), exist_ok=True)
-      os.rename(builder.data_path, final)
+      try:
+        os.rename(builder.data_path, final)
+      except OSError as e:  # another prepare of the same name finished first
+        raise InputError(f"{BUILDER}/{name} could not be moved into place at {final} "
+                         f"({e.strerror}); if another prepare wrote it meanwhile, use that "
+                         "one, or delete it and prepare again") from None
     finally:
       _remove_incomplete(incomplete)
   finally:
