@@ -26,7 +26,8 @@ writes `image_folders/shapes`, which a config reads as `data.dataset = 'folder:s
 with `data.image_size`, `data.num_channels` and `data.num_classes` as the command prints
 (a config that disagrees is refused).
 
-Exit codes: 0 written; 2 a bad command line or input (one `error:` line; nothing written).
+Exit codes: 0 written; 2 a bad command line or input (one `error:` line; nothing written);
+130 interrupted by Ctrl-C (nothing written).
 
 This calls the TFDS builder API directly, which is what
 `tfds build NAME --data_dir=... --manual_dir=... --file_format=array_record`
@@ -106,6 +107,10 @@ def main(argv=None) -> int:
     except image_folder.InputError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
+    except KeyboardInterrupt:
+      print(f"error: interrupted; nothing of {image_folder.BUILDER}/{args.name} was written",
+            file=sys.stderr)
+      return 130
     print(image_folder.describe(record), file=sys.stderr)
     print(f"train with --config.data.dataset=folder:{args.name} --config.data.image_size="
           f"{record['image_size']} --config.data.num_channels={record['channels']} "
