@@ -60,7 +60,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Pillow modes without colour; anything else is converted to RGB.
 _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 # What Pillow raises for bytes that are not a whole image (truncation is an OSError).
-_BAD_IMAGE = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+_BAD_IMAGE = (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+              Image.DecompressionBombError)
 
 
 class InputError(ValueError):
