@@ -100,6 +100,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_weights = "ema0"  # 'params' or an EMA name
   c.init_from = ""  # student initialisation (the paper starts from the teacher's weights)
   c.init_weights = "ema0"
+  # What the teacher is (multistep_cm/teachers, docs/teachers.md). 'run': teacher_checkpoint
+  # is a diffusion run of this framework. 'module': a Flax module of your own, called as
+  # module(z, time, labels), in the frame below, its weights in teacher_checkpoint (.npz,
+  # .safetensors or an orbax directory of the parameters).
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.kind = "run"
+  c.teacher.module = ""  # 'package.module:name' or 'path/to/file.py:name' (kind 'module')
+  c.teacher.frame = "vp"  # 'vp' (z = alpha x + sigma eps), 've' (EDM), 'flow'
+  c.teacher.prediction = "v"  # 'x', 'eps', 'v' (vp) or 'velocity' (flow)
+  c.teacher.time_scale = 1.0  # multiplies the time passed (DiT 999, SD3/Flux 1000)
+  c.teacher.flow_time = ""  # flow only: 'data_at_0' (SD3, Flux, Wan) or 'noise_at_0' (SiT)
+  c.teacher.schedule = ""  # vp only: its own schedule when its time is not logSNR
+  c.teacher.schedule_kwargs = ml_collections.ConfigDict()
+  # The student's network: 'model' (config.model) or 'teacher' (the teacher's own module,
+  # starting from its weights, so it starts as the teacher).
+  c.teacher.student = "model"
 
   # --- optimiser (training/optim.py) ---
   c.optimizer = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import schedules
 from multistep_cm.diffusion import segments
 from multistep_cm import models
+from multistep_cm.teachers import module as teacher_module
 
 # Every dataset a config may name besides 'tfds:<any TFDS name>'.
 DATASETS = (("digits", "captioned_digits", "mixture") + tfds_source.TFDS_DATASETS
@@ -30,8 +31,39 @@ def get_schedule(config) -> schedules.Schedule:
 
 
 def get_model(config) -> nn.Module:
-  """The denoiser: `config.model.preset` with the config's overrides (models/presets.py)."""
+  """The denoiser: `config.model.preset` with the config's overrides (models/presets.py), or
+  with `teacher.student='teacher'` the teacher's own module (`outside_network`)."""
+  if config.teacher.student == "teacher":
+    return outside_network(config)
   return models.get_model_for_config(config)
+
+
+def outside_network(config) -> nn.Module:
+  """`config.teacher.module`, in the frame the config gives it, as a network of ours
+  (teachers/module.py: `OutsideNetwork`), sized for the config's data.
+
+  Raises:
+    ValueError: the module does not import or is not a Flax module (one line).
+  """
+  t = config.teacher
+  shape = example_shape(config)
+  dims = ({"data_dim": shape[0]} if len(shape) == 1
+          else {"image_size": shape[0], "num_channels": shape[2]})
+  return teacher_module.OutsideNetwork(
+      net=teacher_module.load_module(t.module), frame=t.frame, prediction=t.prediction,
+      time_scale=float(t.time_scale), flip_time=teacher_module.FLOW_TIMES.get(t.flow_time, False),
+      schedule_name=t.schedule,
+      schedule_kwargs=tuple(sorted(t.schedule_kwargs.to_dict().items())),
+      num_classes=int(config.data.num_classes), **dims)
+
+
+def teacher_model(config, model: nn.Module) -> nn.Module:
+  """The network the student distils (and samples the ODE error against): the teacher's
+  module (`teacher.kind='module'`), else the architecture of our diffusion run that `model`
+  starts from (`teacher_architecture`)."""
+  if config.teacher.kind == "module":
+    return outside_network(config)
+  return teacher_architecture(model)
 
 
 def teacher_architecture(model: nn.Module) -> nn.Module:

@@ -34,6 +34,8 @@ from multistep_cm import models
 from multistep_cm.models import layers
 from multistep_cm.models import uvit
 from multistep_cm.runtime import sharding
+from multistep_cm import teachers
+from multistep_cm.teachers import module as teacher_module
 
 DATASETS = config_build.DATASETS
 NONFINITE = ("skip", "stop")
@@ -199,6 +201,14 @@ SCHEMA: dict[str, Rule] = {
     "teacher_weights": Rule(_weights),
     "init_from": text(),
     "init_weights": Rule(_weights),
+    "teacher.kind": one_of("run", "module"),
+    "teacher.module": text(),
+    "teacher.frame": one_of(*teachers.FRAMES),
+    "teacher.prediction": one_of(*teachers.PREDICTIONS),
+    "teacher.time_scale": number(0.0, 1e6, lo_open=True),
+    "teacher.flow_time": one_of("", *teacher_module.FLOW_TIMES),
+    "teacher.schedule": one_of("", *schedules.NAMES),
+    "teacher.student": one_of("model", "teacher"),
     "optimizer.name": one_of(*config_base.OPTIMIZERS),
     # Above 1 warned about, not refused: almost always a typo, but the reliability tests
     # (and anyone provoking a divergence on purpose) use one.
@@ -278,7 +288,7 @@ def rule_for(key: str) -> Rule | None:
     return SCHEMA[key]
   if key.startswith("model."):
     return MODEL_SCHEMA.get(key[len("model."):])
-  if key.startswith("schedule.kwargs."):
+  if key.startswith(("schedule.kwargs.", "teacher.schedule_kwargs.")):
     return number(-1e6, 1e6)
   return None
 
@@ -317,10 +327,19 @@ def validate_run(config, num_devices: int | None = None, num_processes: int | No
       raise ConfigError(f"{e} (in config.stages.{name})") from None
 
 
+# The teacher keys that describe a module of your own (teacher.kind='module'), at their
+# defaults for a run of ours.
+_MODULE_KEYS = ("module", "frame", "prediction", "time_scale", "flow_time", "schedule",
+                "schedule_kwargs", "student")
+
+
 # What a resume may not change: the checkpoint's arrays, or what they mean, depend on it
 # (a key equal to one of these, or under one ending in ".").
 RESUME_FIXED = ("model.", "schedule.", "loss.mode", "data.image_size", "data.num_channels",
-                "data.num_classes")
+                "data.num_classes", "teacher.student")
+# Also fixed when the student is the teacher's own module: what that module is and means.
+RESUME_FIXED_TEACHER_STUDENT = tuple(f"teacher.{k}" for k in _MODULE_KEYS) + (
+    "teacher.schedule_kwargs.",)
 
 
 def _json_leaves(config) -> dict[str, Any]:
@@ -340,11 +359,14 @@ def config_changes(old, new) -> dict[str, tuple[Any, Any]]:
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_resume(changes: dict[str, tuple[Any, Any]], workdir: str):
+def check_resume(changes: dict[str, tuple[Any, Any]], workdir: str,
+                 student_is_teacher: bool = False):
   """Raises ConfigError, one line, if `changes` (`config_changes` of the config a workdir's
-  checkpoints were trained with and the one resuming them) touches a `RESUME_FIXED` key."""
+  checkpoints were trained with and the one resuming them) touches a `RESUME_FIXED` key (or,
+  for a student of the teacher's own module, a `RESUME_FIXED_TEACHER_STUDENT` one)."""
+  prefixes = RESUME_FIXED + (RESUME_FIXED_TEACHER_STUDENT if student_is_teacher else ())
   fixed = [k for k in changes
-           if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_FIXED)]
+           if any(k == p or (p.endswith(".") and k.startswith(p)) for p in prefixes)]
   if not fixed:
     return
   described = [f"config.{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed]
@@ -413,8 +435,10 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     _check_segments(config, schedule)
   check_anystep_probs(lc)
   if lc.mode in losses.TEACHER_MODES and not config.teacher_checkpoint:
-    raise ConfigError(f"config.teacher_checkpoint must name a diffusion run's workdir or "
-                      f"checkpoint for loss.mode={lc.mode!r}")
+    what = ("the weights of config.teacher.module (.npz, .safetensors or an orbax directory)"
+            if config.teacher.kind == "module" else "a diffusion run's workdir or checkpoint")
+    raise ConfigError(f"config.teacher_checkpoint must name {what} for loss.mode={lc.mode!r}")
+  _check_teacher(config)
   text = config.data.text_dim > 0
   if lc.guidance_scale and not (config.data.num_classes or text):
     raise ConfigError("config.loss.guidance_scale needs a class- or text-conditional model "
@@ -444,6 +468,64 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     config_build.get_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
+
+
+def _check_teacher(config):
+  """A teacher of your own (config.teacher): a loss that calls it, a module that imports, a
+  frame, prediction and time convention that go together (teachers/adapter.py), and a
+  student of its architecture only where that has no input the teacher lacks."""
+  t, mode = config.teacher, config.loss.mode
+  if t.kind == "run":
+    defaults = config_base.base_config().teacher
+    for key in _MODULE_KEYS:
+      if t[key] != defaults[key]:
+        raise ConfigError(f"config.teacher.{key} describes a teacher of your own and needs "
+                          f"teacher.kind='module'; a run of ours (teacher.kind='run') is a "
+                          f"v-predicting network on logSNR, got teacher.{key}={t[key]!r}")
+    return
+  if mode not in ("cd", "direct", "pd"):
+    raise ConfigError(f"config.teacher.kind='module' needs loss.mode 'cd', 'direct' or 'pd' "
+                      f"(a loss that calls the teacher), got {mode!r}")
+  if not t.module:
+    raise ConfigError("config.teacher.module must name the teacher's Flax module as "
+                      "'package.module:name' or 'path/to/file.py:name' for teacher.kind="
+                      "'module'")
+  if (t.frame == "flow") != bool(t.flow_time):
+    raise ConfigError(
+        f"config.teacher.flow_time must be 'data_at_0' (SD3, Flux, Wan: t = 0 is the data) "
+        f"or 'noise_at_0' (SiT) for a 'flow' teacher, got {t.flow_time!r}" if t.frame == "flow"
+        else f"config.teacher.flow_time applies to teacher.frame='flow' only, got "
+        f"{t.flow_time!r} for a {t.frame!r} teacher")
+  schedule = None
+  if t.schedule:
+    try:
+      schedule = schedules.get_schedule(t.schedule, **t.schedule_kwargs.to_dict())
+    except ValueError as e:
+      raise ConfigError(f"config.teacher.schedule_kwargs: {e}") from None
+  elif t.schedule_kwargs.to_dict():
+    raise ConfigError(f"config.teacher.schedule_kwargs needs teacher.schedule, got "
+                      f"{t.schedule_kwargs.to_dict()}")
+  try:
+    teachers.check_conventions(t.frame, t.prediction, float(t.time_scale),
+                               teacher_module.FLOW_TIMES.get(t.flow_time, False), schedule)
+  except ValueError as e:
+    raise ConfigError(f"config.teacher: {e}") from None
+  try:
+    teacher_module.load_module(t.module)
+  except ValueError as e:
+    raise ConfigError(f"config.teacher.module={t.module!r}: {e}") from None
+  if t.student == "teacher":
+    told = [k for k, on in (("loss.anystep_counts", bool(config.loss.anystep_counts)),
+                            ("model.guidance_cond", config.model.guidance_cond),
+                            ("model.segment_cond", config.model.segment_cond != "none")) if on]
+    if told:
+      raise ConfigError(f"config.teacher.student='teacher' trains the teacher's own module, "
+                        f"which has no input for config.{told[0]}; use teacher.student="
+                        f"'model' (our UViT) for that")
+    if config.init_from:
+      raise ConfigError(f"config.init_from must be empty with teacher.student='teacher' (the "
+                        f"student starts from the teacher's weights), got "
+                        f"{config.init_from!r}")
 
 
 def _check_guidance_range(config, text: bool):

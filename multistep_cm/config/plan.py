@@ -128,10 +128,11 @@ class RunPlan:
     """The network (models/presets.py with the config's overrides)."""
     return config_build.get_model(self.config)
 
-  @property
+  @functools.cached_property
   def teacher_model(self):
-    """The architecture of the diffusion model the student distils or starts from."""
-    return config_build.teacher_architecture(self.model)
+    """The network the student distils or starts from: our diffusion run's architecture,
+    or the teacher's own module in its frame (config.teacher, config/build.py)."""
+    return config_build.teacher_model(self.config, self.model)
 
   def make_source(self):
     """The training data source (config/build.py: `make_source`)."""
@@ -203,7 +204,8 @@ class RunPlan:
     c, student = self.config, self.objective.is_student
     return {"step": step, "input_position": step, "batch_size": c.batch_size,
             "seed": c.seed, "ema_decays": list(c.ema_decays),
-            "model": c.model.preset, "mode": self.objective.value,
+            "model": (f"teacher:{c.teacher.module}" if c.teacher.student == "teacher"
+                      else c.model.preset), "mode": self.objective.value,
             "student_steps": c.loss.student_steps if student else None,
             "anystep_counts": list(c.loss.anystep_counts),
             "segment_boundaries": ({str(s): list(b) for s, b in self.boundaries.items()}

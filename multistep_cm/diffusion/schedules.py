@@ -316,6 +316,11 @@ _BUILDERS = {
     "cosine": cosine,
     "shifted_cosine": shifted_cosine,
     "interpolated_cosine": interpolated_cosine,
+    # Other codebases' teachers' schedules, in logSNR (§17): a student may train and sample
+    # on them too.
+    "edm": edm,
+    "ddpm_linear": ddpm_linear,
+    "flow_matching": flow_matching,
 }
 NAMES = tuple(_BUILDERS)
 

@@ -170,7 +170,7 @@ def get_model_for_config(config: Any) -> nn.Module:
 def input_specs(model: nn.Module, batch: int) -> tuple[Any, ...]:
   """Abstract `(z, logsnr, labels)` for `model` at batch size `batch`; a text model's
   labels are the text dict at its `text_len` (models/uvit.py)."""
-  if isinstance(model, mlp.MLPDenoiser):
+  if isinstance(model, mlp.MLPDenoiser) or getattr(model, "data_dim", 0):
     z_shape = (batch, model.data_dim)
   else:
     z_shape = (batch, model.image_size, model.image_size, model.num_channels)

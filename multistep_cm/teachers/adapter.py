@@ -45,6 +45,13 @@ def _check(apply_fn, frame, prediction, time_scale, flip_time, schedule):
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable as apply_fn(z, time, labels), got "
                      f"{type(apply_fn).__name__}")
+  check_conventions(frame, prediction, time_scale, flip_time, schedule)
+
+
+def check_conventions(frame: str, prediction: str, time_scale: float = 1.0,
+                      flip_time: bool = False, schedule: schedules_lib.Schedule | None = None):
+  """Raises a one-line ValueError naming the argument where the frame, prediction, time scale,
+  time convention and schedule of a teacher do not go together (what `adapt` refuses)."""
   if frame not in FRAMES:
     raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
   if prediction not in PREDICTIONS:

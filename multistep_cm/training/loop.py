@@ -8,8 +8,8 @@
 2. The train state: restored from the workdir (resume), or initialised from another
    run's parameters (`config.init_from`), or from scratch with a jitted init that
    creates it already sharded.
-3. The teacher (modes cd and direct) from `config.teacher_checkpoint`, sharded by the
-   same rules: an input of the step, never optimised or checkpointed. Only now, every
+3. The teacher (modes cd, direct and pd) from `config.teacher_checkpoint` (a run of ours,
+   or a module of your own's weights file: config.teacher), sharded by the same rules: an input of the step, never optimised or checkpointed. Only now, every
    check passed, the workdir's record is written: `config.json` (atomically) and, for a
    resume that changed keys, an entry of `config_history.json`.
 4. The step compiled once, ahead of time; its FLOPs counted on its jaxpr (runtime/flops.py).
@@ -48,6 +48,7 @@ from multistep_cm.runtime import checkpointing
 from multistep_cm.runtime import hardware
 from multistep_cm.runtime import metric_log
 from multistep_cm.sampling import images
+from multistep_cm.teachers import weights as teacher_weights
 from multistep_cm.training import step as train_step_lib
 
 TrainState = train_step_lib.TrainState
@@ -122,7 +123,8 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   previous = _previous_config(workdir)
   changes = config_checks.config_changes(previous, config) if previous is not None else {}
   if _has_checkpoints(workdir):
-    config_checks.check_resume(changes, workdir)
+    config_checks.check_resume(changes, workdir,
+                               student_is_teacher=config.teacher.student == "teacher")
   if "://" not in workdir:
     os.makedirs(workdir, exist_ok=True)
     # A read-only workdir fails here, before anything is built.
@@ -132,9 +134,13 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
   # The inputs that can be wrong, checked before anything is allocated or compiled: the
   # teacher checkpoint (its metadata) and the dataset (one example).
+  module_weights = None  # a teacher of your own's weights, read and checked once
   if builder.teacher_abstract is not None:
-    checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
-                               config.teacher_weights, key="config.teacher_checkpoint")
+    if config.teacher.kind == "module":
+      module_weights = _module_weights(config, builder.teacher_abstract)
+    else:
+      checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
+                                 config.teacher_weights, key="config.teacher_checkpoint")
   source = open_source(plan)
 
   # 2. The train state, sharded.
@@ -142,7 +148,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
       checkpointing.checkpoint_dir(workdir), max_to_keep=config.checkpoint_keep,
       keep_period=config.checkpoint_keep_period or None, async_save=config.async_checkpoints)
   try:
-    state = _initial_state(config, builder, ckpt)
+    state = _initial_state(config, builder, ckpt, module_weights)
   except BaseException:
     ckpt.close()
     raise
@@ -155,7 +161,9 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   # 3. The teacher: an input of the step, sharded like the student.
   teacher_params = None
   try:
-    if builder.teacher_abstract is not None:
+    if module_weights is not None:
+      teacher_params = _placed(module_weights, builder.teacher_abstract)
+    elif builder.teacher_abstract is not None:
       teacher_params = _load_teacher(plan, builder.teacher_abstract)
   except BaseException:
     ckpt.close()
@@ -356,8 +364,9 @@ def open_source(plan: plan_lib.RunPlan):
   return source
 
 
-def _initial_state(config, builder, ckpt) -> TrainState:
-  """Resume from the workdir, else initialise from `config.init_from`, else from scratch."""
+def _initial_state(config, builder, ckpt, module_weights=None) -> TrainState:
+  """Resume from the workdir, else initialise from `config.init_from` (or a student of the
+  teacher's own module from the teacher's weights, `module_weights`), else from scratch."""
   layout = builder.layout
   restored = _restore_newest_verified(ckpt, layout.abstract)
   if restored is not None:
@@ -383,6 +392,12 @@ def _initial_state(config, builder, ckpt) -> TrainState:
       loaded = train_step_lib.merge_params(
           jax.jit(fresh, out_shardings=layout.param_shardings)(init_rng), loaded)
     logging.info("Student initialised from %s (%s).", config.init_from, config.init_weights)
+    return jax.jit(create, out_shardings=layout.shardings)(loaded)
+  if config.teacher.student == "teacher":
+    # The student is the teacher's module (checked to have the teacher's shapes): it starts
+    # as the teacher.
+    loaded = _placed(module_weights, layout.abstract.params)
+    logging.info("Student initialised from the teacher's weights %s.", config.teacher_checkpoint)
     return jax.jit(create, out_shardings=layout.shardings)(loaded)
   return jax.jit(lambda rng: create(fresh(rng)), out_shardings=layout.shardings)(init_rng)
 
@@ -424,6 +439,34 @@ def _restore_newest_verified(ckpt, abstract):
             "new workdir")
     raise checkpointing.CheckpointError(f"{error}; {hint}.")
   return None
+
+
+def _module_weights(config, abstract) -> dict:
+  """The weights of a teacher of your own (`config.teacher_checkpoint`), as numpy arrays of
+  `abstract`'s dtypes, checked against its shapes (teachers/weights.py).
+
+  Raises:
+    ConfigError: the file is missing or unreadable, or does not fit the module (naming the
+      first mismatched parameter): the config names a module and weights that disagree.
+  """
+  path = config.teacher_checkpoint
+  try:
+    tree = teacher_weights.read(path)
+    teacher_weights.check_fits(path, tree, abstract["net"])
+  except teacher_weights.WeightsError as e:
+    raise config_checks.ConfigError(f"config.teacher_checkpoint: {e}") from None
+  tree = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), {"net": tree}, abstract)
+  logging.info("Teacher: %s (%s frame, %s prediction) with the weights %s.",
+               config.teacher.module, config.teacher.frame, config.teacher.prediction, path)
+  return tree
+
+
+def _placed(tree, abstract):
+  """Host arrays `tree` on the devices with the shardings of `abstract` (every process
+  holds the whole tree and gives each device its part)."""
+  return jax.tree.map(
+      lambda x, a: jax.make_array_from_callback(a.shape, a.sharding, lambda i: x[i]),
+      tree, abstract)
 
 
 def _load_teacher(plan: plan_lib.RunPlan, abstract):

@@ -1,0 +1,71 @@
+"""A teacher of your own through the main job and `sample`, end to end.
+
+The teacher is tests/outside_teachers.py's SD3-convention flow module (our digits UViT
+behind a flow velocity, random weights written as a .safetensors file): `main` distils it
+into a 2-step CD student of the teacher's own architecture, and `sample` draws from that
+student; weights that do not fit the module are refused in one line (exit 2) before the
+workdir records anything.
+"""
+import json
+import os
+
+from flax import traverse_util
+import jax
+import numpy as np
+
+from multistep_cm.models import partitioning
+from multistep_cm.teachers import weights as teacher_weights
+from multistep_cm.training import step as train_step
+from helpers import assert_one_line_error
+from helpers import run_main
+from helpers import run_module
+from helpers import TESTS
+import outside_teachers
+
+EXIT_CONFIG = 2
+
+
+def _teacher_file(path, drop=None):
+  params = partitioning.unbox(train_step.init_params(outside_teachers.inner_network(),
+                                                     jax.random.PRNGKey(0)))
+  flat = {k: np.asarray(v) for k, v in
+          traverse_util.flatten_dict({"inner": params}, sep="/").items() if k != drop}
+  teacher_weights.write_safetensors(str(path), flat)
+  return str(path), sorted(flat)
+
+
+def _overrides(weights, **extra):
+  module = os.path.join(TESTS, "outside_teachers.py") + ":flow_sd3"
+  return {"teacher_checkpoint": weights, "teacher.kind": "module", "teacher.module": module,
+          "teacher.frame": "flow", "teacher.prediction": "velocity",
+          "teacher.flow_time": "data_at_0", "teacher.time_scale": 1000.0,
+          "num_train_steps": 2, "batch_size": 16, "checkpoint_every_steps": 2,
+          "log_every_steps": 1, "sample_every_steps": 0, "evals.every_steps": 0,
+          "loss.teacher_steps_start": 8, "loss.teacher_steps_end": 16,
+          "loss.anneal_steps": 0, **extra}
+
+
+def test_a_module_teacher_is_distilled_into_its_own_architecture_and_sampled(tmp_path):
+  weights, _ = _teacher_file(tmp_path / "teacher.safetensors")
+  workdir = tmp_path / "cd2"
+  run_main("configs/digits_cd.py:steps=2", workdir,
+           _overrides(weights, **{"teacher.student": "teacher"}))
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert recorded["teacher"]["student"] == "teacher"
+  out = tmp_path / "samples.npz"
+  run_module("multistep_cm.sample", f"--workdir={workdir}", "--num_samples=4",
+             f"--output={out}", "--progress=false", timeout=300)
+  images = np.load(out)["images"]
+  assert images.shape[0] == 4 and images.dtype == np.uint8
+  assert os.path.exists(str(out).removesuffix(".npz") + ".png")
+
+
+def test_weights_that_do_not_fit_the_module_are_refused_before_the_record(tmp_path):
+  weights, keys = _teacher_file(tmp_path / "teacher.safetensors", drop=None)
+  missing = keys[0]
+  weights, _ = _teacher_file(tmp_path / "partial.safetensors", drop=missing)
+  workdir = tmp_path / "refused"
+  proc = run_main("configs/digits_cd.py:steps=2", workdir, _overrides(weights), check=False)
+  assert_one_line_error(proc, EXIT_CONFIG, "config.teacher_checkpoint", f"{missing} is "
+                        "missing")
+  assert not (workdir / "config.json").exists()
