@@ -11,6 +11,7 @@ import numpy as np
 
 from multistep_cm.data import captions
 from multistep_cm.data import digits
+from multistep_cm.data import image_folder
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.data import sources
 from multistep_cm.data import tfds_source
@@ -112,7 +113,8 @@ def make_source(config) -> sources.Source:
 
   'digits' is embedded, 'captioned_digits' too (with generated captions); 'mixture' is
   `mixture_size` points of the toy mixture drawn once from the config's seed; a TFDS name
-  (or 'tfds:<name>') is read from its prepared array_record files.
+  (or 'tfds:<name>') is read from its prepared array_record files, as is 'folder:<name>',
+  the user's images prepared as `image_folders/<name>` (data/image_folder.py).
 
   Raises:
     ValueError: an unknown dataset, naming what is allowed.
@@ -130,6 +132,10 @@ def make_source(config) -> sources.Source:
     mix = mixture_lib.default_mixture(dim=int(data.data_dim), seed=seed)
     x, _ = mix.sample(jax.random.PRNGKey(seed + 1), int(data.mixture_size))
     return sources.ArraySource({"x": np.asarray(x)}, num_classes=0)
+  folder = image_folder.folder_name(dataset)
+  if folder is not None:
+    return tfds_source.TfdsSource(f"{image_folder.BUILDER}/{folder}", split, data.data_dir,
+                                  data.image_size)
   if dataset in DATASETS or (isinstance(dataset, str) and dataset.startswith("tfds:")):
     if dataset.removeprefix("tfds:") == tfds_source.SYNTHETIC:
       # Importing it registers its TFDS builder (it imports TensorFlow: only here).
@@ -137,8 +143,21 @@ def make_source(config) -> sources.Source:
     return tfds_source.TfdsSource(dataset.removeprefix("tfds:"), split, data.data_dir,
                                   data.image_size, data.fast_decode, data.text_len,
                                   data.text_dim)
-  raise ValueError(f"config.data.dataset={dataset!r} is not one of {DATASETS} or "
-                   f"'tfds:<name>'")
+  raise ValueError(f"config.data.dataset={dataset!r} is not one of {DATASETS}, "
+                   f"'tfds:<name>' or 'folder:<name>'")
+
+
+def class_names(config) -> tuple[str, ...] | None:
+  """The names of the data's classes 0 .. num_classes - 1, for sample-grid rows
+  (`images.image_grid(..., class_names=)`): a prepared image folder's, from its record (no
+  TFDS, no decoding); None for other datasets or one not prepared."""
+  folder = image_folder.folder_name(config.data.dataset)
+  if folder is None:
+    return None
+  try:
+    return tuple(image_folder.read_record(folder, config.data.data_dir)["class_names"]) or None
+  except sources.DatasetError:
+    return None
 
 
 def prompts(config, num: int, seed: int = 0):

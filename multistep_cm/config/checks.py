@@ -25,6 +25,7 @@ from multistep_cm.config import base as config_base
 from multistep_cm.config import build as config_build
 from multistep_cm.data import captions
 from multistep_cm.data import digits
+from multistep_cm.data import image_folder
 from multistep_cm.data import pipeline
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import sampling
@@ -130,9 +131,24 @@ def _remat_policy(v):
 
 
 def _dataset(v):
-  if isinstance(v, str) and (v in DATASETS or (v.startswith("tfds:") and len(v) > 5)):
+  if isinstance(v, str) and (v in DATASETS or (v.startswith("tfds:") and len(v) > 5)
+                             or (v.startswith("folder:") and len(v) > 7)):
     return None
-  return f"one of {DATASETS} or 'tfds:<name>'"
+  return f"one of {DATASETS}, 'tfds:<name>' or 'folder:<name>' (your images, docs/data.md)"
+
+
+def _check_folder_data(config):
+  """The user's prepared images (data/image_folder.py) against the config's data shape, by
+  the dataset's record: no TFDS, no decoding, seconds before anything compiles."""
+  name = image_folder.folder_name(config.data.dataset)
+  if name is None:
+    return
+  keys = ("image_size", "num_channels", "num_classes")
+  values = {f"data.{k}": config.data[k] for k in keys}
+  values.update({f"model.{k}": config.model[k] for k in keys if k in config.model})
+  problem = image_folder.config_disagreement(name, config.data.data_dir, values)
+  if problem:
+    raise ConfigError(problem)
 
 
 def _weights(v):
@@ -463,6 +479,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
                       f"data) or both 0, got {config.data.text_dim} and "
                       f"{config.data.text_len}")
 
+  _check_folder_data(config)
   _check_image_size(config)
   try:
     config_build.get_model(config)

@@ -11,12 +11,17 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from multistep_cm.config import base as config_base
+from multistep_cm.config import build as config_build
+from multistep_cm.config import checks as config_checks
 from multistep_cm.data import image_folder
 from multistep_cm.data import pipeline
 from multistep_cm.data import prepare
 from multistep_cm.data import sources
 from multistep_cm.data import tfds_source
 from multistep_cm.sampling import images as images_lib
+
+from helpers import data_config
 
 SIZE = 8
 CLASSES = ("circle", "square")  # sorted: ids 0 and 1
@@ -273,7 +278,7 @@ def test_truncated_and_mismatched_inputs_are_refused_in_one_line(tmp_path, capsy
   assert os.listdir(data_dir / "image_folders") == ["t"]
 
 
-def test_an_interrupted_prepare_leaves_nothing_read_as_complete(tmp_path, monkeypatch):
+def test_an_interrupted_prepare_leaves_nothing_read_as_complete(tmp_path, monkeypatch, capsys):
   expected = _class_folder(str(tmp_path / "in"))
   os.remove(tmp_path / "in" / "square" / "broken.png")
   data_dir = str(tmp_path / "tfds")
@@ -294,8 +299,9 @@ def test_an_interrupted_prepare_leaves_nothing_read_as_complete(tmp_path, monkey
       image_folder.read_record("shapes", data_dir)
 
   monkeypatch.setattr(image_folder, "_png", png_then_stop)
-  with pytest.raises(KeyboardInterrupt):
-    image_folder.build(str(tmp_path / "in"), "shapes", data_dir, progress=False)
+  assert prepare.main([f"--images={tmp_path / 'in'}", "--name=shapes",
+                       f"--data_dir={data_dir}"]) == 130
+  assert _errors(capsys) == ["error: interrupted; nothing of image_folders/shapes was written"]
   not_prepared()
   assert os.listdir(data_dir) == []  # the hidden folder was removed
   # Killed outright (no clean-up ran): the hidden folder stays, and still nothing reads it.
@@ -322,3 +328,69 @@ def test_grid_rows_show_class_names():
   numbered = images_lib.image_grid(samples, np.array([1, 0, 1, 2]))
   # Same tiles; the label column differs (its width is the longest name's).
   assert named.shape[0] == numbered.shape[0] and named.shape[1] > numbered.shape[1]
+
+
+# --- the config names the prepared images -----------------------------------------------------
+
+
+def _folder_config(data_dir, **data):
+  return data_config(**{"dataset": "folder:shapes", "data_dir": data_dir,
+                        "image_size": SIZE, "num_channels": 3, "num_classes": 2, **data})
+
+
+def _config(data_dir, **keys):
+  c = config_base.digits_config("diffusion")
+  c.data.dataset, c.data.data_dir = "folder:shapes", data_dir
+  c.data.image_size, c.data.num_channels, c.data.num_classes = SIZE, 3, 2
+  c.model.update(dict(channels=(8,), num_blocks=(1,), mid_channels=16, mid_blocks=1,
+                      dropout=(0.0, 0.0), emb_dim=16, head_dim=8, num_groups=4))
+  c.batch_size = 8
+  for key, value in keys.items():
+    section, leaf = key.split(".")
+    c[section][leaf] = value
+  return c
+
+
+def test_a_config_that_disagrees_with_the_data_is_refused(classes):
+  data_dir = classes["data_dir"]
+  config_checks.validate(_config(data_dir), num_devices=1, num_processes=1)
+  record_path = os.path.join(image_folder.dataset_path("shapes", data_dir),
+                             image_folder.RECORD)
+  for key, value, holds, fix in (
+      ("data.num_classes", 10, "2 classes (circle, square)", "--config.data.num_classes=2"),
+      ("model.num_classes", 10, "2 classes", "--config.model.num_classes=2"),
+      ("data.image_size", 16, "8x8 images", "--config.data.image_size=8"),
+      ("data.num_channels", 1, "3 channel(s)", "--config.data.num_channels=3")):
+    with pytest.raises(config_checks.ConfigError) as e:
+      config_checks.validate(_config(data_dir, **{key: value}), num_devices=1,
+                             num_processes=1)
+    message = str(e.value)
+    assert "\n" not in message
+    for part in (f"config.{key}={value}, but it holds {holds}", fix, record_path):
+      assert part in message, (part, message)
+  # All at once in the one line, each with its fix.
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.validate(_config(data_dir, **{"data.image_size": 16, "data.num_classes": 3}),
+                           num_devices=1, num_processes=1)
+  assert ("config.data.image_size=16, but it holds 8x8 images; config.data.num_classes=3, "
+          "but it holds 2 classes") in str(e.value)
+  assert "set --config.data.image_size=8 --config.data.num_classes=2," in str(e.value)
+  # Not prepared: the check leaves it to the source, which names the command.
+  missing = _config(data_dir)
+  missing.data.dataset = "folder:absent"
+  config_checks.validate(missing, num_devices=1, num_processes=1)
+  with pytest.raises(sources.DatasetError, match="--images=DIR_OR_ZIP --name=absent"):
+    config_build.make_source(missing)
+  with pytest.raises(config_checks.ConfigError, match="'folder:<name>'"):
+    config_checks.validate(_config(data_dir, **{"data.dataset": "folder:"}), num_devices=1,
+                           num_processes=1)
+
+
+def test_folder_config_reads_the_dataset_and_its_class_names(classes):
+  config = _folder_config(classes["data_dir"])
+  source = config_build.make_source(config)
+  assert len(source) == 2 * PER_CLASS - 3 and source.class_names == CLASSES
+  assert len(config_build.make_source(_folder_config(classes["data_dir"],
+                                                     split="validation"))) == 3
+  assert config_build.class_names(config) == CLASSES
+  assert config_build.class_names(data_config(dataset="digits", image_size=8)) is None
