@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.mode = "diffusion"  # 'diffusion', 'ct', 'cd', 'direct', 'pd'
   c.loss.label_dropout = 0.1  # diffusion: labels (or text) replaced by the null one (guidance)
+  # What the network predicts: 'v' on logSNR (ours, §1.3), or 'velocity', a flow-matching
+  # network called at (z_fm, t_fm) and trained on ||u - û||^2 (§17.5; with schedule
+  # 'flow_matching' a diffusion run trains a rectified-flow teacher).
+  c.loss.prediction = "v"
   c.loss.student_steps = 8  # S
   c.loss.teacher_steps_start = 64  # N_teacher anneal (§3.2): 64 -> 1280 over anneal_steps
   c.loss.teacher_steps_end = 1280

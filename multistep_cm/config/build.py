@@ -36,7 +36,27 @@ def get_model(config) -> nn.Module:
   with `teacher.student='teacher'` the teacher's own module (`outside_network`)."""
   if config.teacher.student == "teacher":
     return outside_network(config)
-  return models.get_model_for_config(config)
+  model = models.get_model_for_config(config)
+  if config.loss.prediction == "velocity":
+    # Our network as a flow-matching one: called at (z_fm, t_fm x VELOCITY_TIME_SCALE),
+    # predicting u = eps - x (§17.5).
+    return teacher_module.OutsideNetwork(
+        net=model, frame="flow", prediction="velocity", time_scale=VELOCITY_TIME_SCALE,
+        **_data_dims(config))
+  return model
+
+
+# The flow time t_fm in [0, 1] is passed to our network's logSNR embedding times this: the
+# width of the logSNR range the embedding is made for (models/layers.py: logsnr_features).
+VELOCITY_TIME_SCALE = 40.0
+
+
+def _data_dims(config) -> dict[str, int]:
+  """The data attributes a network of ours has (models/presets.py: `input_specs`)."""
+  shape = example_shape(config)
+  dims = ({"data_dim": shape[0]} if len(shape) == 1
+          else {"image_size": shape[0], "num_channels": shape[2]})
+  return {**dims, "num_classes": int(config.data.num_classes)}
 
 
 def outside_network(config) -> nn.Module:
@@ -47,15 +67,11 @@ def outside_network(config) -> nn.Module:
     ValueError: the module does not import or is not a Flax module (one line).
   """
   t = config.teacher
-  shape = example_shape(config)
-  dims = ({"data_dim": shape[0]} if len(shape) == 1
-          else {"image_size": shape[0], "num_channels": shape[2]})
   return teacher_module.OutsideNetwork(
       net=teacher_module.load_module(t.module), frame=t.frame, prediction=t.prediction,
       time_scale=float(t.time_scale), flip_time=teacher_module.FLOW_TIMES.get(t.flow_time, False),
       schedule_name=t.schedule,
-      schedule_kwargs=tuple(sorted(t.schedule_kwargs.to_dict().items())),
-      num_classes=int(config.data.num_classes), **dims)
+      schedule_kwargs=tuple(sorted(t.schedule_kwargs.to_dict().items())), **_data_dims(config))
 
 
 def teacher_model(config, model: nn.Module) -> nn.Module:
@@ -70,7 +86,8 @@ def teacher_model(config, model: nn.Module) -> nn.Module:
 def teacher_architecture(model: nn.Module) -> nn.Module:
   """The diffusion model a student was (or is) initialised from: the student's architecture
   (§7.1) less an any-step student's segment conditioning and a guidance-conditioned
-  student's guidance input, which a teacher does not have."""
+  student's guidance input, which a teacher does not have. A flow-matching network of ours
+  (`loss.prediction='velocity'`) has neither, and is its own teacher's architecture."""
   if getattr(model, "segment_cond", "none") != "none":
     model = model.clone(segment_cond="none", num_step_values=0)
   if getattr(model, "guidance_cond", False):

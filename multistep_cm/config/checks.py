@@ -196,6 +196,7 @@ SCHEMA: dict[str, Rule] = {
     "schedule.name": one_of(*schedules.NAMES),
     "loss.mode": one_of("diffusion", *losses.MODES),
     "loss.label_dropout": number(0.0, 1.0, hi_open=True),
+    "loss.prediction": one_of(*losses.DIFFUSION_PREDICTIONS),
     "loss.student_steps": integer(1, 4096),
     "loss.teacher_steps_start": integer(1, 1 << 20),
     "loss.teacher_steps_end": integer(1, 1 << 20),
@@ -352,7 +353,7 @@ _MODULE_KEYS = ("module", "frame", "prediction", "time_scale", "flow_time", "sch
 # What a resume may not change: the checkpoint's arrays, or what they mean, depend on it
 # (a key equal to one of these, or under one ending in ".").
 RESUME_FIXED = ("model.", "schedule.", "loss.mode", "data.image_size", "data.num_channels",
-                "data.num_classes", "teacher.student")
+                "data.num_classes", "teacher.student", "loss.prediction")
 # Also fixed when the student is the teacher's own module: what that module is and means.
 RESUME_FIXED_TEACHER_STUDENT = tuple(f"teacher.{k}" for k in _MODULE_KEYS) + (
     "teacher.schedule_kwargs.",)
@@ -492,6 +493,14 @@ def _check_teacher(config):
   frame, prediction and time convention that go together (teachers/adapter.py), and a
   student of its architecture only where that has no input the teacher lacks."""
   t, mode = config.teacher, config.loss.mode
+  if config.loss.prediction == "velocity":
+    told = [k for k, on in (("loss.anystep_counts", bool(config.loss.anystep_counts)),
+                            ("model.guidance_cond", config.model.guidance_cond),
+                            ("model.segment_cond", config.model.segment_cond != "none"),
+                            ("teacher.student='teacher'", t.student == "teacher")) if on]
+    if told:
+      raise ConfigError(f"config.loss.prediction='velocity' (our network as a flow-matching "
+                        f"one) does not go with config.{told[0]}")
   if t.kind == "run":
     defaults = config_base.base_config().teacher
     for key in _MODULE_KEYS:

@@ -65,16 +65,25 @@ def weighted_distance(x_diff, t, schedule: Schedule, weighting: str, epsilon: fl
 # --- diffusion pretraining --------------------------------------------------------------------
 
 
-def diffusion_loss(denoise_fn: Callable, x, eps, t, schedule: Schedule):
-  """The v-loss `(SNR(t) + 1) ||x - x̂||^2 / d = ||v - v̂||^2 / d` per example (§1.3).
+DIFFUSION_PREDICTIONS = ("v", "velocity")
+
+
+def diffusion_loss(denoise_fn: Callable, x, eps, t, schedule: Schedule, prediction: str = "v"):
+  """The v-loss `(SNR(t) + 1) ||x - x̂||^2 / d = ||v - v̂||^2 / d` per example (§1.3), or for
+  a flow-matching teacher (`prediction="velocity"`) the velocity loss `||u - û||^2 / d`, u =
+  eps - x, which is `(alpha + sigma)^2` times the v-loss (§17.5).
 
   Args:
     denoise_fn: `denoise_fn(z, t) -> x̂`.
     x: data `[B, ...]`; eps: noise of the same shape; t: `[B]` times in (0, 1].
+    prediction: "v" or "velocity": what the network predicts, and so what its loss is on.
   """
+  if prediction not in DIFFUSION_PREDICTIONS:
+    raise ValueError(f"prediction must be one of {DIFFUSION_PREDICTIONS}, got {prediction!r}")
   x_hat = denoise_fn(process.diffuse(x, eps, t, schedule), t)
-  _, sigma = solvers.alpha_sigma(schedule, t)
-  return solvers.batch_mean(jnp.square(x - x_hat), x) / jnp.square(sigma)
+  alpha, sigma = solvers.alpha_sigma(schedule, t)
+  v_loss = solvers.batch_mean(jnp.square(x - x_hat), x) / jnp.square(sigma)
+  return v_loss if prediction == "v" else jnp.square(alpha + sigma) * v_loss
 
 
 def sample_diffusion_times(key, batch: int):

@@ -22,6 +22,9 @@ import safetensors.numpy
 
 from multistep_cm.config import checks as config_checks
 from multistep_cm.config import plan as plan_lib
+from multistep_cm.diffusion import losses
+from multistep_cm.diffusion import schedules
+from multistep_cm.models import denoiser
 from multistep_cm.models import partitioning
 from multistep_cm.teachers import module as teacher_module
 from multistep_cm.teachers import weights as teacher_weights
@@ -256,3 +259,56 @@ def test_schedule_keys_of_the_teacher_are_checked():
   config = outside(cd, "edm")
   config.teacher.schedule_kwargs = ml_collections.ConfigDict({"beta_end": 0.02})
   _refused(config, "config.teacher.schedule_kwargs needs teacher.schedule")
+
+
+# --- a flow-matching network of ours (loss.prediction='velocity', §17.5) -----------------------
+
+
+def test_the_velocity_loss_is_flow_matchings_loss():
+  """`diffusion_loss(prediction='velocity')` is ||u - û||^2 / d with u = eps - x and û the
+  denoiser's velocity in flow coordinates, û = (z_fm - x̂) / t_fm (written out here)."""
+  schedule = schedules.flow_matching(shift=3.0)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+  eps = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0.02, 0.98, 64), jnp.float32)
+  denoise = lambda z, t: 0.3 * z + 0.1 * jnp.tanh(z)  # any x̂
+  got = losses.diffusion_loss(denoise, x, eps, t, schedule, prediction="velocity")
+  logsnr = np.asarray(schedule.logsnr(t), np.float64)[:, None]
+  t_fm = 1.0 / (1.0 + np.exp(logsnr / 2.0))  # sigma / (alpha + sigma)
+  alpha, sigma = np.sqrt(1 / (1 + np.exp(-logsnr))), np.sqrt(1 / (1 + np.exp(logsnr)))
+  z = alpha * np.asarray(x, np.float64) + sigma * np.asarray(eps, np.float64)
+  x_hat = np.asarray(denoise(jnp.asarray(z, jnp.float32), t), np.float64)
+  u_hat = ((1 - t_fm) * x + t_fm * eps - x_hat) / t_fm
+  want = np.mean(np.square(np.asarray(eps - x, np.float64) - u_hat), axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  np.testing.assert_allclose(losses.diffusion_loss(denoise, x, eps, t, schedule),
+                             want / np.square(alpha + sigma)[:, 0], rtol=1e-4)
+
+
+def test_a_velocity_run_calls_our_network_at_flow_coordinates():
+  """With loss.prediction='velocity' our UViT is read as u(z_fm, 40 t_fm): x̂ = z_fm - t_fm û."""
+  config = helpers.tiny_digits()
+  config.loss.prediction = "velocity"
+  config.schedule = ml_collections.ConfigDict({"name": "flow_matching",
+                                               "kwargs": {"shift": 2.0}})
+  config_checks.validate(config, num_devices=8, num_processes=1)
+  plan = plan_lib.RunPlan.from_config(config)
+  assert plan.teacher_model is plan.model
+  params = params_of(plan.model, 6)
+  inner = outside_teachers.inner_network()
+  z = jax.random.normal(jax.random.PRNGKey(7), (6, 8, 8, 1))
+  t = jnp.linspace(0.05, 0.95, 6)
+  labels = jnp.arange(6)
+  x_hat = denoiser.apply_x(plan.model, params, z, t, plan.schedule, labels)
+  logsnr = plan.schedule.logsnr(t)
+  alpha, sigma = jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
+  t_fm = (sigma / (alpha + sigma))[:, None, None, None]
+  z_fm = z / (alpha + sigma)[:, None, None, None]
+  u = inner.apply({"params": params["net"]}, z_fm, 40.0 * t_fm[:, 0, 0, 0], labels)
+  np.testing.assert_allclose(x_hat, z_fm - t_fm * u, atol=2e-5)
+  for key, value, fragment in (("loss.anystep_counts", (1, 2), "loss.anystep_counts"),
+                               ("model.guidance_cond", True, "model.guidance_cond")):
+    bad = copy.deepcopy(config)
+    helpers.set_keys(bad, {key: value})
+    _refused(bad, "config.loss.prediction='velocity'", fragment)
