@@ -10,7 +10,10 @@ Both write TensorBoard logs and sample grids (also as PNG files) into their
 directories: `tensorboard --logdir /tmp/mcm_digits`. Re-running resumes (finished
 stages are skipped).
 
-Variants: size=8|16, steps=S, mode=cd|ct.
+Variants: size=8|16, steps=S, mode=cd|ct, frame=vp|flow. `frame=flow` makes both stages
+flow-matching networks (loss.prediction='velocity' on the flow_matching schedule, docs/maths.md
+§17.5): a rectified-flow teacher, distilled through the adapter into a student of the same
+parameterisation (the comparison with the VP pipeline: docs/results.md).
 """
 import ml_collections
 
@@ -18,7 +21,9 @@ from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, size=8, steps=4, mode="cd")
+  a = config_base.parse_arg(arg, size=8, steps=4, mode="cd", frame="vp")
+  if a.frame not in ("vp", "flow"):
+    raise ValueError(f"frame must be 'vp' or 'flow', got {a.frame!r}")
   student = f"{a.mode}{a.steps}"
   c = ml_collections.ConfigDict()
   c.stage_order = ("teacher", student)
@@ -30,6 +35,10 @@ def get_config(arg=None):
     stage.num_train_steps = steps
     stage.checkpoint_every_steps = 1000
   c.stages[student].loss.anneal_steps = 1000
+  if a.frame == "flow":
+    for stage in (c.stages.teacher, c.stages[student]):
+      stage.loss.prediction = "velocity"
+      stage.schedule.name = "flow_matching"  # shift 1: rectified flow's uniform times
   # A quality curve in TensorBoard (eval/fd, and the student's eval/ode_error) at under 10%
   # of each stage's time (docs/sampling_and_evaluation.md, evaluation during training):
   # 500 samples every 500 teacher steps (8

@@ -174,7 +174,8 @@ def main(argv):
   if samples.ndim == 4:
     png = os.path.splitext(_OUTPUT.value)[0] + ".png"
     shown = labels[:100] if labels is not None else None  # a row per class or prompt
-    images.save_png(images.image_grid(samples[:100], shown), png)
+    images.save_png(images.image_grid(samples[:100], shown,
+                                      class_names=run.plan.class_names), png)
   print(f"wrote {_OUTPUT.value}: {len(samples)} samples from {run.workdir} "
         f"({run.describe_weights()}; {spec.describe()}; seed {_SEED.value})")
 

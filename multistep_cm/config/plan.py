@@ -138,6 +138,11 @@ class RunPlan:
     """The training data source (config/build.py: `make_source`)."""
     return config_build.make_source(self.config)
 
+  @functools.cached_property
+  def class_names(self) -> tuple[str, ...] | None:
+    """The data's class names for sample-grid rows (a prepared image folder's), else None."""
+    return config_build.class_names(self.config)
+
   def prompts(self, num: int, seed: int = 0):
     """`(conditioning, captions)` of `num` training examples drawn by `seed`: what a text
     model's grids and evaluations sample from (config/build.py: `prompts`)."""

@@ -42,6 +42,7 @@ class SampleGrid:
     k_z, _ = jax.random.split(jax.random.PRNGKey(config.seed + 7))
     self._z = jax.random.normal(k_z, (config.sample_num,) + plan.example_shape)
     self._labels = self._row_labels = None
+    self._class_names = plan.class_names  # a prepared image folder's, on the rows
     if conditioning.is_text(model):
       # One prompt from the training data per row, its caption at the row's left.
       rows = int(np.ceil(np.sqrt(config.sample_num)))
@@ -59,7 +60,7 @@ class SampleGrid:
 
   def __call__(self, params) -> np.ndarray:
     samples = jax.device_get(self._sample(params, self._z, self._labels))
-    return images.image_grid(samples, self._row_labels)
+    return images.image_grid(samples, self._row_labels, class_names=self._class_names)
 
 
 def _own_sampler(plan: plan_lib.RunPlan):
