@@ -158,14 +158,15 @@ class RunPlan:
   def sampler(self, steps: int = 0, guidance: float | None = None, *, sampler: str | None = None,
               x_var: str = "analytic", spacing: str = "uniform",
               final_step: str | None = None,
-              name: str = "this run") -> sampler_lib.SamplerSpec:
+              name: str = "this run", flag=lambda arg: f"--{arg}") -> sampler_lib.SamplerSpec:
     """The sampler of this run for the given choices (0 / None: the run's own).
 
     A student samples its own S (an any-step student must be told one of its set) with
     DDIM between its boundaries (Algorithm 2); a student trained on a range of guidance scales
     is told `guidance` (None: the range's lower end w_min). A diffusion run samples with
     `sampler` (default the configured `sample_sampler`) for `steps` (default
-    `sample_steps`). `name` is what error messages call the run.
+    `sample_steps`). `name` is what error messages call the run, `flag(argument)` how they
+    name an argument: a command's `--steps`, by default, or a library call's `steps`.
 
     Raises:
       ValueError: the choices do not fit the run (a step count the student was not
@@ -178,8 +179,8 @@ class RunPlan:
     elif guidance is None:
       guidance = w_range[0]
     elif not w_range[0] <= guidance <= w_range[1]:
-      raise ValueError(f"--guidance={guidance:g} is outside [{w_range[0]:g}, {w_range[1]:g}], "
-                       f"the guidance range {name} was trained on")
+      raise ValueError(f"{flag('guidance')}={guidance:g} is outside [{w_range[0]:g}, "
+                       f"{w_range[1]:g}], the guidance range {name} was trained on")
     if not self.objective.is_student:
       return sampler_lib.SamplerSpec(sampler or self.config.sample_sampler,
                                      steps or int(self.config.sample_steps), x_var, guidance,
@@ -187,15 +188,15 @@ class RunPlan:
     counts = self.step_counts
     if len(counts) > 1 and steps not in counts:
       raise ValueError(f"{name} is an any-step Multistep CM for {counts} steps; pass "
-                       f"--steps with one of them")
+                       f"{flag('steps')} with one of them")
     if len(counts) == 1 and steps and steps != counts[0]:
-      raise ValueError(f"{name} is a {counts[0]}-step Multistep CM; --steps={steps} does "
-                       f"not match it (omit --steps)")
-    for flag, value in (("sampler", sampler), ("spacing", spacing != "uniform"),
-                        ("final_step", final_step)):
+      raise ValueError(f"{name} is a {counts[0]}-step Multistep CM; {flag('steps')}={steps} "
+                       f"does not match it (omit {flag('steps')})")
+    for option, value in (("sampler", sampler), ("spacing", spacing != "uniform"),
+                          ("final_step", final_step)):
       if value:
-        raise ValueError(f"--{flag} applies to diffusion runs; a Multistep CM samples with "
-                         f"DDIM between its segment boundaries (Algorithm 2)")
+        raise ValueError(f"{flag(option)} applies to diffusion runs; a Multistep CM samples "
+                         f"with DDIM between its segment boundaries (Algorithm 2)")
     s = steps or counts[0]
     return sampler_lib.SamplerSpec("mcm", s, guidance=guidance, boundaries=self.boundaries[s],
                                    student=self.objective.student_name,

@@ -76,14 +76,16 @@ class Run:
 
   def sampler_spec(self, steps: int = 0, sampler: str | None = None, x_var: str = "analytic",
                    guidance: float | None = None, spacing: str = "uniform",
-                   final_step: str | None = None) -> generation.SamplerSpec:
-    """The sampler for this run and a command line's choices: `RunPlan.sampler`.
+                   final_step: str | None = None,
+                   flag=lambda arg: f"--{arg}") -> generation.SamplerSpec:
+    """The sampler for this run and a command line's choices: `RunPlan.sampler` (`flag`: how
+    its errors name an argument).
 
     Raises:
       ValueError: the choices do not fit the run (RunPlan.sampler).
     """
     return self.plan.sampler(steps, guidance, sampler=sampler, x_var=x_var, spacing=spacing,
-                             final_step=final_step, name=self.workdir)
+                             final_step=final_step, name=self.workdir, flag=flag)
 
   def training_examples(self, num_examples: int, seed: int):
     """`(data, conditioning or None)`: up to `num_examples` distinct training examples, drawn
@@ -132,40 +134,44 @@ def weight_names(config) -> list[str]:
   return ["params"] + [f"ema{i}" for i in range(len(decays))]
 
 
-def check_run(workdir: str, weights: str, step: int | None = None, root_ok: bool = False):
+def check_run(workdir: str, weights: str, step: int | None = None, root_ok: bool = False,
+              flag=lambda arg: f"--{arg}"):
   """Raises InputError unless `workdir` is a run (or, with `root_ok`, a directory of runs)
   whose checkpoints hold `weights` (every run's) and, if given, the checkpoint of `step`;
-  reads only directory listings and `config.json`."""
+  reads only directory listings and `config.json`. The messages name the arguments as
+  `flag(name)` does: a command's `--workdir` by default, a library call's `workdir`."""
+  arg = lambda name, value: f"{flag(name)}={value}"
   if not epath.Path(workdir).exists():
-    raise InputError(f"--workdir={workdir} does not exist")
+    raise InputError(f"{arg('workdir', workdir)} does not exist")
   if not epath.Path(workdir).is_dir():
-    raise InputError(f"--workdir={workdir} is not a directory")
+    raise InputError(f"{arg('workdir', workdir)} is not a directory")
   if is_run_dir(workdir):
     run_dirs = [workdir]
   else:
     stages = sorted(p.name for p in epath.Path(workdir).iterdir()
                     if p.is_dir() and is_run_dir(str(p)))
     if not stages:
-      raise InputError(f"--workdir={workdir} holds no run (a directory with config.json and "
+      raise InputError(f"{arg('workdir', workdir)} holds no run (a directory with config.json and "
                        "checkpoints/, written by python -m multistep_cm.main)")
     if not root_ok:
-      raise InputError(f"--workdir={workdir} is a staged run's root: name one of its stages "
-                       f"{stages} (e.g. --workdir={os.path.join(workdir, stages[-1])})")
+      example = arg("workdir", os.path.join(workdir, stages[-1]))
+      raise InputError(f"{arg('workdir', workdir)} is a staged run's root: name one of its "
+                       f"stages {stages} (e.g. {example})")
     run_dirs = [os.path.join(workdir, name) for name in stages]
   for run_dir in run_dirs:
     steps = checkpoint_steps(run_dir)
     if not steps:
-      raise InputError(f"--workdir={run_dir} has no complete checkpoint yet", code=4)
+      raise InputError(f"{arg('workdir', run_dir)} has no complete checkpoint yet", code=4)
     if step is not None and step not in steps:
-      raise InputError(f"--checkpoint_step={step}: {run_dir} has checkpoints of steps "
+      raise InputError(f"{arg('checkpoint_step', step)}: {run_dir} has checkpoints of steps "
                        f"{steps}")
     try:
       names = weight_names(load_config(run_dir))
     except (checkpointing.CheckpointError, ValueError) as e:
-      raise InputError(f"--workdir={run_dir}: its config.json cannot be read ({e})",
+      raise InputError(f"{arg('workdir', run_dir)}: its config.json cannot be read ({e})",
                        code=4) from None
     if weights not in names:
-      raise InputError(f"--weights={weights}: {run_dir} has {names}")
+      raise InputError(f"{arg('weights', weights)}: {run_dir} has {names}")
 
 
 def check_writable(directory: str, flag: str):
