@@ -478,6 +478,45 @@ def mixture_config(mode: str, student_steps: int = 8, teacher: str = "",
   return c
 
 
+# The UViT preset a prepared image folder of each size trains with (`folder_config`).
+FOLDER_PRESETS = {8: "digits8", 16: "digits16", 32: "small32", 64: "imagenet64_small",
+                  128: "imagenet128_small"}
+
+
+def folder_config(mode: str, name: str, data_dir: str | None = None, student_steps: int = 4,
+                  teacher: str = "") -> ml_collections.ConfigDict:
+  """Your own images, prepared once with `python -m multistep_cm.data.prepare --images=...
+  --name=NAME` (data/image_folder.py, docs/data.md#your-own-images).
+
+  The image size, channels and number of classes are the prepared dataset's (its record),
+  the UViT preset the one for its size (`FOLDER_PRESETS`); the training settings are the
+  digits' (`digits_config`), a start to tune from.
+
+  Raises:
+    ValueError: the dataset is not prepared in `data_dir` (with the command that prepares
+      it), or has a size no preset is made for (then name `model.preset` yourself).
+  """
+  from multistep_cm.data import image_folder  # pylint: disable=g-import-not-at-top
+  from multistep_cm.data import sources  # pylint: disable=g-import-not-at-top
+  try:
+    record = image_folder.read_record(name, data_dir or None)
+  except sources.DatasetError as e:
+    raise ValueError(" ".join(str(e).split())) from None
+  size = int(record["image_size"])
+  if size not in FOLDER_PRESETS:
+    raise ValueError(f"image folder {name!r} holds {size}x{size} images; the presets are made "
+                     f"for {sorted(FOLDER_PRESETS)} px: prepare it again with --image_size "
+                     f"one of them, or set --config.model.preset")
+  c = digits_config(mode, student_steps, 8, teacher)
+  c.data.dataset = f"folder:{name}"
+  c.data.data_dir = data_dir or None
+  c.data.image_size = size
+  c.data.num_channels = int(record["channels"])
+  c.data.num_classes = int(record["num_classes"])
+  c.model.preset = FOLDER_PRESETS[size]
+  return c
+
+
 def _start_from(c: ml_collections.ConfigDict, teacher: str):
   """A student starts from the diffusion run `teacher` (§7.1) and, in the modes that call
   a teacher network, distils it."""

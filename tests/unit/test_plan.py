@@ -29,22 +29,29 @@ def _runs_of(path: str):
     yield f"{os.path.basename(path)}{':' + name if name else ''}", stage
 
 
-def _as_written(plan: plan_lib.RunPlan, config=None):
+def as_written(plan: plan_lib.RunPlan, config=None):
   """What the trainer leaves in a workdir, read back: `(config.json, checkpoint metadata)`."""
   config = plan.config if config is None else config
   return (ml_collections.ConfigDict(json.loads(config.to_json_best_effort())),
           json.loads(json.dumps(plan.checkpoint_meta(7))))
 
 
+# Configs that read a prepared dataset to build (tests/unit/test_folder_config.py
+# round-trips them on one it prepares).
+NEEDS_PREPARED_DATA = ("folder_pipeline.py",)
+
+
 def test_every_config_file_round_trips_through_the_workdir():
   """`from_run(config.json, meta) == from_config(config)` for every run of every config."""
   checked = 0
   for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    if os.path.basename(path) in NEEDS_PREPARED_DATA:
+      continue
     for name, config in _runs_of(path):
       plan = plan_lib.RunPlan.from_config(config)
-      assert plan_lib.RunPlan.from_run(*_as_written(plan)) == plan, name
+      assert plan_lib.RunPlan.from_run(*as_written(plan)) == plan, name
       # config.json as the trainer wrote it before defaults were filled reads the same.
-      assert plan_lib.RunPlan.from_run(*_as_written(plan, config)) == plan, name
+      assert plan_lib.RunPlan.from_run(*as_written(plan, config)) == plan, name
       checked += 1
   assert checked >= 24
 
@@ -55,7 +62,7 @@ def test_an_older_run_resolves_with_the_defaults():
   segments (all that could be trained then), no guidance input."""
   config = config_base.digits_config("cd", student_steps=4, teacher="/teacher")
   plan = plan_lib.RunPlan.from_config(config)
-  old, meta = _as_written(plan)
+  old, meta = as_written(plan)
   for section, key in (("loss", "anystep_counts"), ("loss", "anystep_probs"),
                        ("loss", "guidance_range"), ("model", "guidance_cond"),
                        ("model", "segment_cond"), ("data", "fast_decode")):
