@@ -11,7 +11,12 @@ of `--guidance` (a row each). Every row uses the same seed, so the noise is shar
 
 The metric follows the data (evaluation/sample_metrics.py): the digits classifier's
 FD / accuracy / label entropy, the mixture's energy distance, or FID / IS with the FID
-Inception network (`--inception_weights`, `--reference_stats`). The table, written as
+Inception network (`--inception_weights`, `--reference_stats`). `--metric` also takes
+`fd_dinov2` (FD in DINOv2 features, `--dinov2_weights` and DINOv2 reference statistics),
+`prdc` (precision, recall, density, coverage in the features of a reference file that
+keeps its rows), several at once (`--metric=fid,fd_dinov2,prdc`, `--reference_stats` a
+file of each network), or `none`: sampling alone, each row's cost (NFE, seconds) in the
+table and its samples as a grid `<output>_<run>_<sampler>.png`, no figure. The table, written as
 markdown and JSON (`<output>.md`, `<output>.json`; default `<workdir>/eval_<weights>`),
 names the weights used, the checkpoint step, the number of samples, the network and
 the reference statistics. Beside it, `<output>.png` plots the primary metric against NFE
@@ -47,10 +52,13 @@ _GUIDANCE = flags.DEFINE_list("guidance", [], "Students trained on a guidance ra
 _NUM = flags.DEFINE_integer("num_samples", 2000, "Samples per row.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (shared by all rows).")
 _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('ema0', ...).")
-_METRIC = flags.DEFINE_enum("metric", "auto", ["auto", "digits", "prompts", "energy", "fid"],
-                             "Metric (auto: the dataset's, sample_metrics.py).")
+_METRIC = flags.DEFINE_list("metric", ["auto"], "Metric, or several comma-separated: auto "
+                            "(the dataset's, sample_metrics.py), digits, prompts, energy, fid, "
+                            "fd_dinov2, prdc; or none (samples, grids and costs only).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "FID: converted Inception .npz.")
-_REFERENCE = flags.DEFINE_string("reference_stats", "", "FID: reference statistics .npz.")
+_DINOV2 = flags.DEFINE_string("dinov2_weights", "", "FD-DINOv2: converted DINOv2 .npz.")
+_REFERENCE = flags.DEFINE_list("reference_stats", [], "FID / FD-DINOv2 / prdc: reference "
+                               "statistics .npz, one per feature network.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Global batch per sampling call.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output prefix (default <workdir>/eval_<weights>).")
 flags.mark_flags_as_required(["workdir"])
@@ -91,6 +99,12 @@ def check_flags(runs, sampling):
                             "number") from None
   runs.positive("num_samples", _NUM.value)
   runs.positive("batch_size", _BATCH.value)
+  from multistep_cm.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
+  bad = [m for m in _METRIC.value if m not in sample_metrics.KINDS]
+  if bad or not _METRIC.value or ("none" in _METRIC.value and len(_METRIC.value) > 1):
+    raise runs.InputError(f"--metric={','.join(_METRIC.value)}: "
+                          + (f"{bad} not among {list(sample_metrics.KINDS)}" if bad
+                             else "none stands alone" if _METRIC.value else "nothing given"))
 
 
 def main(argv):
@@ -110,8 +124,9 @@ def main(argv):
                         "--output" if _OUTPUT.value else "--workdir (the default --output)")
     rows, header = report.evaluate_runs(
         _WORKDIR.value, _STEPS.value, _SAMPLERS.value, _NUM.value, _SEED.value, _WEIGHTS.value,
-        _METRIC.value, _INCEPTION.value, _REFERENCE.value, _BATCH.value,
-        spacings=_SPACING.value, final_step=_FINAL_STEP.value, guidance=_GUIDANCE.value)
+        _METRIC.value, _INCEPTION.value, ",".join(_REFERENCE.value), _BATCH.value,
+        spacings=_SPACING.value, final_step=_FINAL_STEP.value, guidance=_GUIDANCE.value,
+        dinov2_weights=_DINOV2.value, grid_prefix=prefix if _METRIC.value == ["none"] else None)
   except runs.InputError as e:
     fail(e.code, str(e))
   except checkpointing.CheckpointError as e:
@@ -124,8 +139,11 @@ def main(argv):
   with open(prefix + ".json", "w") as fh:
     json.dump({"header": header, "rows": rows}, fh, indent=2,
               default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-  report.write_figure(rows, header, prefix)
   print(markdown)
+  if header["primary"] is None:
+    print(f"wrote {prefix}.md, {prefix}.json and a grid per row, {prefix}_<run>_<sampler>.png")
+    return
+  report.write_figure(rows, header, prefix)
   print(f"wrote {prefix}.md, {prefix}.json, {prefix}.png (quality against NFE) and its "
         f"TensorBoard events in {prefix}/")
 

@@ -205,15 +205,9 @@ def convert_file(src: str, out: str, heads: int | None = None,
                  interpolate_offset: float = dinov2.HUB_INTERPOLATE_OFFSET) -> dict[str, Any]:
   """Reads the weights at `src`, writes the `.npz` at `out`; returns its metadata."""
   config, variables = convert_state_dict(read_state_dict(src), heads, interpolate_offset)
-  metadata = {
-      "network": dinov2.network_name(config),
-      "dinov2_config": config.to_dict(),
-      "source": os.path.basename(src),
-      "source_sha256": tree_io.file_sha256(src),
-      "weights_sha256": dinov2.variables_digest(variables),
-  }
-  tree_io.save(out, variables, metadata)
-  return metadata
+  dinov2.save_dinov2(out, config, variables, source=os.path.basename(src),
+                     source_sha256=tree_io.file_sha256(src))
+  return tree_io.load(out)[1]
 
 
 def fail(message: str, code: int = 2):

@@ -312,6 +312,14 @@ def load_dinov2(path: str) -> tuple[Dinov2Config, dict[str, Any]]:
   return config, tree_io.unflatten({k: v.astype(np.float32) for k, v in flat.items()})
 
 
+def save_dinov2(path: str, config: Dinov2Config, variables, **metadata):
+  """Writes `variables` of `config`'s network where `load_dinov2` reads them, with the
+  network's name, its config and the weights' digest (and `metadata`, e.g. the source)."""
+  tree_io.save(path, variables, {"network": network_name(config),
+                                 "dinov2_config": config.to_dict(),
+                                 "weights_sha256": variables_digest(variables), **metadata})
+
+
 def variables_digest(variables) -> str:
   """The weights' name in reports and statistics files: `tree_io.digest`."""
   return tree_io.digest(variables)

@@ -5,12 +5,17 @@ two feature sets (Heusel et al. 2017); IS = exp(E_x KL(p(y|x) || p(y)))
 (Salimans et al. 2016). Statistics stream: each step adds a batch's count, sum
 and sum of outer products, reduced over every device of every process inside
 one jitted function, then summed in float64 on the host. The distance itself
-is computed in float64.
+is computed in float64. The device sums are of features minus a fixed shift (the first
+batch's mean), added back on the host in float64: float32 sums of raw features lose the
+small variances of features far from the origin (a LayerNorm'd feature such as DINOv2's
+has an exactly zero-variance direction, which float32 round-off would make negative).
 
 A statistics file is an `.npz` with `mu`, `sigma` (the keys pytorch-fid and the
-ADM evaluator use), the raw moments (so files can be merged) and a JSON
-metadata entry naming the network, the weights, the data and the sample count.
+ADM evaluator use), the raw moments (so files can be merged), optionally the feature
+rows themselves (`features`, for the k-NN metrics of prdc.py) and a JSON metadata
+entry naming the network, the weights, the data and the sample count.
 """
+import functools
 import itertools
 import json
 from typing import Any, Callable, Iterable, Mapping
@@ -37,6 +42,8 @@ class FeatureStats:
     sum: [F] float64 sum of the vectors.
     sum_outer: [F, F] float64 sum of x x^T.
     metadata: JSON-able dict saved alongside (network, data, sample count, ...).
+    features: [count, F] float32 rows, when kept (`compute_stats(keep_features=True)`);
+      else None.
   """
 
   def __init__(self, dim: int, metadata: Mapping[str, Any] | None = None):
@@ -44,6 +51,7 @@ class FeatureStats:
     self.sum = np.zeros(dim, np.float64)
     self.sum_outer = np.zeros((dim, dim), np.float64)
     self.metadata = dict(metadata or {})
+    self.features = None
 
   @property
   def dim(self) -> int:
@@ -59,13 +67,25 @@ class FeatureStats:
     self.sum += total
     self.sum_outer += outer
 
+  def add_shifted_moments(self, count, total, outer, shift):
+    """Adds moments of (x - shift) rows: count, their sum and sum of outer products."""
+    total, shift = np.asarray(total, np.float64), np.asarray(shift, np.float64)
+    count = float(np.asarray(count))
+    cross = np.outer(shift, total)
+    self.add_moments(count, total + count * shift,
+                     np.asarray(outer, np.float64) + cross + cross.T
+                     + count * np.outer(shift, shift))
+
   def add_features(self, features):
     """Adds [N, F] features on the host, in float64."""
     x = np.asarray(features, np.float64)
     self.add_moments(x.shape[0], x.sum(0), x.T @ x)
 
   def merge(self, other: "FeatureStats"):
-    """Adds another accumulator's moments (e.g. from another run or shard)."""
+    """Adds another accumulator's moments (e.g. from another run or shard), and its rows
+    when both keep them (else neither is kept: rows of part of the data would mislead)."""
+    both = self.features is not None and other.features is not None
+    self.features = np.concatenate([self.features, other.features]) if both else None
     self.add_moments(other.count, other.sum, other.sum_outer)
 
   def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
@@ -80,8 +100,11 @@ class FeatureStats:
     """Writes mu, sigma, the raw moments and metadata (with num_samples) to `path`."""
     mu, sigma = self.mean_cov()
     metadata = dict(self.metadata, num_samples=self.count, feature_dim=self.dim)
-    tree_io.save(path, {"mu": mu, "sigma": sigma, "count": np.asarray(self.count),
-                        "sum": self.sum, "sum_outer": self.sum_outer}, metadata)
+    arrays = {"mu": mu, "sigma": sigma, "count": np.asarray(self.count), "sum": self.sum,
+              "sum_outer": self.sum_outer}
+    if self.features is not None:
+      arrays["features"] = np.asarray(self.features, np.float32)
+    tree_io.save(path, arrays, metadata)
 
   @classmethod
   def load(cls, path: str) -> "FeatureStats":
@@ -91,6 +114,7 @@ class FeatureStats:
       raise ValueError(f"{path} holds no raw moments; read mu and sigma with load_mean_cov")
     stats = cls(tree["sum"].shape[0], metadata)
     stats.add_moments(tree["count"], tree["sum"], tree["sum_outer"])
+    stats.features = tree.get("features")
     return stats
 
 
@@ -174,6 +198,17 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
   return float(np.mean(scores)), float(np.std(scores))
 
 
+def check_comparable(samples: FeatureStats, reference: FeatureStats):
+  """Raises ValueError unless both were measured with the same network, weights and
+  preprocessing (FEATURE_KEYS) into features of one dimension."""
+  if samples.dim != reference.dim:
+    raise ValueError(f"feature dimensions differ: {samples.dim} vs {reference.dim}")
+  for key in FEATURE_KEYS:
+    a, b = samples.metadata.get(key), reference.metadata.get(key)
+    if a != b:
+      raise ValueError(f"samples and reference statistics differ in {key!r}: {a!r} vs {b!r}")
+
+
 def fid_report(samples: FeatureStats, reference: FeatureStats) -> dict[str, Any]:
   """FID between two statistics, with everything needed to reproduce the number.
 
@@ -182,12 +217,7 @@ def fid_report(samples: FeatureStats, reference: FeatureStats) -> dict[str, Any]
   The samples' metadata should say which parameters made them (EMA or raw,
   checkpoint step) and the sampler; it is passed through.
   """
-  if samples.dim != reference.dim:
-    raise ValueError(f"feature dimensions differ: {samples.dim} vs {reference.dim}")
-  for key in FEATURE_KEYS:
-    a, b = samples.metadata.get(key), reference.metadata.get(key)
-    if a != b:
-      raise ValueError(f"samples and reference statistics differ in {key!r}: {a!r} vs {b!r}")
+  check_comparable(samples, reference)
   fd = frechet_distance(*samples.mean_cov(), *reference.mean_cov())
   return {
       "fid": fd,
@@ -203,14 +233,18 @@ def fid_report(samples: FeatureStats, reference: FeatureStats) -> dict[str, Any]
 # --- Accumulation over devices and hosts --------------------------------------------------------
 
 
-def batch_moments(features, mask):
-  """(count, sum, sum of outer products) of the rows of `features` where `mask` is 1.
+def batch_moments(features, mask, shift=None):
+  """(count, sum, sum of outer products) of the rows of `features` (minus `shift`, [F],
+  when given) where `mask` is 1.
 
   Jittable. With `features` sharded over devices the sums are reduced over all
   of them (across processes too) by the compiler.
   """
   mask = mask.astype(jnp.float32)
-  x = features.astype(jnp.float32) * mask[:, None]
+  x = features.astype(jnp.float32)
+  if shift is not None:
+    x = x - shift.astype(jnp.float32)
+  x = x * mask[:, None]
   # HIGHEST: TPUs otherwise multiply float32 in bfloat16 passes, too coarse for a covariance.
   outer = jnp.einsum("ni,nj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
   return jnp.sum(mask), jnp.sum(x, axis=0), outer
@@ -228,11 +262,29 @@ def _gather_rows(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_step(apply_fn, keep_logits: bool, keep_features: bool,
+                   replicated: jax.sharding.NamedSharding):
+  """One jitted step per network function and outputs kept, so later calls with the same
+  `apply_fn` (every row of a report) reuse its compilation."""
+
+  @jax.jit
+  def step(variables, images, mask, shift):
+    out = apply_fn(variables, images)
+    moments = jax.lax.with_sharding_constraint(batch_moments(out["features"], mask, shift),
+                                               replicated)
+    return (moments, out["logits"] if keep_logits else None,
+            out["features"] if keep_features else None)
+
+  return step
+
+
 def compute_stats(apply_fn: Callable[..., Mapping[str, jax.Array]], variables,
                   batches: Iterable[np.ndarray], *, batch_size: int,
                   num_batches: int | None = None, mesh: jax.sharding.Mesh | None = None,
                   keep_logits: bool = False, metadata: Mapping[str, Any] | None = None,
-                  progress: bool = False) -> tuple[FeatureStats, np.ndarray | None]:
+                  progress: bool = False, keep_features: bool = False
+                  ) -> tuple[FeatureStats, np.ndarray | None]:
   """Streams this process's image batches through `apply_fn` on all devices.
 
   Args:
@@ -250,6 +302,8 @@ def compute_stats(apply_fn: Callable[..., Mapping[str, jax.Array]], variables,
       in process order (e.g. for `inception_score`).
     metadata: stored on the returned FeatureStats.
     progress: show a tqdm bar on process 0.
+    keep_features: also keep every real row's features on the returned stats
+      (`FeatureStats.features`, gathered like the logits).
 
   Returns:
     (FeatureStats over the real rows of every process, logits [N, C] or None).
@@ -267,13 +321,8 @@ def compute_stats(apply_fn: Callable[..., Mapping[str, jax.Array]], variables,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
 
-  @jax.jit
-  def step(variables, images, mask):
-    out = apply_fn(variables, images)
-    moments = jax.lax.with_sharding_constraint(batch_moments(out["features"], mask), replicated)
-    return moments, (out["logits"] if keep_logits else None)
-
-  stats, logits, template = None, [], None
+  step = _compiled_step(apply_fn, keep_logits, keep_features, replicated)
+  stats, logits, rows, template, shift = None, [], [], None, None
   iterator = iter(batches)
   steps = range(num_batches) if num_batches is not None else itertools.count()
   if progress and jax.process_index() == 0:
@@ -298,13 +347,28 @@ def compute_stats(apply_fn: Callable[..., Mapping[str, jax.Array]], variables,
     mask = (np.arange(batch_size) < n).astype(np.float32)
     images = jax.make_array_from_process_local_data(row, padded)
     mask_global = jax.make_array_from_process_local_data(row, mask)
-    (count, total, outer), batch_logits = step(variables, images, mask_global)
-    if stats is None:
-      stats = FeatureStats(total.shape[0], metadata)
-    stats.add_moments(_local_value(count), _local_value(total), _local_value(outer))
-    if keep_logits:
+    if shift is None:
+      # The first batch's mean (over every process) becomes the shift; that batch is then
+      # run again with it, by the same compiled step.
+      dim = jax.eval_shape(apply_fn, variables, images)["features"].shape[-1]
+      zero = jax.device_put(np.zeros(dim, np.float32), replicated)
+      (count, total, _), _, _ = step(variables, images, mask_global, zero)
+      count, total = float(_local_value(count)), _local_value(total)
+      shift = (total / count if count else np.zeros(dim)).astype(np.float32)
+      shift_global = jax.device_put(shift, replicated)
+      stats = FeatureStats(dim, metadata)
+    (count, total, outer), batch_logits, batch_rows = step(variables, images, mask_global,
+                                                           shift_global)
+    stats.add_shifted_moments(_local_value(count), _local_value(total), _local_value(outer),
+                              shift)
+    if keep_logits or keep_features:
       keep = _gather_rows(mask_global) > 0
+    if keep_logits:
       logits.append(_gather_rows(batch_logits)[keep])
+    if keep_features:
+      rows.append(_gather_rows(batch_rows)[keep].astype(np.float32))
   if stats is None:
     raise ValueError("no batches to compute statistics from")
+  if keep_features:
+    stats.features = np.concatenate(rows)
   return stats, (np.concatenate(logits) if keep_logits else None)

@@ -3,12 +3,14 @@ command's logic).
 
 Every table says what produced its numbers: the weights and checkpoint step of each
 row, the sampler, the number of samples and seed, and the metric's network and
-reference (evaluation/sample_metrics.py).
+reference (evaluation/sample_metrics.py). With the metric 'none' a row holds what sampling
+cost (NFE, seconds) and each row's samples are written as a PNG grid instead.
 """
 import datetime
 import itertools
 import os
 import re
+import time
 
 from absl import logging
 import numpy as np
@@ -22,13 +24,16 @@ from multistep_cm.sampling import runs
 def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, weights: str,
                   metric_kind: str = "auto", inception_weights: str = "",
                   reference_stats: str = "", batch_size: int = 500, log=logging.info,
-                  spacings=("uniform",), final_step: str | None = None, guidance=()):
+                  spacings=("uniform",), final_step: str | None = None, guidance=(),
+                  dinov2_weights: str = "", grid_prefix: str | None = None):
   """Returns `(rows, header)`: one row per (run, sampler, spacing, steps), and the report's
   provenance. `steps` counts steps; each row also states its NFE (Heun: 2K - 1). A student
   trained on a range of guidance scales gets a row per w of `guidance` (empty: the
   range's lower end, its default); other runs ignore it. Text-conditioned runs sample
   from `num_samples` training captions drawn with `seed` (the t2i_demo command judges
-  held-out prompts at several guidance scales)."""
+  held-out prompts at several guidance scales). `metric_kind` is one kind or several
+  (sample_metrics.make_metric); with 'none' rows hold `sample_seconds` and, given
+  `grid_prefix`, each row's first 100 samples go to `<grid_prefix>_<run>_<sampler>.png`."""
   run_dirs = runs.find_runs(workdir)
   steps = [int(s) for s in steps]
   # Every run's rows first, from its plan alone: a choice that leaves no row to report is
@@ -54,35 +59,67 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
         f"--steps={','.join(map(str, steps))}: no row to report in {workdir} (its students "
         f"sample with {', '.join(students) or 'none'} steps; diffusion runs need --samplers "
         "and --steps)")
-  metric, rows = None, []
+  metric, built, rows = None, False, []
   for run_dir in run_dirs:
     specs = specs_of[run_dir]
     if not specs:
       continue
     run = runs.load_run(run_dir, weights)
-    if metric is None:
-      metric = sample_metrics.make_metric(run.config, metric_kind, inception_weights,
-                                          reference_stats)
+    if not built:  # before anything is sampled: a metric that cannot be made is a bad flag
+      try:
+        metric = sample_metrics.make_metric(run.config, metric_kind, inception_weights,
+                                            reference_stats, dinov2_weights=dinov2_weights)
+      except (ValueError, FileNotFoundError) as e:
+        raise runs.InputError(f"--metric={_joined(metric_kind)}: {e}") from None
+      built = True
     prompts = captions = None
     if conditioning.is_text(run.model):
       # A text model samples from prompts: training captions drawn with the seed, every
       # row the same; the metric judges the samples against them.
       prompts, captions = run.plan.prompts(num_samples, seed)
     for spec in specs:
+      start = time.perf_counter()
       samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
                                             num_samples, seed=seed, batch_size=batch_size,
                                             labels=prompts)
-      values = metric(samples, labels if captions is None else captions)
+      seconds = time.perf_counter() - start
+      if metric is None:
+        values = {"sample_seconds": seconds}
+        if grid_prefix and samples.ndim == 4:
+          _write_grid(samples, labels if captions is None else captions,
+                      f"{grid_prefix}_{_slug(run.name)}_{_slug(spec.describe())}.png")
+      else:
+        values = metric(samples, labels if captions is None else captions)
       row = {"run": run.name, "mode": run.mode, "sampler": spec.describe(), "nfe": spec.nfe,
              "steps": spec.steps, "checkpoint_step": run.step,
              "weights": run.describe_weights(), **values}
       rows.append(row)
       log(f"{run.name}: {spec.describe()}: " + ", ".join(
           f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float)))
-  header = {"workdir": os.path.abspath(workdir), "metric": metric.description,
-            "primary": metric.primary, "num_samples": num_samples, "seed": seed,
-            "weights": weights, "date": datetime.date.today().isoformat()}
+  header = {"workdir": os.path.abspath(workdir),
+            "metric": metric.description if metric else "none (samples only: the cost of "
+            "each row, NFE and seconds with compilation, and a grid of its samples)",
+            "primary": metric.primary if metric else None, "num_samples": num_samples,
+            "seed": seed, "weights": weights, "date": datetime.date.today().isoformat()}
   return rows, header
+
+
+def _joined(kind) -> str:
+  return kind if isinstance(kind, str) else ",".join(kind)
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+def _write_grid(samples, labels, path: str):
+  """The first 100 samples as a PNG grid, a row per label or prompt where there are any."""
+  from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
+  shown = None
+  if labels is not None and not isinstance(labels, dict):
+    labels = np.asarray(labels)
+    shown = (labels if labels.dtype.kind in "iu" else labels.astype(object))[:100]
+  images.save_png(images.image_grid(samples[:100], shown), path)
 
 
 def to_markdown(rows, header) -> str:
@@ -103,7 +140,9 @@ def to_markdown(rows, header) -> str:
 
 
 # Axis names of the metrics' primary numbers (sample_metrics.SampleMetric.primary).
-_METRIC_NAMES = {"fd": "digits FD", "fid": "FID", "energy_distance": "energy distance"}
+_METRIC_NAMES = {"fd": "digits FD", "fid": "FID", "energy_distance": "energy distance",
+                 "fd_dinov2": "FD-DINOv2", "precision": "precision"}
+_HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage")
 
 
 def _sampler_family(sampler: str) -> str:
@@ -146,8 +185,8 @@ def quality_figure(rows, header):
     ax.yaxis.set_minor_formatter("{x:g}")
   ax.xaxis.set_major_formatter("{x:g}")
   ax.set_xlabel("NFE (network evaluations per sample), log scale")
-  # The primary number is lower-is-better for every metric (sample_metrics.py).
-  ax.set_ylabel(f"{_METRIC_NAMES.get(primary, primary)}, lower is better")
+  better = "higher" if primary in _HIGHER_IS_BETTER else "lower"
+  ax.set_ylabel(f"{_METRIC_NAMES.get(primary, primary)}, {better} is better")
   ax.set_title(f"{os.path.basename(header['workdir'].rstrip('/'))}: {header['num_samples']} "
                f"samples per point, seed {header['seed']}, weights {header['weights']}",
                fontsize="medium")

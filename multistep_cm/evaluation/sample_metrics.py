@@ -6,7 +6,13 @@
     name, and the digits FD (prompt_metric.py);
   * mixture: the energy distance to a fresh sample of the true mixture (energy.py);
   * ImageNet and other image data: FID and IS with the FID InceptionV3, given its
-    weights file and reference statistics (fid.py, inception.py).
+    weights file and reference statistics (fid.py, inception.py);
+  * on request (`evaluate --metric=fd_dinov2,prdc`, never by default): FD-DINOv2, the
+    Fréchet distance in DINOv2 ViT-L/14 features (dinov2.py), and precision, recall,
+    density and coverage (prdc.py) in the features of a reference file that keeps its rows.
+
+Kinds combine (`fid,fd_dinov2,prdc`): each network runs once over the samples, the numbers
+of all of them go in one row, and the first kind's number is the headline.
 """
 import dataclasses
 from typing import Any, Callable
@@ -18,7 +24,9 @@ from multistep_cm.config import base as config_base
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.evaluation import energy
 
-KINDS = config_base.METRIC_KINDS
+# The kinds of the metric during training (config.evals.metric), and those `evaluate` adds.
+KINDS = config_base.METRIC_KINDS + ("fd_dinov2", "prdc")
+FEATURE_KINDS = ("fid", "fd_dinov2", "prdc")  # measured in a feature network's space
 
 
 @dataclasses.dataclass
@@ -31,6 +39,12 @@ class SampleMetric:
 
   def __call__(self, samples, labels=None) -> dict[str, Any]:
     return self.fn(np.asarray(samples), labels)
+
+
+def split_kinds(kind) -> list[str]:
+  """"fid,prdc" or ["fid", "prdc"] -> ["fid", "prdc"]."""
+  kinds = kind.split(",") if isinstance(kind, str) else list(kind)
+  return [k.strip() for k in kinds if k.strip()]
 
 
 def resolve_kind(config, kind: str = "auto") -> str:
@@ -47,12 +61,48 @@ def resolve_kind(config, kind: str = "auto") -> str:
   return "fid"
 
 
-def make_metric(config, kind: str = "auto", inception_weights: str = "",
-                reference_stats: str = "", num_reference: int = 10_000) -> SampleMetric | None:
-  """The metric for `config`'s data; None for kind 'none'."""
-  kind = resolve_kind(config, kind)
-  if kind == "none":
+def make_metric(config, kind="auto", inception_weights: str = "", reference_stats: str = "",
+                num_reference: int = 10_000, dinov2_weights: str = "") -> SampleMetric | None:
+  """The metric for `config`'s data; None for kind 'none'.
+
+  `kind` is one kind or several (a list, or comma-separated); `reference_stats` one
+  statistics file or several, comma-separated: each feature metric takes the one of its
+  network (fid: Inception; fd_dinov2: DINOv2).
+
+  Raises:
+    ValueError: an unknown kind, 'none' with others, or a feature metric without the
+      weights or reference statistics it needs (the message names the command).
+    FileNotFoundError: a weights or statistics file that does not exist.
+  """
+  kinds = [resolve_kind(config, k) for k in split_kinds(kind)] or [resolve_kind(config)]
+  if "none" in kinds:
+    if len(kinds) > 1:
+      raise ValueError(f"metric 'none' (samples only) cannot be combined with {kinds}")
     return None
+  metrics, features = [], [k for k in kinds if k in FEATURE_KINDS]
+  for k in dict.fromkeys(kinds):
+    if k not in FEATURE_KINDS:
+      metrics.append(_data_metric(config, k, num_reference))
+    elif k == features[0]:  # every feature metric together, where the first was asked for
+      metrics.append(_feature_metric(features, inception_weights, dinov2_weights,
+                                     reference_stats))
+  return metrics[0] if len(metrics) == 1 else _combined(metrics)
+
+
+def _combined(metrics: list[SampleMetric]) -> SampleMetric:
+  def combined_fn(samples, labels):
+    out = {}
+    for m in metrics:
+      out.update(m.fn(samples, labels))
+    return out
+
+  return SampleMetric(",".join(m.kind for m in metrics),
+                      "; ".join(m.description for m in metrics), combined_fn,
+                      metrics[0].primary)
+
+
+def _data_metric(config, kind: str, num_reference: int) -> SampleMetric:
+  """The metrics of the project's own data: digits, prompts, energy."""
   if kind == "digits":
     from multistep_cm.evaluation import digits_metric  # pylint: disable=g-import-not-at-top
     classifier = digits_metric.load_or_train_classifier(int(config.data.image_size))
@@ -86,36 +136,96 @@ def make_metric(config, kind: str = "auto", inception_weights: str = "",
 
     return SampleMetric("energy", f"energy distance to {num_reference} fresh samples of the "
                         f"true mixture", energy_fn, "energy_distance")
-  return _fid_metric(inception_weights, reference_stats)
+  raise ValueError(f"metric must be one of {KINDS}, got {kind!r}")
 
 
-def _fid_metric(inception_weights: str, reference_stats: str) -> SampleMetric:
+_REFERENCE_COMMAND = ("python -m multistep_cm.evaluation.reference_stats --features={kind} "
+                      "--weights=... --output=...")
+
+
+def _references(reference_stats: str) -> dict[str, tuple[str, Any]]:
+  """{features kind: (path, FeatureStats)} of the comma-separated statistics files."""
+  from multistep_cm.evaluation import fid  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import reference_stats as ref_lib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in (p.strip() for p in reference_stats.split(",") if p.strip()):
+    stats = fid.FeatureStats.load(path)
+    kind = ref_lib.features_kind(stats)
+    if kind in out:
+      raise ValueError(f"two reference statistics of {kind} features: {out[kind][0]} and {path}")
+    out[kind] = (path, stats)
+  return out
+
+
+def _feature_metric(kinds: list[str], inception_weights: str, dinov2_weights: str,
+                    reference_stats: str) -> SampleMetric:
+  """FID/IS, FD-DINOv2 and precision/recall: each network run once over the samples."""
+  from multistep_cm.evaluation import dinov2  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import fid  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import inception  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import prdc  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import reference_stats as ref_lib  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import images as images_lib  # pylint: disable=g-import-not-at-top
-  if not reference_stats:
-    raise ValueError("FID needs reference statistics (--reference_stats / "
-                     "config.evals.reference_stats): python -m "
-                     "multistep_cm.evaluation.reference_stats writes them")
-  variables = inception.load_inception_params(inception_weights)
-  reference = fid.FeatureStats.load(reference_stats)
-  resize = reference.metadata.get("resize", "tf1")
+  references = _references(reference_stats)
+  given = ", ".join(f"{p} ({k})" for k, (p, _) in references.items()) or "none"
+  # Which network each metric is measured in; prdc in DINOv2's if its rows are there.
+  wants = {"fid": "inception", "fd_dinov2": "dinov2"}
+  if "prdc" in kinds:
+    with_rows = [k for k in ("dinov2", "inception")
+                 if k in references and references[k][1].features is not None]
+    if not with_rows:
+      raise ValueError("precision/recall (prdc) need reference statistics that keep their "
+                       f"feature rows: {_REFERENCE_COMMAND.format(kind='dinov2')} "
+                       f"--keep_features (given: {given})")
+    wants["prdc"] = with_rows[0]
+  networks = {}
+  for kind in kinds:
+    net = wants[kind]
+    if net not in references:
+      raise ValueError(f"{kind} needs reference statistics of {net} features "
+                       f"(--reference_stats / config.evals.reference_stats; "
+                       f"{_REFERENCE_COMMAND.format(kind=net)} writes them); given: {given}")
+    weights = inception_weights if net == "inception" else dinov2_weights
+    if not weights:
+      flag, command = (("--inception_weights", inception.CONVERT_COMMAND) if net == "inception"
+                       else ("--dinov2_weights", dinov2.CONVERT_COMMAND))
+      raise ValueError(f"{kind} needs the converted {net} weights ({flag}; {command} makes "
+                       "them)")
+    if net not in networks:
+      reference = references[net][1]
+      networks[net] = ref_lib.load_network(net, weights,
+                                           reference.metadata.get("resize", "tf1"))
+      # Refuse a reference of other weights or preprocessing now, not after sampling.
+      fid.check_comparable(fid.FeatureStats(reference.dim, networks[net].records), reference)
 
-  def fid_fn(samples, labels):
+  def feature_fn(samples, labels):
     del labels
     images = images_lib.to_uint8(samples)  # measured as the saved images would be
     batch = 200
-    batches = (images[i:i + batch] for i in range(0, len(images), batch))
-    stats, logits = ref_lib.compute_reference_stats(
-        batches, None, variables, batch_size=batch, resize=resize, progress=False,
-        keep_logits=True, metadata={"data": "samples"})
-    report = fid.fid_report(stats, reference)
-    is_mean, is_std = fid.inception_score(logits)
-    return {"fid": float(report["fid"]), "inception_score": is_mean,
-            "inception_score_std": is_std}
+    out = {}
+    for net, network in networks.items():
+      batches = (images[i:i + batch] for i in range(0, len(images), batch))
+      asks = [k for k in kinds if wants[k] == net]
+      stats, logits = network.stats(batches, None, batch_size=batch, progress=False,
+                                    keep_logits="fid" in asks, keep_features="prdc" in asks,
+                                    metadata={"data": "samples"})
+      reference = references[net][1]
+      distance = float(fid.fid_report(stats, reference)["fid"])
+      if "fid" in asks:
+        is_mean, is_std = fid.inception_score(logits)
+        out.update(fid=distance, inception_score=is_mean, inception_score_std=is_std)
+      if "fd_dinov2" in asks:
+        out["fd_dinov2"] = distance
+      if "prdc" in asks:
+        out.update(prdc.prdc(reference.features, stats.features))
+    return out
 
-  return SampleMetric("fid", f"{inception.NETWORK_NAME}, weights sha256 "
-                      f"{inception.variables_digest(variables)[:12]}, resize {resize}, "
-                      f"reference {reference.metadata.get('data', reference_stats)} "
-                      f"({reference.count} images)", fid_fn, "fid")
+  parts = []
+  for net, network in networks.items():
+    path, reference = references[net]
+    parts.append(f"{network.records['network']}, weights sha256 "
+                 f"{network.records['weights_sha256'][:12]}, resize "
+                 f"{network.records['resize']}, reference "
+                 f"{reference.metadata.get('data', path)} ({reference.count} images)")
+  primary = {"fid": "fid", "fd_dinov2": "fd_dinov2", "prdc": "precision"}[kinds[0]]
+  return SampleMetric(",".join(kinds), "; ".join(parts), feature_fn, primary)

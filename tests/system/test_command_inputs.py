@@ -151,6 +151,13 @@ EVALUATE_CASES = {
     "output not writable": (["--workdir={root}", "--output={ro}/eval"], NOT_WRITABLE,
                             ["--output", "cannot write"]),
     "unknown metric": (["--workdir={root}", "--metric=psnr"], BAD_FLAG, ["--metric"]),
+    "none with a metric": (["--workdir={root}", "--metric=none,fid"], BAD_FLAG,
+                           ["--metric=none,fid", "alone"]),
+    "fd_dinov2 without statistics": (["--workdir={root}", "--metric=fd_dinov2"], BAD_FLAG,
+                                     ["--metric=fd_dinov2", "--features=dinov2"]),
+    "no such statistics file": (["--workdir={root}", "--metric=fid",
+                                 "--reference_stats={root}/nope.npz"], BAD_FLAG,
+                                ["--metric=fid", "nope.npz"]),
 }
 
 

@@ -2,6 +2,7 @@
 
 One tiny digits teacher and CD student are trained once for the module.
 """
+import glob
 import json
 import os
 
@@ -193,3 +194,57 @@ def test_evaluate_rows_state_nfe_for_every_sampler(trained):
   got = [(r["sampler"], r["steps"], r["nfe"]) for r in rows]
   assert got == [("Heun, 2 steps, karras spacing", 2, 3),
                  ("aDDIM, 2 steps, karras spacing, x_var 0.1/(2+SNR), addim last step", 2, 2)]
+
+
+def test_evaluate_without_a_metric_writes_costs_and_grids(trained, tmp_path):
+  """`--metric=none`: every row's NFE and sampling seconds, a grid of its samples (the
+  samples `sample` draws from the same run, step count and seed), no figure."""
+  root, _, student = trained
+  out = str(tmp_path / "ev")
+  run_module("multistep_cm.evaluate", f"--workdir={root}", "--metric=none", "--steps=2",
+             "--samplers=ddim", "--num_samples=12", "--batch_size=16", f"--output={out}")
+  with open(out + ".json") as fh:
+    report_json = json.load(fh)
+  rows = report_json["rows"]
+  assert [(r["run"], r["nfe"]) for r in rows] == [("cd2", 2), ("teacher", 2)]
+  assert all(r["sample_seconds"] > 0 and "fd" not in r for r in rows)
+  assert report_json["header"]["primary"] is None
+  assert not os.path.exists(out + ".png") and not os.path.exists(out)
+  grids = sorted(os.path.basename(p) for p in glob.glob(out + "_*.png"))
+  student_grid = "ev_cd2_Multistep_CM_2_steps_DDIM_Algorithm_2.png"
+  assert grids == [student_grid, "ev_teacher_DDIM_2_steps.png"], grids
+  # The student's grid is the grid of the samples `sample` draws with the same seed.
+  run_module("multistep_cm.sample", f"--workdir={student}", "--num_samples=12", "--seed=0",
+             "--batch_size=16",
+             f"--output={tmp_path / 's.npz'}")
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / student_grid)),
+                                np.asarray(Image.open(tmp_path / "s.png")))
+
+
+def test_evaluate_scores_fd_dinov2_and_precision_recall(trained, tmp_path):
+  """The feature metrics through the report, with a random-weights DINOv2 and reference
+  statistics of the training digits (wiring, not the published network's numbers)."""
+  from multistep_cm.data import digits  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import dinov2  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import reference_stats  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import tree_io  # pylint: disable=g-import-not-at-top
+  _, _, student = trained
+  config = dinov2.Dinov2Config(32, 1, 2, 64, pos_grid=2)
+  weights = str(tmp_path / "dinov2.npz")
+  variables = dinov2.random_variables(config)
+  dinov2.save_dinov2(weights, config, variables)
+  train, _ = digits.load_digits("train", 8)
+  np.savez(tmp_path / "train.npz", images=images.to_uint8(train[:64]))
+  ref = str(tmp_path / "ref.npz")
+  reference_stats.main([f"--images_npz={tmp_path / 'train.npz'}", "--features=dinov2",
+                        f"--weights={weights}", "--keep_features", f"--output={ref}",
+                        "--batch_size=64"])
+  rows, header = report.evaluate_runs(student, ["2"], ["ddim"], 24, 0, "ema0",
+                                      metric_kind=["fd_dinov2", "prdc"], reference_stats=ref,
+                                      dinov2_weights=weights, batch_size=24)
+  (row,) = rows
+  assert np.isfinite(row["fd_dinov2"]) and row["fd_dinov2"] > 0
+  assert all(0 <= row[k] <= 1 for k in ("precision", "recall", "coverage"))
+  assert header["primary"] == "fd_dinov2" and "DINOv2" in header["metric"]
+  assert tree_io.digest(variables)[:12] in header["metric"] and "64 images" in header["metric"]
+  assert "FD-DINOv2, lower is better" in report.quality_figure(rows, header).axes[0].get_ylabel()

@@ -137,3 +137,27 @@ def test_fid_report_refuses_different_networks():
   b.metadata["resize"] = "pytorch_fid"
   with pytest.raises(ValueError, match="resize"):
     fid.fid_report(a, b)
+
+
+def test_features_far_from_the_origin_keep_their_small_variances():
+  """Rows near (100, ..., 100) with spread 1e-2 (variances 1e8 times below the squared mean)
+  and one direction of exactly zero variance (they sum to a constant, as LayerNorm'd
+  features do): float32 sums of the raw rows would lose the spread to round-off; the
+  covariance must match numpy's float64 one and stay positive semi-definite."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(300, 6))
+  x -= x.mean(axis=1, keepdims=True)  # every row sums to zero: the all-ones direction is null
+  features = (100.0 + 1e-2 * x).astype(np.float32)
+
+  def apply_fn(variables, rows):
+    del variables
+    return {"features": rows}
+
+  batches = [features[i:i + 64] for i in range(0, len(features), 64)]
+  stats, _ = fid.compute_stats(apply_fn, {}, batches, batch_size=64)
+  mu, cov = stats.mean_cov()
+  want = np.cov(features.astype(np.float64).T)
+  np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-12)
+  np.testing.assert_allclose(cov, want, atol=1e-6 * np.abs(want).max())
+  assert np.linalg.eigvalsh(cov).min() > -1e-8 * np.linalg.eigvalsh(cov).max()
+  assert fid.frechet_distance(mu, cov, mu, cov) == pytest.approx(0.0, abs=1e-10)

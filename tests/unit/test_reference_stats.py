@@ -1,8 +1,12 @@
-"""The reference-statistics command, on an image .npz and on mocked TFDS data (random weights)."""
+"""The reference-statistics command, on an image .npz and on mocked TFDS data (random weights),
+for the FID Inception and for DINOv2."""
+import functools
+
 import jax
 import numpy as np
 import pytest
 
+from multistep_cm.evaluation import dinov2
 from multistep_cm.evaluation import fid
 from multistep_cm.evaluation import inception
 from multistep_cm.evaluation import reference_stats
@@ -81,3 +85,57 @@ def test_missing_weights_fail_before_reading_data(tmp_path):
     reference_stats.main([f"--images_npz={tmp_path / 'absent.npz'}",
                           f"--weights={tmp_path / 'absent_weights.npz'}",
                           f"--output={tmp_path / 'ref.npz'}"])
+
+
+TINY_DINOV2 = dinov2.Dinov2Config(64, 2, 4, 128, pos_grid=4)
+
+
+@pytest.fixture(scope="module")
+def dinov2_weights(tmp_path_factory):
+  variables = dinov2.random_variables(TINY_DINOV2, seed=2)
+  path = str(tmp_path_factory.mktemp("dinov2") / "random_dinov2.npz")
+  dinov2.save_dinov2(path, TINY_DINOV2, variables)
+  return path, variables
+
+
+def test_dinov2_statistics_keep_their_rows_and_records(tmp_path, dinov2_weights):
+  path, variables = dinov2_weights
+  images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 1)).astype(np.uint8)
+  np.savez(tmp_path / "images.npz", images=images)
+  out = str(tmp_path / "ref.npz")
+  reference_stats.main([f"--images_npz={tmp_path / 'images.npz'}", "--features=dinov2",
+                        f"--weights={path}", "--keep_features", f"--output={out}",
+                        "--batch_size=8"])
+  stats = fid.FeatureStats.load(out)
+  meta = stats.metadata
+  assert stats.count == 6 and meta["feature_dim"] == 64 and meta["features"] == "dinov2"
+  assert meta["network"] == dinov2.network_name(TINY_DINOV2) and meta["resize"] == "edm2_torch"
+  assert meta["weights_sha256"] == tree_io.digest(variables)
+  assert "224x224" in meta["feature_preprocessing"]
+  # The rows are the network's features of the images, one device, no streaming.
+  direct = np.asarray(jax.jit(functools.partial(dinov2.features, TINY_DINOV2))(
+      variables, images)["features"])
+  np.testing.assert_allclose(stats.features, direct, atol=1e-5)
+  expected = fid.FeatureStats(64)
+  expected.add_features(direct)
+  np.testing.assert_allclose(stats.mean_cov()[0], expected.mean_cov()[0], atol=1e-5)
+  np.testing.assert_allclose(stats.mean_cov()[1], expected.mean_cov()[1], atol=1e-6)
+  # Statistics of another network are refused, whatever their dimension.
+  other = fid.FeatureStats(64, {"network": inception.NETWORK_NAME, "resize": "tf1",
+                                "weights_sha256": meta["weights_sha256"]})
+  other.add_features(direct)
+  with pytest.raises(ValueError, match="differ in 'network'"):
+    fid.fid_report(stats, other)
+
+
+def test_resize_is_a_flag_of_the_inception_only(tmp_path, dinov2_weights):
+  with pytest.raises(SystemExit) as info:
+    reference_stats.parse_args([f"--images_npz={tmp_path / 'x.npz'}", "--features=dinov2",
+                                f"--weights={dinov2_weights[0]}", "--resize=tf1",
+                                f"--output={tmp_path / 'ref.npz'}"])
+  assert info.value.code == 2
+
+
+def test_an_inception_file_is_no_dinov2(tmp_path, weights):
+  with pytest.raises(ValueError, match="not a converted DINOv2"):
+    reference_stats.load_network("dinov2", weights[0])
