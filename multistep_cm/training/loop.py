@@ -9,8 +9,9 @@
    run's parameters (`config.init_from`), or from scratch with a jitted init that
    creates it already sharded.
 3. The teacher (modes cd, direct and pd) from `config.teacher_checkpoint` (a run of ours,
-   or a module of your own's weights file: config.teacher), sharded by the same rules: an input of the step, never optimised or checkpointed. Only now, every
-   check passed, the workdir's record is written: `config.json` (atomically) and, for a
+   or the weights file of a module of your own: config.teacher), sharded by the same
+   rules: an input of the step, never optimised or checkpointed. Only now, every check
+   passed, the workdir's record is written: `config.json` (atomically) and, for a
    resume that changed keys, an entry of `config_history.json`.
 4. The step compiled once, ahead of time; its FLOPs counted on its jaxpr (runtime/flops.py).
 5. The loop: input -> step; device values are fetched only at log steps; sample grids
