@@ -6,6 +6,8 @@ the named digit, the named properties, FD), `energy` (energy distance, for the m
 `fid` (the streaming statistics, FID and IS), `inception` (the FID InceptionV3), `convert_inception`
 and `reference_stats` (the commands that make its weights and reference statistics),
 `dinov2` (the DINOv2 ViT of FD-DINOv2) and `convert_dinov2` (the command that makes its weights),
+`clip` (CLIP's image and text towers, the CLIP score), `clip_tokenizer` (its BPE tokenizer) and
+`convert_clip` (the command that makes its weights),
 `tree_io` (arrays trees as .npz), `prdc` (precision, recall, density and coverage of
 samples in any feature space); `report` (the `evaluate` command's quality-vs-steps
 tables), `t2i_report` (the `t2i_demo` command's prompt-following table and grid) and

@@ -210,8 +210,9 @@ def convert_file(src: str, out: str, heads: int | None = None,
   return tree_io.load(out)[1]
 
 
-def fail(message: str, code: int = 2):
-  print(f"convert_dinov2: error: {message}", file=sys.stderr)
+def fail(message: str, code: int = 2, command: str = "convert_dinov2"):
+  """One line `<command>: error: message` on stderr and exit `code`."""
+  print(f"{command}: error: {message}", file=sys.stderr)
   sys.exit(code)
 
 

@@ -315,7 +315,7 @@ def test_sample_command_on_a_guidance_and_anystep_checkpoint(tmp_path, monkeypat
   with pytest.raises(ValueError, match=r"outside \[1, 3\]"):
     run.sampler_spec(1, guidance=0.5)
   # evaluate --guidance: a row per w told.
-  monkeypatch.setattr(sample_metrics, "make_metric", lambda *a: _MeanPixel())
+  monkeypatch.setattr(sample_metrics, "make_metric", lambda *a, **k: _MeanPixel())
   rows, _ = report.evaluate_runs(str(tmp_path), ["1"], [], 8, 0, "ema0", batch_size=8,
                                  guidance=["1", "2.5"])
   assert [(r["run"], r["nfe"], r["sampler"].split(", ")[-1]) for r in rows] == [

@@ -101,7 +101,7 @@ ORDER = ("diffusion", "models", "teachers", "data", "runtime", "config", "sampli
 COMMANDS = ("main", "sample", "evaluate", "compile_report", "toy", "sampler_comparison",
             "t2i_demo")
 SUBPACKAGE_COMMANDS = ("models.summary", "data.prepare", "evaluation.convert_inception",
-                       "evaluation.convert_dinov2",
+                       "evaluation.convert_dinov2", "evaluation.convert_clip",
                        "evaluation.reference_stats", "evaluation.digits_metric",
                        "evaluation.prompt_metric")
 
