@@ -1,5 +1,7 @@
 """Denoising networks: the simple-diffusion UViT (`uvit.py`) and a residual MLP for vector
-data (`mlp.py`), their shared layers (`layers.py`), presets at the paper's sizes
+data (`mlp.py`), EDM's ADM UNet with its preconditioning, a teacher to distil
+(`adm.py`, converted from EDM's state dict), their shared layers (`layers.py`), presets at
+the paper's sizes
 (`presets.py`), the logical-axis sharding rules (`partitioning.py`) and the `summary`
 command (`summary.py`); and the network as the maths calls it: `denoiser.py` (a
 v-predicting network as `x̂ = f(z, t)`, with guidance and segment conditioning) and
