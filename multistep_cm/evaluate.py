@@ -15,8 +15,10 @@ Inception network (`--inception_weights`, `--reference_stats`). `--metric` also 
 `fd_dinov2` (FD in DINOv2 features, `--dinov2_weights` and DINOv2 reference statistics),
 `prdc` (precision, recall, density, coverage in the features of a reference file that
 keeps its rows), several at once (`--metric=fid,fd_dinov2,prdc`, `--reference_stats` a
-file of each network), or `none`: sampling alone, each row's cost (NFE, seconds) in the
-table and its samples as a grid `<output>_<run>_<sampler>.png`, no figure. The table, written as
+file of each network), `clip` (text-conditioned runs: the CLIP score of each sample and
+its caption, `--clip_weights`, `--clip_tokenizer`), or `none`: sampling alone, each row's
+cost (NFE, seconds) in the table and its samples as a grid `<output>_<run>_<sampler>.png`,
+no figure. The table, written as
 markdown and JSON (`<output>.md`, `<output>.json`; default `<workdir>/eval_<weights>`),
 names the weights used, the checkpoint step, the number of samples, the network and
 the reference statistics. Beside it, `<output>.png` plots the primary metric against NFE
@@ -54,9 +56,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (shared by all rows).")
 _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('ema0', ...).")
 _METRIC = flags.DEFINE_list("metric", ["auto"], "Metric, or several comma-separated: auto "
                             "(the dataset's, sample_metrics.py), digits, prompts, energy, fid, "
-                            "fd_dinov2, prdc; or none (samples, grids and costs only).")
+                            "fd_dinov2, prdc, clip; or none (samples, grids and costs only).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "FID: converted Inception .npz.")
 _DINOV2 = flags.DEFINE_string("dinov2_weights", "", "FD-DINOv2: converted DINOv2 .npz.")
+_CLIP = flags.DEFINE_string("clip_weights", "", "CLIP score: converted CLIP .npz.")
+_CLIP_TOKENIZER = flags.DEFINE_list("clip_tokenizer", [], "CLIP score: merges.txt and "
+                                    "vocab.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz.")
 _REFERENCE = flags.DEFINE_list("reference_stats", [], "FID / FD-DINOv2 / prdc: reference "
                                "statistics .npz, one per feature network.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Global batch per sampling call.")
@@ -126,7 +131,8 @@ def main(argv):
         _WORKDIR.value, _STEPS.value, _SAMPLERS.value, _NUM.value, _SEED.value, _WEIGHTS.value,
         _METRIC.value, _INCEPTION.value, ",".join(_REFERENCE.value), _BATCH.value,
         spacings=_SPACING.value, final_step=_FINAL_STEP.value, guidance=_GUIDANCE.value,
-        dinov2_weights=_DINOV2.value, grid_prefix=prefix if _METRIC.value == ["none"] else None)
+        dinov2_weights=_DINOV2.value, grid_prefix=prefix if _METRIC.value == ["none"] else None,
+        clip_weights=_CLIP.value, clip_tokenizer=",".join(_CLIP_TOKENIZER.value))
   except runs.InputError as e:
     fail(e.code, str(e))
   except checkpointing.CheckpointError as e:

@@ -25,7 +25,8 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
                   metric_kind: str = "auto", inception_weights: str = "",
                   reference_stats: str = "", batch_size: int = 500, log=logging.info,
                   spacings=("uniform",), final_step: str | None = None, guidance=(),
-                  dinov2_weights: str = "", grid_prefix: str | None = None):
+                  dinov2_weights: str = "", grid_prefix: str | None = None,
+                  clip_weights: str = "", clip_tokenizer: str = ""):
   """Returns `(rows, header)`: one row per (run, sampler, spacing, steps), and the report's
   provenance. `steps` counts steps; each row also states its NFE (Heun: 2K - 1). A student
   trained on a range of guidance scales gets a row per w of `guidance` (empty: the
@@ -68,7 +69,9 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
     if not built:  # before anything is sampled: a metric that cannot be made is a bad flag
       try:
         metric = sample_metrics.make_metric(run.config, metric_kind, inception_weights,
-                                            reference_stats, dinov2_weights=dinov2_weights)
+                                            reference_stats, dinov2_weights=dinov2_weights,
+                                            clip_weights=clip_weights,
+                                            clip_tokenizer=clip_tokenizer)
       except (ValueError, FileNotFoundError) as e:
         raise runs.InputError(f"--metric={_joined(metric_kind)}: {e}") from None
       built = True
@@ -141,8 +144,8 @@ def to_markdown(rows, header) -> str:
 
 # Axis names of the metrics' primary numbers (sample_metrics.SampleMetric.primary).
 _METRIC_NAMES = {"fd": "digits FD", "fid": "FID", "energy_distance": "energy distance",
-                 "fd_dinov2": "FD-DINOv2", "precision": "precision"}
-_HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage")
+                 "fd_dinov2": "FD-DINOv2", "precision": "precision", "clip_score": "CLIP score"}
+_HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage", "clip_score")
 
 
 def _sampler_family(sampler: str) -> str:

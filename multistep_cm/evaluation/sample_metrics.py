@@ -9,7 +9,9 @@
     weights file and reference statistics (fid.py, inception.py);
   * on request (`evaluate --metric=fd_dinov2,prdc`, never by default): FD-DINOv2, the
     Fréchet distance in DINOv2 ViT-L/14 features (dinov2.py), and precision, recall,
-    density and coverage (prdc.py) in the features of a reference file that keeps its rows.
+    density and coverage (prdc.py) in the features of a reference file that keeps its rows;
+    and for text-conditioned runs the CLIP score of each sample against its caption
+    (`--metric=clip`, clip.py).
 
 Kinds combine (`fid,fd_dinov2,prdc`): each network runs once over the samples, the numbers
 of all of them go in one row, and the first kind's number is the headline.
@@ -25,7 +27,7 @@ from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.evaluation import energy
 
 # The kinds of the metric during training (config.evals.metric), and those `evaluate` adds.
-KINDS = config_base.METRIC_KINDS + ("fd_dinov2", "prdc")
+KINDS = config_base.METRIC_KINDS + ("fd_dinov2", "prdc", "clip")
 FEATURE_KINDS = ("fid", "fd_dinov2", "prdc")  # measured in a feature network's space
 
 
@@ -62,12 +64,14 @@ def resolve_kind(config, kind: str = "auto") -> str:
 
 
 def make_metric(config, kind="auto", inception_weights: str = "", reference_stats: str = "",
-                num_reference: int = 10_000, dinov2_weights: str = "") -> SampleMetric | None:
+                num_reference: int = 10_000, dinov2_weights: str = "", clip_weights: str = "",
+                clip_tokenizer: str = "") -> SampleMetric | None:
   """The metric for `config`'s data; None for kind 'none'.
 
   `kind` is one kind or several (a list, or comma-separated); `reference_stats` one
   statistics file or several, comma-separated: each feature metric takes the one of its
-  network (fid: Inception; fd_dinov2: DINOv2).
+  network (fid: Inception; fd_dinov2: DINOv2). `clip` needs `clip_weights` and
+  `clip_tokenizer` (merges.txt,vocab.json or OpenAI's merges .txt.gz).
 
   Raises:
     ValueError: an unknown kind, 'none' with others, or a feature metric without the
@@ -81,7 +85,9 @@ def make_metric(config, kind="auto", inception_weights: str = "", reference_stat
     return None
   metrics, features = [], [k for k in kinds if k in FEATURE_KINDS]
   for k in dict.fromkeys(kinds):
-    if k not in FEATURE_KINDS:
+    if k == "clip":
+      metrics.append(_clip_metric(clip_weights, clip_tokenizer))
+    elif k not in FEATURE_KINDS:
       metrics.append(_data_metric(config, k, num_reference))
     elif k == features[0]:  # every feature metric together, where the first was asked for
       metrics.append(_feature_metric(features, inception_weights, dinov2_weights,
@@ -229,3 +235,36 @@ def _feature_metric(kinds: list[str], inception_weights: str, dinov2_weights: st
                  f"{reference.metadata.get('data', path)} ({reference.count} images)")
   primary = {"fid": "fid", "fd_dinov2": "fd_dinov2", "prdc": "precision"}[kinds[0]]
   return SampleMetric(",".join(kinds), "; ".join(parts), feature_fn, primary)
+
+
+def _clip_metric(clip_weights: str, clip_tokenizer: str) -> SampleMetric:
+  """The CLIP score of samples against their captions (the row's prompts)."""
+  from multistep_cm.evaluation import clip  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import clip_tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import tree_io  # pylint: disable=g-import-not-at-top
+  if not clip_weights or not clip_tokenizer:
+    raise ValueError("clip needs the converted CLIP weights (--clip_weights; python -m "
+                     "multistep_cm.evaluation.convert_clip makes them) and its tokenizer "
+                     "files (--clip_tokenizer=merges.txt,vocab.json)")
+  config, variables = clip.load_clip(clip_weights)
+  files = [p.strip() for p in clip_tokenizer.split(",") if p.strip()]
+  tokenizer = tokenizer_lib.ClipTokenizer.from_files(files[0], files[1] if len(files) > 1
+                                                     else None, context=config.context)
+  net = clip.Clip(config)
+  images_fn = jax.jit(lambda v, x: net.apply(v, clip.preprocess(x, config),
+                                             method=clip.Clip.image_features))
+  texts_fn = jax.jit(lambda v, ids: net.apply(v, ids, method=clip.Clip.text_features))
+
+  def clip_fn(samples, captions):
+    if captions is None or not all(isinstance(c, str) for c in np.asarray(captions).tolist()):
+      raise ValueError("the CLIP score judges samples against their captions: a "
+                       "text-conditioned run")
+    captions, batch, image, text = [str(c) for c in np.asarray(captions).tolist()], 100, [], []
+    for i in range(0, len(samples), batch):
+      image.append(np.asarray(images_fn(variables, samples[i:i + batch])))
+      text.append(np.asarray(texts_fn(variables, tokenizer(captions[i:i + batch]))))
+    return {"clip_score": clip.clip_score(np.concatenate(image), np.concatenate(text))}
+
+  return SampleMetric("clip", f"{clip.network_name(config)}, weights sha256 "
+                      f"{tree_io.digest(variables)[:12]}: CLIP score 100 max(cos, 0) of each "
+                      "sample and its caption", clip_fn, "clip_score")

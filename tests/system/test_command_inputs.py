@@ -155,6 +155,8 @@ EVALUATE_CASES = {
                            ["--metric=none,fid", "alone"]),
     "fd_dinov2 without statistics": (["--workdir={root}", "--metric=fd_dinov2"], BAD_FLAG,
                                      ["--metric=fd_dinov2", "--features=dinov2"]),
+    "clip without weights": (["--workdir={root}", "--metric=clip"], BAD_FLAG,
+                             ["--metric=clip", "--clip_weights"]),
     "no such statistics file": (["--workdir={root}", "--metric=fid",
                                  "--reference_stats={root}/nope.npz"], BAD_FLAG,
                                 ["--metric=fid", "nope.npz"]),

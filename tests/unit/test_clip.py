@@ -187,3 +187,48 @@ def test_converter_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert info.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("convert_clip: error: ") and fragment in lines[0], lines
   assert not (tmp_path / "out.npz").exists()
+
+
+def test_the_clip_score_metric_equals_transformers_end_to_end(tmp_path):
+  """`make_metric(kind='clip')` on uint8-exact images and captions against the same score
+  computed with transformers' CLIPModel and CLIPTokenizer on the same files."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
+  merges = _train_merges(CAPTIONS * 3, 40)
+  vocab = clip_tokenizer.openai_vocabulary(merges)
+  (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+  (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges))
+  torch.manual_seed(1)
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                       eos_token_id=2, bos_token_id=0, pad_token_id=1),
+      vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=3, image_size=32, patch_size=8),
+      projection_dim=24)
+  model = transformers.CLIPModel(config).eval()
+  src, weights = str(tmp_path / "model.safetensors"), str(tmp_path / "clip.npz")
+  safetensors_torch.save_file(model.state_dict(), src)
+  convert_clip.main([f"--src={src}", f"--out={weights}", "--vision_heads=3", "--text_heads=4"])
+  pixels = np.random.default_rng(2).integers(0, 256, (len(CAPTIONS), 32, 32, 3))
+  samples = (pixels / 127.5 - 1.0).astype(np.float32)  # rounds back to `pixels` exactly
+  metric = sample_metrics.make_metric(
+      ml_collections.ConfigDict({"data": {"dataset": "captioned_digits"}}), "clip",
+      clip_weights=weights,
+      clip_tokenizer=f"{tmp_path / 'merges.txt'},{tmp_path / 'vocab.json'}")
+  got = metric(samples, np.asarray(CAPTIONS))["clip_score"]
+  tokens = transformers.CLIPTokenizer(vocab=vocab, merges=merges)(
+      CAPTIONS, padding="max_length", max_length=32, return_tensors="pt")
+  x = (torch.from_numpy(pixels / 255.0).permute(0, 3, 1, 2)
+       - torch.tensor(clip.CLIP_MEAN).reshape(1, -1, 1, 1)) / torch.tensor(
+           clip.CLIP_STD).reshape(1, -1, 1, 1)
+  with torch.no_grad():
+    image = _pooled(model.get_image_features(pixel_values=x.float()))
+    text = _pooled(model.get_text_features(input_ids=tokens["input_ids"]))
+  cos = (image * text).sum(-1) / (np.linalg.norm(image, axis=-1) * np.linalg.norm(text, axis=-1))
+  want = float(np.mean(100 * np.maximum(cos, 0)))
+  assert 0 < np.sum(cos > 0) < len(cos), cos  # both sides of the clip at 0 are exercised
+  assert got == pytest.approx(want, rel=1e-4)
+  assert metric.primary == "clip_score"
+  with pytest.raises(ValueError, match="captions"):
+    metric(samples, None)
