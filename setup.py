@@ -53,6 +53,8 @@ setuptools.setup(
                  "jax[tpu]>=0.10.2",
                  # The DINOv2 converter's parity test builds transformers' Dinov2Model on
                  # CPU torch; exactly this torch, whose CPU build is what gets installed.
-                 "torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
+                 "torch==2.13.0", "transformers>=5.0", "safetensors>=0.4",
+                 # DiT's and the SD VAE's converter parity tests build diffusers' models.
+                 "diffusers>=0.42"],
     },
 )

@@ -2,9 +2,10 @@
 
 The package root holds the commands (`python -m multistep_cm.<name>`): `main` (training),
 `sample`, `evaluate`, `compile_report` (will a step fit and how fast, compiled for a TPU
-slice), `toy` (the exact-teacher mixture experiment), `sampler_comparison` and `t2i_demo`,
-and `api`, the Python interface for notebooks and scripts (load a run, sample, grid,
-evaluate: docs/notebooks/quickstart.py).
+slice), `toy` (the exact-teacher mixture experiment), `sampler_comparison`, `t2i_demo`,
+`convert` (published DiT, SiT and SD-VAE weights to Flax parameter files), and `api`,
+the Python interface for notebooks and scripts (load a run, sample, grid, evaluate:
+docs/notebooks/quickstart.py).
 
 The libraries sit in folders named for their role, each importing only from those before
 it (tests/unit/test_layout.py): `diffusion` (the maths, pure functions of arrays),

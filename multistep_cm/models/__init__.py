@@ -1,6 +1,7 @@
 """Denoising networks: the simple-diffusion UViT (`uvit.py`) and a residual MLP for vector
 data (`mlp.py`), EDM's ADM UNet with its preconditioning, a teacher to distil
-(`adm.py`, converted from EDM's state dict), their shared layers (`layers.py`), presets at
+(`adm.py`, converted from EDM's state dict), DiT and SiT (`dit.py`) and the SD VAE
+(`vae.py`), converted from their published weights, their shared layers (`layers.py`), presets at
 the paper's sizes
 (`presets.py`), the logical-axis sharding rules (`partitioning.py`) and the `summary`
 command (`summary.py`); and the network as the maths calls it: `denoiser.py` (a

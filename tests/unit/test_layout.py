@@ -99,7 +99,7 @@ def test_one_mesh_constructor():
 ORDER = ("diffusion", "models", "teachers", "data", "runtime", "config", "sampling",
          "evaluation", "training")
 COMMANDS = ("main", "sample", "evaluate", "compile_report", "toy", "sampler_comparison",
-            "t2i_demo")
+            "t2i_demo", "convert")
 SUBPACKAGE_COMMANDS = ("models.summary", "data.prepare", "evaluation.convert_inception",
                        "evaluation.convert_dinov2", "evaluation.convert_clip",
                        "evaluation.reference_stats", "evaluation.digits_metric",
