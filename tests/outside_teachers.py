@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from multistep_cm.config import base as config_base
 from multistep_cm.diffusion import schedules
 from multistep_cm import models
+from multistep_cm.models import adm
 
 
 def _b(v, x):
@@ -84,6 +85,17 @@ def edm():
 
 def dit():
   return DDPMEps(inner=inner_network())
+
+
+# EDM's ADM UNet with EDM's preconditioning at the digits' 8x8x1 and 10 classes (models/adm.py):
+# a converted EDM checkpoint's network, small.
+TINY_ADM = dict(img_resolution=8, in_channels=1, out_channels=1, label_dim=10,
+                model_channels=32, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
+                attn_resolutions=(4,), dropout=0.0)
+
+
+def tiny_adm():
+  return adm.EDMTeacher(adm.ADMUNet(**TINY_ADM))
 
 
 # The teacher.* keys that describe each module (what a user writes in a config).

@@ -104,8 +104,8 @@ class Block(nn.Module):
       kernel = 1 if c != in_channels else 0
       orig = Conv(c, kernel, self.up, self.down, self.dtype, name="skip")(orig)
     x = h + orig.astype(jnp.float32)
-    if self.attention:
-      heads = c // self.channels_per_head
+    heads = c // self.channels_per_head if self.attention else 0
+    if heads:  # as EDM: a block narrower than one head has no attention
       b, hh, ww, _ = x.shape
       qkv = Conv(3 * c, 1, dtype=self.dtype, name="qkv")(_group_norm(c, "norm2")(x))
       # EDM's channel layout: [heads, C / heads, (q, k, v)].

@@ -1,10 +1,11 @@
 """A teacher of your own through the main job and `sample`, end to end.
 
-The teacher is tests/outside_teachers.py's SD3-convention flow module (our digits UViT
-behind a flow velocity, random weights written as a .safetensors file): `main` distils it
-into a 2-step CD student of the teacher's own architecture, and `sample` draws from that
+The teachers: tests/outside_teachers.py's SD3-convention flow module (our digits UViT
+behind a flow velocity) and EDM's ADM UNet (models/adm.py) converted from an EDM-named
+PyTorch state dict, random weights written as .safetensors files. `main` distils each into
+a 2-step CD student of the teacher's own architecture, and `sample` draws from that
 student; weights that do not fit the module are refused in one line (exit 2) before the
-workdir records anything.
+workdir records anything. A flow-matching teacher trained here is distilled the same way.
 """
 import json
 import os
@@ -12,7 +13,9 @@ import os
 from flax import traverse_util
 import jax
 import numpy as np
+import torch
 
+from multistep_cm.models import adm
 from multistep_cm.models import partitioning
 from multistep_cm.teachers import weights as teacher_weights
 from multistep_cm.training import loop as train
@@ -23,6 +26,7 @@ from helpers import run_module
 from helpers import TESTS
 from helpers import tiny_digits
 import outside_teachers
+import torch_adm
 
 EXIT_CONFIG = 2
 
@@ -89,3 +93,25 @@ def test_a_flow_matching_teacher_trained_here_is_distilled_and_sampled(tmp_path)
              f"--output={out}", "--progress=false", timeout=300)
   images = np.load(out)["images"]
   assert images.shape[0] == 4 and len(np.unique(images)) > 1
+
+
+def test_a_converted_edm_teacher_is_distilled_and_sampled(tmp_path):
+  """EDM's ADM UNet (models/adm.py), its weights converted from an EDM-named PyTorch state
+  dict, distilled through `main` with no code of its own (frame 've', prediction 'x', the
+  student on EDM's schedule, of the teacher's own architecture), then sampled."""
+  torch.manual_seed(0)
+  state = {k: v.detach().numpy()
+           for k, v in torch_adm.TorchADM(**outside_teachers.TINY_ADM).state_dict().items()}
+  flat = traverse_util.flatten_dict(adm.params_from_state_dict(state), sep="/")
+  weights = str(tmp_path / "edm.safetensors")
+  teacher_weights.write_safetensors(weights, flat)
+  overrides = _overrides(weights, **{
+      "teacher.module": os.path.join(TESTS, "outside_teachers.py") + ":tiny_adm",
+      "teacher.frame": "ve", "teacher.prediction": "x", "teacher.flow_time": "",
+      "teacher.time_scale": 1.0, "teacher.student": "teacher", "schedule.name": "edm"})
+  workdir = tmp_path / "cd2"
+  run_main("configs/digits_cd.py:steps=2", workdir, overrides)
+  out = tmp_path / "samples.npz"
+  run_module("multistep_cm.sample", f"--workdir={workdir}", "--num_samples=4",
+             f"--output={out}", "--progress=false", timeout=300)
+  assert np.load(out)["images"].shape == (4, 8, 8, 1)
