@@ -3,7 +3,9 @@
     python -m multistep_cm.compile_report --config=configs/imagenet128_cd.py:size=large \
         --topology=v5e-256 [--steps_per_sec=1.8] [--json=report.json] [--config.KEY=VALUE]
 
-Exit codes: 0 fits, 1 does not fit the chip's HBM, 2 bad config or topology.
+Exit codes: 0 fits, 1 does not fit the chip's HBM, 2 a bad flag, config or topology (one
+line `compile_report: error: ...`, before anything compiles), 6 a `--json` file that
+cannot be written (found before compiling).
 
 No TPU is needed: libtpu (`pip install -e '.[tpu]'`) compiles for a described slice
 (`jax.experimental.topologies`) while JAX runs on the CPU, so an out-of-memory step
@@ -50,6 +52,7 @@ from multistep_cm.config import checks as config_checks
 from multistep_cm.config import plan as plan_lib
 from multistep_cm.runtime import flops
 from multistep_cm.runtime import hardware
+from multistep_cm.sampling import inputs
 from multistep_cm.training import step as train_step
 
 FLAGS = flags.FLAGS
@@ -255,8 +258,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 def define_flags():
   """The command's flags; defined when run as a command only, so that importing this module
-  (tests, notebooks) leaves absl's global flags alone (e.g. toy.py also defines --json)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  (tests, notebooks) leaves absl's global flags alone (e.g. toy.py also defines --json).
+  Returns the config flag's holder."""
+  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                           lock_config=True)
   flags.DEFINE_string(
       "topology", "v5e-256", "TPU slice to compile for: v5e-N / v6e-N (N chips), "
       "v5litepod-N, a libtpu topology name such as v5e:16x16, or 'cpu' for this host's "
@@ -266,11 +271,15 @@ def define_flags():
       "(§7.3) for the config's model and mode, on the paper's chip count.")
   flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
   flags.mark_flags_as_required(["config"])
+  return config
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # flags only (inputs.flags_parser)
+  with inputs.refusals("compile_report"):  # every input before anything compiles
+    if FLAGS.steps_per_sec is not None and not FLAGS.steps_per_sec > 0:
+      raise inputs.InputError(f"--steps_per_sec must be positive, got {FLAGS.steps_per_sec}")
+    inputs.check_output_file(FLAGS.json, "--json")
   if not os.environ.get("JAX_PLATFORMS"):
     # The step is compiled for the topology's devices: JAX itself runs on the CPU and
     # must not claim an accelerator this host may have (e.g. a TPU VM in use).
@@ -278,8 +287,7 @@ def main(argv):
   try:
     report = build_report(FLAGS.config, FLAGS.topology, FLAGS.steps_per_sec)
   except (config_checks.ConfigError, TopologyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    inputs.fail("compile_report", inputs.BAD_FLAG, str(e))
   print(format_report(report))
   if FLAGS.json:
     with open(FLAGS.json, "w") as fh:
@@ -289,5 +297,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  app.run(main, flags_parser=inputs.flags_parser("compile_report", define_flags()))

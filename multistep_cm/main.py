@@ -3,8 +3,10 @@
 Parses flags, starts `jax.distributed` on multi-host runs, logs the devices,
 validates the config (every stage of a staged one) and calls `train.run(config,
 workdir)`. Re-running with the same workdir resumes from its latest complete
-checkpoint; `--config=<workdir>/config.json` (the run's resolved config) replays it. Every failure below ends with one line `error: ...` on stderr and its
-exit code, not a traceback; an unexpected error still shows its traceback (exit 1).
+checkpoint; `--config=<workdir>/config.json` (the run's resolved config) replays it.
+`--help` (or `--config_help`) lists the shipped configs with their variants. Every failure
+below ends with one line `error: ...` on stderr and its exit code, not a traceback; an
+unexpected error still shows its traceback (exit 1).
 
 Exit codes:
   0   finished (num_train_steps reached)
@@ -22,10 +24,10 @@ Exit codes:
   130 a second SIGINT (Ctrl-C) while the first one's stop was under way: stopped at once,
       without a new checkpoint; the last complete one is intact
 """
+import ast
 import json
 import logging as std_logging
 import os
-import re
 import sys
 
 from absl import app
@@ -33,6 +35,8 @@ from absl import flags
 from absl import logging
 import ml_collections
 from ml_collections import config_flags
+
+from multistep_cm.sampling import inputs
 
 EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_WORKDIR = 2, 3, 4, 5, 6
 EXIT_PREEMPTED = 75
@@ -121,29 +125,59 @@ def initialize_distributed():
     jax.distributed.initialize()
 
 
+# Where the shipped configs are: configs/ beside the package, in a checkout of the repository.
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--config_help")
+
+
+def _variants(path: str) -> str:
+  """A config file's variants, read without running it: its docstring's `Variants: ...`
+  sentence, else the keys (and defaults) its `config_base.parse_arg` call takes."""
+  with open(path, encoding="utf-8") as fh:
+    tree = ast.parse(fh.read())
+  doc = " ".join((ast.get_docstring(tree) or "").split())
+  if "Variants:" in doc:
+    text, depth = doc.split("Variants:", 1)[1].strip(), 0
+    for i, char in enumerate(text):  # up to the sentence's end, outside parentheses
+      depth += {"(": 1, ")": -1}.get(char, 0)
+      if char == "." and depth == 0 and (i + 1 == len(text) or text[i + 1] == " "):
+        return text[:i]
+    return text
+  calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+           and getattr(node.func, "attr", None) == "parse_arg"]
+  keys = [f"{k.arg}={ast.unparse(k.value)}" for c in calls for k in c.keywords if k.arg]
+  return ", ".join(keys) if keys else "none"
+
+
+def config_help(folder: str = CONFIGS) -> str:
+  """What `--config` takes: each shipped config file with its variants, one line each, and
+  how to choose a variant and override keys."""
+  lines = ["--config=FILE[:key=value,...] picks a config file and its variants; "
+           "--config.key=value (nested: --config.optimizer.learning_rate=3e-4; a staged run's "
+           "stage: --config.stages.NAME.key=value) overrides any key after that; "
+           "--config=<workdir>/config.json replays a run. A key or value the config does not "
+           "allow is refused in one line, exit 2."]
+  names = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(
+      folder) else []
+  if not names:
+    return "\n".join(lines + [f"(no shipped configs at {folder}: a checkout of the "
+                              "repository has them in configs/)"])
+  width = max(len(n) for n in names) + 2
+  lines.append(f"Shipped configs ({os.path.relpath(folder)}/), with their variants:")
+  lines += [f"  {name:<{width}}{_variants(os.path.join(folder, name))}" for name in names]
+  return "\n".join(lines)
+
+
 def _parse_flags(argv):
-  """absl's parsing, but a bad flag, config file or override exits 2 with one line."""
-  try:
-    remaining = flags.FLAGS(argv)
-    _CONFIG.value.keys()  # a config file that failed to load says so on first use
-    return remaining
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
-    # At any depth: a nested key's KeyError arrives wrapped in an AttributeError, its text
-    # "'key'\nDid you mean "other" instead of "key"?".
-    inner = e.args[0] if e.args else e
-    text = str(inner.args[0] if isinstance(inner, BaseException) and inner.args else inner)
-    key = text.splitlines()[0].strip("\"'") if text else type(e).__name__
-    suggestion = re.search(r'Did you mean "([^"]+)"', text)
-    given = [a.split("=")[0] for a in argv if a.startswith("--config.")
-             and key in a.split("=")[0].split(".")]
-    print(f"error: {given[0] if given else key}: the config has no key {key!r}"
-          f"{f' (did you mean {suggestion.group(1)!r}?)' if suggestion else ''}",
-          file=sys.stderr)
-  except Exception as e:  # pylint: disable=broad-except
-    # A config file's own error arrives with its traceback as text: its last line says it.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    print(f"error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
-  sys.exit(EXIT_CONFIG)
+  """`--help` (or `--config_help`): this command's usage, its flags and `config_help()`,
+  exit 0; else absl's parsing, where a bad flag, config file or override is one line and
+  exit 2 (inputs.flags_parser)."""
+  if any(a in _HELP_FLAGS for a in argv[1:]):
+    print(__doc__.strip())
+    print("\nFlags:\n" + flags.FLAGS.module_help(sys.modules[__name__]))
+    print("\n" + config_help())
+    sys.exit(0)
+  return inputs.flags_parser(None, _CONFIG)(argv)
 
 
 class _NoLibraryTracebacks(std_logging.Filter):
@@ -187,8 +221,7 @@ def _fail(code: int, message: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    _fail(EXIT_CONFIG, f"unexpected arguments: {argv[1:]} (flags are --name=value)")
+  del argv  # flags only (inputs.flags_parser)
   logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
   sys.unraisablehook = _quiet_abandoned_writes(sys.unraisablehook)
   initialize_distributed()

@@ -21,6 +21,10 @@ from the same noise.
 For the digits, `border_std` is the samples' per-pixel standard deviation (root mean
 variance) on the pixels that are -1 in every training digit: noise a sampler leaves on
 pixels every digit has blank.
+
+A flag it cannot run is one line `sampler_comparison: error: ...` before anything is
+sampled: exit 2 (a bad value, a `--workdir` that is not a digits diffusion run), 4 (its
+checkpoint cannot be read), 6 (a `--json` that cannot be written).
 """
 import json
 import time
@@ -28,6 +32,8 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+
+from multistep_cm.sampling import inputs
 
 _DATA = flags.DEFINE_enum("data", "toy", ["toy", "digits_mixture", "digits"], "What to sample.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "--data=digits: the diffusion run.")
@@ -42,6 +48,9 @@ _COMPONENT_STD = flags.DEFINE_float("component_std", 0.01, "--data=digits_mixtur
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Samples per sampling call.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
 
+# The time grids of diffusion/sampling.py (SPACINGS), spelled out so that a bad flag is
+# refused without importing JAX.
+SPACINGS = ("uniform", "karras")
 # name -> (sampler, aDDIM's final step)
 VARIANTS = {"ddim": ("ddim", None), "addim": ("addim", "addim"),
             "addim_ddim_last": ("addim", "ddim"), "euler": ("euler", None),
@@ -147,21 +156,46 @@ def setup(data: str, workdir: str | None, num_samples: int, batch_size: int,
                             "metric": digits_metric.description}
 
 
+def check_inputs() -> tuple[list[int], list[int]]:
+  """The budgets and seeds of the flags; raises inputs.InputError (one line naming the flag)
+  for any flag that cannot be run, before anything is sampled."""
+  budgets = inputs.numbers("nfe", _NFE.value, int, minimum=1)
+  seeds = inputs.numbers("seeds", _SEEDS.value, int, minimum=0)
+  for flag, given, allowed in (("samplers", _SAMPLERS.value, sorted(VARIANTS)),
+                               ("spacings", _SPACINGS.value, list(SPACINGS))):
+    unknown = [v for v in given if v not in allowed]
+    if unknown or not given:
+      raise inputs.InputError(f"--{flag}={','.join(given)}: each must be one of {allowed}, "
+                              f"got {unknown or 'nothing'}")
+  inputs.positive("num_samples", _NUM.value)
+  inputs.positive("batch_size", _BATCH.value)
+  if not _COMPONENT_STD.value > 0:
+    raise inputs.InputError(f"--component_std must be positive, got {_COMPONENT_STD.value}")
+  if _DATA.value == "digits":
+    if not _WORKDIR.value:
+      raise inputs.InputError("--data=digits needs --workdir (a digits diffusion run)")
+    from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
+    runs.check_run(_WORKDIR.value, "ema0")
+  inputs.check_output_file(_JSON.value, "--json")
+  return budgets, seeds
+
+
 def main(argv):
-  del argv
-  from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
-  unknown = sorted(set(_SAMPLERS.value) - set(VARIANTS))
-  if unknown:
-    raise app.UsageError(f"--samplers must be among {sorted(VARIANTS)}, got {unknown}")
-  draw, metric, header = setup(_DATA.value, _WORKDIR.value, _NUM.value, _BATCH.value,
-                               _COMPONENT_STD.value)
+  del argv  # flags only (inputs.flags_parser)
+  with inputs.refusals("sampler_comparison"):  # ValueError: not a digits diffusion run
+    budgets, seeds = check_inputs()
+    from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+    from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
+    checkpointing.quiet_orbax_logs()
+    draw, metric, header = setup(_DATA.value, _WORKDIR.value, _NUM.value, _BATCH.value,
+                                 _COMPONENT_STD.value)
   primary = "energy_distance" if _DATA.value == "toy" else "fd"
   rows = []
-  for seed in (int(s) for s in _SEEDS.value):
+  for seed in seeds:
     for spacing in _SPACINGS.value:
       for name in _SAMPLERS.value:
         kind, final_step = VARIANTS[name]
-        for budget in (int(n) for n in _NFE.value):
+        for budget in budgets:
           spec = generation.SamplerSpec(kind, steps_for_budget(kind, budget), spacing=spacing,
                                         final_step=final_step)
           start = time.time()
@@ -209,4 +243,4 @@ def to_markdown(rows, primary: str, header) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=inputs.flags_parser("sampler_comparison"))

@@ -18,13 +18,18 @@ digits FD to the test split. Every row uses the same prompts and noise seed. Wri
 `<output>.md`, `<output>.json` and `<output>.png`: a grid with the prompts beside the
 rows, for each of `--grid_prompts` prompts a teacher row and a student row at the largest w.
 The work is evaluation/t2i_report.py's (importable without this command's flags).
+
+A flag it cannot run is one line `t2i_demo: error: ...` before anything is sampled: exit 2
+(a bad value, a `--workdir` that is not such a root), 4 (a checkpoint that cannot be read),
+6 (an `--output` that cannot be written).
 """
 import json
 import os
 
 from absl import app
 from absl import flags
-import numpy as np
+
+from multistep_cm.sampling import inputs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root of a configs/digits_t2i.py run.")
 _NUM = flags.DEFINE_integer("num_prompts", 1000, "Prompts (one sample each) per row.")
@@ -38,14 +43,35 @@ _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('em
 _OUTPUT = flags.DEFINE_string("output", None, "Output prefix (default <workdir>/t2i_demo).")
 flags.mark_flags_as_required(["workdir"])
 
-def main(argv):
-  del argv
-  from multistep_cm.evaluation import t2i_report  # pylint: disable=g-import-not-at-top
-  from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
-  scales = [float(w) for w in _GUIDANCE.value]
-  rows, picture = t2i_report.evaluate(_WORKDIR.value, _NUM.value, scales, _TEACHER_STEPS.value,
-                           _SEED.value, _WEIGHTS.value, _GRID_PROMPTS.value, _GRID_COLS.value)
+
+def check_inputs() -> tuple[list[float], str]:
+  """The guidance scales and the output prefix of the flags; raises inputs.InputError (one
+  line naming the flag) for any flag that cannot be run, before anything is sampled."""
+  scales = inputs.numbers("guidance", _GUIDANCE.value, float, minimum=0)
+  for flag in ("num_prompts", "grid_prompts", "grid_samples"):
+    inputs.positive(flag, flags.FLAGS[flag].value)
+  if _TEACHER_STEPS.value < 0:
+    raise inputs.InputError(f"--teacher_steps must be 0 (the teacher's own) or positive, got "
+                            f"{_TEACHER_STEPS.value}")
+  from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
+  runs.check_run(_WORKDIR.value, _WEIGHTS.value, root_ok=True)
   prefix = _OUTPUT.value or os.path.join(_WORKDIR.value, "t2i_demo")
+  inputs.check_writable(os.path.dirname(os.path.abspath(prefix)), "--output")
+  return scales, prefix
+
+
+def main(argv):
+  del argv  # flags only (inputs.flags_parser)
+  # A root that is not a digits_t2i run, or a w it cannot take, is a ValueError.
+  with inputs.refusals("t2i_demo"):
+    scales, prefix = check_inputs()
+    from multistep_cm.evaluation import t2i_report  # pylint: disable=g-import-not-at-top
+    from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+    from multistep_cm.sampling import images  # pylint: disable=g-import-not-at-top
+    checkpointing.quiet_orbax_logs()
+    rows, picture = t2i_report.evaluate(_WORKDIR.value, _NUM.value, scales,
+                                        _TEACHER_STEPS.value, _SEED.value, _WEIGHTS.value,
+                                        _GRID_PROMPTS.value, _GRID_COLS.value)
   markdown = t2i_report.to_markdown(rows)
   with open(prefix + ".md", "w") as fh:
     fh.write(markdown)
@@ -58,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=inputs.flags_parser("t2i_demo"))

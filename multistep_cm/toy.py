@@ -31,6 +31,8 @@ the S values (as many steps in total as the separate models together) and sample
 each S; `--boundaries=logsnr|karras` moves the segment boundaries.
 
 Everything runs on the CPU in a few minutes; the tables of docs/results.md come from these commands.
+A flag it cannot run is one line `toy: error: ...` and exit 2 before anything is trained (a
+`--json` that cannot be written: 6; a training loss that turns non-finite: 5).
 """
 import dataclasses
 import json
@@ -55,6 +57,7 @@ from multistep_cm.evaluation import energy
 from multistep_cm.models import denoiser
 from multistep_cm.models import partitioning
 from multistep_cm.sampling import generation
+from multistep_cm.sampling import inputs
 from multistep_cm.training import optim
 from multistep_cm.training import step as train_step
 
@@ -342,32 +345,55 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def check_inputs() -> tuple[ToySettings, list[int], list[float]]:
+  """The settings, step counts and any-step shares of the flags; raises inputs.InputError
+  (one line naming the flag) for any that cannot be run, before anything is trained."""
+  for flag in ("pretrain_steps", "train_steps", "batch", "num_eval", "pd_start"):
+    inputs.positive(flag, flags.FLAGS[flag].value)
+  student_steps = inputs.numbers("student_steps", _STUDENT_STEPS.value, int, minimum=1)
+  unknown = [m for m in _MODES.value if m not in losses.MODES]
+  if unknown or not _MODES.value:
+    raise inputs.InputError(f"--modes={','.join(_MODES.value)}: each must be one of "
+                            f"{list(losses.MODES)}, got {unknown or 'nothing'}")
+  if "pd" in _MODES.value or _EQUAL_COMPUTE.value:
+    p = _PD_START.value
+    for s in student_steps:
+      if p % s or (p // s) & (p // s - 1) or p == s:
+        raise inputs.InputError(f"--student_steps: {s} is not --pd_start={p} halved one or "
+                                f"more times")
+  probs = (inputs.numbers("anystep_probs", _ANYSTEP_PROBS.value, float, minimum=0)
+           if _ANYSTEP_PROBS.value else [])
+  if probs and (not _ANYSTEP.value or len(probs) != len(student_steps)):
+    raise inputs.InputError(f"--anystep_probs: one share per --student_steps value, with "
+                            f"--anystep; got {_ANYSTEP_PROBS.value}")
   settings = ToySettings(pretrain_steps=_PRETRAIN_STEPS.value, train_steps=_TRAIN_STEPS.value,
                          batch=_BATCH.value, num_eval=_NUM_EVAL.value,
                          weighting=_WEIGHTING.value, huber_epsilon=_HUBER.value,
                          boundaries=_BOUNDARIES.value, teacher_solver=_TEACHER_SOLVER.value,
                          pd_start=_PD_START.value, equal_compute=_EQUAL_COMPUTE.value,
                          seed=_SEED.value)
-  for mode in _MODES.value:
-    if mode not in losses.MODES:
-      raise app.UsageError(f"--modes: {mode!r} is not one of {losses.MODES}")
-  if "pd" in _MODES.value or _EQUAL_COMPUTE.value:
-    for s in (int(v) for v in _STUDENT_STEPS.value):
-      if s < 1 or _PD_START.value % s or (_PD_START.value // s) & (_PD_START.value // s - 1) \
-          or _PD_START.value == s:
-        raise app.UsageError(f"--student_steps: {s} is not --pd_start={_PD_START.value} "
-                             f"halved one or more times")
-  probs = [float(p) for p in _ANYSTEP_PROBS.value]
-  if probs and (not _ANYSTEP.value or len(probs) != len(_STUDENT_STEPS.value)):
-    raise app.UsageError(f"--anystep_probs: one share per --student_steps value, with "
-                         f"--anystep; got {_ANYSTEP_PROBS.value}")
-  try:
-    rows = run(settings, [int(s) for s in _STUDENT_STEPS.value], _MODES.value,
-               anystep=_ANYSTEP.value, separate=not _SKIP_SEPARATE.value, anystep_probs=probs)
+  try:  # each model's config, key by key, as the trainer checks its own
+    for mode in ["diffusion", *_MODES.value]:
+      for s in student_steps:
+        config_checks.check_keys(toy_config(settings, mode, s))
+    if probs:
+      config_checks.check_anystep_probs(config_base.set_anystep(
+          toy_config(settings, "cd"), student_steps, _ANYSTEP.value, probs).loss)
   except config_checks.ConfigError as e:
-    raise app.UsageError(f"--anystep_probs: {e}") from None
+    raise inputs.InputError(f"a toy model's {e}") from None
+  inputs.check_output_file(_JSON.value, "--json")
+  return settings, student_steps, probs
+
+
+def main(argv):
+  del argv  # flags only (inputs.flags_parser)
+  with inputs.refusals("toy"):
+    settings, student_steps, probs = check_inputs()
+  try:
+    rows = run(settings, student_steps, _MODES.value, anystep=_ANYSTEP.value,
+               separate=not _SKIP_SEPARATE.value, anystep_probs=probs)
+  except FloatingPointError as e:  # as the trainer's exit 5 (docs/operations.md)
+    inputs.fail("toy", 5, f"{e}: lower the learning rate or change the flags")
   print(format_table(rows))
   if _JSON.value:
     with open(_JSON.value, "w") as fh:
@@ -377,4 +403,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=inputs.flags_parser("toy"))

@@ -26,14 +26,19 @@ writes `image_folders/shapes`, which a config reads as `data.dataset = 'folder:s
 with `data.image_size`, `data.num_channels` and `data.num_classes` as the command prints
 (a config that disagrees is refused).
 
-Exit codes: 0 written; 2 a bad command line or input (one `error:` line; nothing written);
-130 interrupted by Ctrl-C (nothing written).
+Exit codes: 0 written; 2 a bad command line or input (one `error:` line; nothing written:
+for `--dataset`, a name or config TFDS does not have, or a dataset that needs files
+downloaded by hand and a `--manual_dir` without them, found before any download); 3 a
+download that failed; 6 a `--data_dir` that cannot be written; 130 interrupted by Ctrl-C
+(nothing written).
 
 This calls the TFDS builder API directly, which is what
 `tfds build NAME --data_dir=... --manual_dir=... --file_format=array_record`
 does; that CLI in tensorflow-datasets 4.9.10 also needs apache-beam installed.
 """
 import argparse
+import os
+import re
 import sys
 
 import tensorflow_datasets as tfds
@@ -43,19 +48,69 @@ from multistep_cm.data import tfds_source
 # Imported for its side effect: it registers the `synthetic_jpeg` builder with TFDS.
 from multistep_cm.data import synthetic  # pylint: disable=unused-import
 from multistep_cm.data import text_image
+from multistep_cm.sampling import inputs
+
+
+class PrepareError(ValueError):
+  """A `--dataset` that cannot be prepared: one line, and the exit `code` (2 a name or
+  manual folder that is wrong, 3 a download that failed, 6 a data_dir that cannot be
+  written)."""
+
+  def __init__(self, message: str, code: int = 2):
+    super().__init__(message)
+    self.code = code
+
+
+def _builder(dataset: str, data_dir: str | None):
+  """TFDS's builder of `dataset`; PrepareError for a name or config TFDS does not have."""
+  try:
+    return tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError as e:
+    close = re.search(r"Did you mean: \S+ -> (\S+) \?", str(e))
+    raise PrepareError(f"--dataset={dataset}: TFDS has no such dataset"
+                       + (f" (did you mean {close.group(1)}?)" if close else "")) from None
+  except ValueError as e:  # a config the builder does not have
+    name = dataset.partition("/")[0]
+    configs = [c.name for c in getattr(tfds.builder_cls(name), "BUILDER_CONFIGS", [])]
+    raise PrepareError(f"--dataset={dataset}: {name} has no such config; its configs: "
+                       f"{configs}" if configs else f"--dataset={dataset}: {name} has no "
+                       f"configs (name it without '/...')") from None
 
 
 def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
-  """Downloads (where TFDS can) and writes `dataset` as array_record; returns its path."""
+  """Downloads (where TFDS can) and writes `dataset` as array_record; returns its path.
+
+  Raises:
+    PrepareError: a name, manual folder or data_dir that cannot be used, checked before
+      anything is downloaded, or a download that failed.
+  """
   tfds_source.ensure_tfds_can_prepare()
-  builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
+  where = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                             or "~/tensorflow_datasets")
+  builder = _builder(dataset, data_dir)
+  try:
+    inputs.check_writable(where, "--data_dir")
+  except inputs.InputError as e:
+    raise PrepareError(str(e), code=e.code) from None
+  prepared = (builder.data_path / "dataset_info.json").exists()  # quieter than is_prepared
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not prepared:
+    folder = manual_dir or os.path.join(where, "downloads", "manual")
+    if not os.path.isdir(folder) or not os.listdir(folder):
+      needs = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+      raise PrepareError(f"--manual_dir={folder}: {dataset} needs files downloaded by hand "
+                         f"there, and it is missing or empty ({needs})")
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  builder.download_and_prepare(download_config=config)
+  try:
+    builder.download_and_prepare(download_config=config)
+  except (OSError, tfds.download.DownloadError) as e:  # the network, or a full disk
+    raise PrepareError(f"--dataset={dataset}: preparing it failed "
+                       f"({(str(e).splitlines() or [type(e).__name__])[0]})", code=3) from None
   return str(builder.data_path)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser = argparse.ArgumentParser(prog="prepare", description=__doc__.split("\n", 1)[0])
+  parser.error = lambda message: inputs.fail(None, inputs.BAD_FLAG, message)  # one line
   parser.add_argument("--dataset", default=None,
                       help="TFDS name with config, e.g. imagenet2012 or imagenet_resized/64x64")
   parser.add_argument("--data_dir", default=None,
@@ -95,7 +150,11 @@ def main(argv=None) -> int:
     parser.error("give one of --dataset, --text_images (with --embeddings and --name) or "
                  "--images (with --name)")
   if args.dataset is not None:
-    print(prepare(args.dataset, args.data_dir, args.manual_dir))
+    try:
+      print(prepare(args.dataset, args.data_dir, args.manual_dir))
+    except PrepareError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return e.code
     return 0
   if args.images is not None:
     if args.name is None:

@@ -8,7 +8,8 @@ Everything is computed on abstract shapes: the count from `jax.eval_shape` of
 'intermediates', the FLOPs on the jaxpr of `apply` given `ShapeDtypeStruct`
 parameters, by the package's one FLOP counter (runtime/flops.py: matmuls and convolutions,
 every block of the scanned mid stack counted), the one behind the trainer's logged
-MFU and the compile report.
+MFU and the compile report. A bad flag or a config file that does not load is one line
+`summary: error: ...` and exit 2.
 """
 import argparse
 import importlib.util
@@ -20,6 +21,7 @@ import jax
 
 from multistep_cm.models import presets
 from multistep_cm.runtime import flops
+from multistep_cm.sampling import inputs
 
 
 def forward_flops(model: nn.Module, batch: int) -> float:
@@ -94,19 +96,29 @@ def load_config(path: str) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Parses `argv`, prints the summary and returns it."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="summary", description=__doc__.splitlines()[0])
+  parser.error = lambda message: inputs.fail("summary", inputs.BAD_FLAG, message)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--preset", choices=sorted(presets.PRESETS))
   source.add_argument("--config", help="experiment config file[:arg] with get_config()")
   parser.add_argument("--batch", type=int, default=8, help="batch for FLOPs per example")
   args = parser.parse_args(argv)
+  if args.batch < 1:
+    parser.error(f"--batch must be a positive integer, got {args.batch}")
   paper = None
   if args.preset:
     # The paper's count applies to the preset as published, not to a config's variant.
     name, model = args.preset, presets.get_model(args.preset)
     paper = presets.PAPER_PARAMS.get(name)
   else:
-    config = load_config(args.config)
+    try:
+      config = load_config(args.config)
+    except Exception as e:  # pylint: disable=broad-except
+      # The user's config file: its own error, in one line.
+      parser.error(f"--config={args.config}: {type(e).__name__}: {e}".splitlines()[0])
+    if "stages" in config:
+      parser.error(f"--config={args.config} is a staged run (stages {list(config.stage_order)}); "
+                   "give a single run's config file, or --preset")
     name, model = f"{args.config} ({config.model.preset})", presets.get_model_for_config(config)
   summary = summarize(model, batch=args.batch)
   print(format_summary(name, model, summary, paper))

@@ -25,6 +25,7 @@ from multistep_cm.models import partitioning
 from multistep_cm.runtime import checkpointing
 from multistep_cm.runtime import sharding
 from multistep_cm.sampling import generation
+from multistep_cm.sampling import inputs
 
 
 @dataclasses.dataclass
@@ -109,15 +110,10 @@ class Run:
     return f"EMA (decay {decay}), step {self.step}"
 
 
-class InputError(ValueError):
-  """A command-line choice of `sample` or `evaluate` that does not fit what is on disk: one
-  line naming the flag (and what exists), and the exit `code` of docs/operations.md's
-  table: 2 a bad flag, 4 a checkpoint that cannot be read, 6 an output that cannot be
-  written."""
-
-  def __init__(self, message: str, code: int = 2):
-    super().__init__(message)
-    self.code = code
+# The input checks `sample` and `evaluate` share with the other commands (inputs.py).
+InputError = inputs.InputError
+check_writable = inputs.check_writable
+positive = inputs.positive
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -172,25 +168,6 @@ def check_run(workdir: str, weights: str, step: int | None = None, root_ok: bool
                        code=4) from None
     if weights not in names:
       raise InputError(f"{arg('weights', weights)}: {run_dir} has {names}")
-
-
-def check_writable(directory: str, flag: str):
-  """Raises InputError (exit 6) unless a file can be created in `directory` (made if
-  missing; remote paths are not checked)."""
-  if "://" in directory:
-    return
-  try:
-    os.makedirs(directory, exist_ok=True)
-    checkpointing.probe_writable(directory)
-  except OSError as e:
-    raise InputError(f"{flag}: cannot write to {directory!r}: {e.strerror or e}",
-                     code=6) from None
-
-
-def positive(flag: str, value: int):
-  """Raises InputError unless `value` (of `--flag`) is a positive integer."""
-  if value is None or value < 1:
-    raise InputError(f"--{flag} must be a positive integer, got {value}")
 
 
 def is_run_dir(path: str) -> bool:
