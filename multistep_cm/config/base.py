@@ -18,6 +18,13 @@ from multistep_cm.diffusion import losses
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 METRIC_KINDS = ("auto", "digits", "prompts", "energy", "fid", "none")
+# What metric 'auto' is for each dataset; FID for any other.
+_AUTO_METRICS = {"digits": "digits", "captioned_digits": "prompts", "mixture": "energy"}
+
+
+def auto_metric(dataset: str) -> str:
+  """The metric `evals.metric='auto'` (and `evaluate --metric=auto`) picks for `dataset`."""
+  return _AUTO_METRICS.get(dataset, "fid")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -15,6 +15,7 @@ still before anything is allocated or compiled (training/loop.py, step 1).
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Callable
 
 from absl import logging
@@ -481,6 +482,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
                       f"{config.data.text_len}")
 
   _check_folder_data(config)
+  _check_evals(config)
   _check_image_size(config)
   try:
     config_build.get_model(config)
@@ -552,6 +554,33 @@ def _check_teacher(config):
       raise ConfigError(f"config.init_from must be empty with teacher.student='teacher' (the "
                         f"student starts from the teacher's weights), got "
                         f"{config.init_from!r}")
+
+
+def _check_evals(config):
+  """Evaluation during training, where FID is its metric, needs the converted Inception
+  weights and reference statistics: refused here, before anything compiles, rather than
+  when the evaluator is built after the step."""
+  ec = config.evals
+  if not ec.every_steps:
+    return
+  kind = config_base.auto_metric(config.data.dataset) if ec.metric == "auto" else ec.metric
+  if kind != "fid":
+    return
+  said = (f"config.evals.metric={ec.metric!r} is FID for data.dataset={config.data.dataset!r}"
+          if ec.metric == "auto" else "config.evals.metric='fid'")
+  for key, value, command in (
+      ("inception_weights", ec.inception_weights,
+       "python -m multistep_cm.evaluation.convert_inception --src=pt_inception-2015-12-05-"
+       "6726825d.pth --out=inception_fid.npz"),
+      ("reference_stats", ec.reference_stats,
+       "python -m multistep_cm.evaluation.reference_stats --dataset=... "
+       "--weights=inception_fid.npz --output=ref.npz")):
+    if not value:
+      raise ConfigError(f"{said}, which needs config.evals.{key} ({command}); or set "
+                        f"config.evals.metric='none' (grids and costs only) or "
+                        f"evals.every_steps=0")
+    if "://" not in value and not os.path.exists(value):
+      raise ConfigError(f"config.evals.{key}={value!r} does not exist")
 
 
 def _check_guidance_range(config, text: bool):

@@ -54,13 +54,7 @@ def resolve_kind(config, kind: str = "auto") -> str:
     raise ValueError(f"metric must be one of {KINDS}, got {kind!r}")
   if kind != "auto":
     return kind
-  if config.data.dataset == "digits":
-    return "digits"
-  if config.data.dataset == "captioned_digits":
-    return "prompts"
-  if config.data.dataset == "mixture":
-    return "energy"
-  return "fid"
+  return config_base.auto_metric(config.data.dataset)
 
 
 def make_metric(config, kind="auto", inception_weights: str = "", reference_stats: str = "",

@@ -56,3 +56,24 @@ def test_a_folder_that_is_not_prepared_is_one_line_with_the_command(tmp_path):
   assert "\n" not in message and "python -m multistep_cm.data.prepare --images=" in message
   with pytest.raises(ValueError, match="name the prepared dataset"):
     file_config("configs/folder_pipeline.py")
+
+
+def test_evaluation_during_training_without_fid_weights_is_refused_before_compiling(data_dir,
+                                                                                    tmp_path):
+  config = config_base.folder_config("diffusion", "shapes", data_dir)
+  config.evals.every_steps = 100
+  for unset, fragment in (("inception_weights", "needs config.evals.inception_weights"),
+                          ("reference_stats", "needs config.evals.reference_stats")):
+    if unset == "reference_stats":
+      config.evals.inception_weights = str(tmp_path / "inception_fid.npz")
+      (tmp_path / "inception_fid.npz").write_bytes(b"")
+    with pytest.raises(config_checks.ConfigError) as info:
+      config_checks.validate(config, num_devices=8, num_processes=1)
+    message = str(info.value)
+    assert fragment in message and "metric='auto' is FID" in message, message
+    assert "python -m multistep_cm.evaluation." in message and "\n" not in message
+  config.evals.reference_stats = str(tmp_path / "missing.npz")
+  with pytest.raises(config_checks.ConfigError, match="reference_stats=.* does not exist"):
+    config_checks.validate(config, num_devices=8, num_processes=1)
+  config.evals.metric = "none"  # grids and costs only: nothing to convert
+  config_checks.validate(config, num_devices=8, num_processes=1)
