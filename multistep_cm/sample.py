@@ -33,16 +33,19 @@ is sampled, and an exit status of docs/operations.md's table: 2 a bad flag (a wo
 that does not exist or is a staged root, a checkpoint step or weights it does not have,
 listing what it has; a count that is not positive; a value absl cannot parse); 4 a
 checkpoint that cannot be read (corrupt: the line names the earlier steps to pick);
-6 an `--output` directory that cannot be written.
+6 an `--output` directory that cannot be written. Weights or samples that are not finite
+(a damaged or diverged checkpoint) are refused with exit 4 and never written out: the line
+names the checkpoint's step and the earlier complete ones.
 """
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+
+from multistep_cm.sampling import inputs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (with config.json).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Sampling steps (0: the run's own: S, or "
@@ -93,22 +96,33 @@ def parse_labels(text: str, num: int, num_classes: int) -> np.ndarray | None:
 
 def fail(code: int, message: str):
   """One line `sample: error: ...` on stderr and exit `code`."""
-  print(f"sample: error: {message}", file=sys.stderr)
-  sys.exit(code)
+  inputs.fail("sample", code, message)
 
 
-def parse_flags(argv):
-  """absl's parsing, but a flag it cannot parse (`--steps=abc`), an unknown or a missing
-  one is one line and exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(2, (str(e).splitlines() or [type(e).__name__])[0])
+def earlier_checkpoints(workdir: str, step: int | None) -> str:
+  """The hint for a checkpoint that cannot be used (`step`, None: the latest): the run's
+  complete checkpoints before it, if any."""
+  from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
+  steps = runs.checkpoint_steps(workdir)
+  if step is None:
+    step = steps[-1] if steps else 0
+  earlier = [s for s in steps if s < step]
+  return (f"; earlier checkpoints: steps {earlier} (pick one with --checkpoint_step)"
+          if earlier else "")
+
+
+def nonfinite_arrays(params) -> list[str]:
+  """The paths of the floating-point arrays of `params` holding a NaN or an inf."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  floats = [(p, x) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in floats])
+  return [jax.tree_util.keystr(p) for (p, _), fine in zip(floats, ok) if not fine]
 
 
 def main(argv):
-  if len(argv) > 1:
-    fail(2, f"unexpected arguments {argv[1:]} (flags are --name=value)")
+  del argv  # flags only (inputs.flags_parser)
   import jax  # pylint: disable=g-import-not-at-top
   from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import generation  # pylint: disable=g-import-not-at-top
@@ -119,19 +133,22 @@ def main(argv):
   texts = None
   try:  # every input, before anything is sampled
     runs.check_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
-    runs.positive("num_samples", _NUM.value)
-    runs.positive("batch_size", _BATCH.value)
+    inputs.positive("num_samples", _NUM.value)
+    inputs.positive("batch_size", _BATCH.value)
     if _XVAR.value == "table":
-      runs.positive("table_examples", _TABLE_EXAMPLES.value)
-    runs.check_writable(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
+      inputs.positive("table_examples", _TABLE_EXAMPLES.value)
+    inputs.check_writable(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
     try:
       run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
     except checkpointing.CheckpointError as e:
-      earlier = [s for s in runs.checkpoint_steps(_WORKDIR.value)
-                 if _CKPT_STEP.value is None or s < _CKPT_STEP.value][:-1]
-      hint = (f"; earlier checkpoints: steps {earlier} (pick one with --checkpoint_step)"
-              if earlier else "")
-      raise runs.InputError(f"{e}{hint}", code=4) from None
+      raise inputs.InputError(f"{e}{earlier_checkpoints(_WORKDIR.value, _CKPT_STEP.value)}",
+                              code=inputs.BAD_CHECKPOINT) from None
+    bad = nonfinite_arrays(run.params)
+    if bad:
+      raise inputs.InputError(
+          f"checkpoint {run.workdir} step {run.step} ({run.describe_weights()}) holds "
+          f"non-finite values in {len(bad)} arrays ({', '.join(bad[:3])}); nothing sampled"
+          f"{earlier_checkpoints(run.workdir, run.step)}", code=inputs.BAD_CHECKPOINT)
     spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
                            _SPACING.value, _FINAL_STEP.value)
     if getattr(run.model, "text_dim", 0):
@@ -139,7 +156,7 @@ def main(argv):
       labels, texts = prompts.parse(_PROMPTS.value, _NUM.value, run.config, _SEED.value)
     else:
       labels = parse_labels(_LABELS.value, _NUM.value, getattr(run.model, "num_classes", 0))
-  except runs.InputError as e:
+  except inputs.InputError as e:
     fail(e.code, str(e))
   except ValueError as e:  # a choice that does not fit the run (or a bad prompt): user input
     fail(2, str(e))
@@ -153,6 +170,11 @@ def main(argv):
   samples, labels = generation.generate(
       run.model, run.params, run.schedule, spec, _NUM.value, seed=_SEED.value,
       batch_size=_BATCH.value, labels=labels, x_var_table=table, progress=_PROGRESS.value)
+  finite = np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)
+  if not finite.all():  # weights that overflow: never written out as images
+    fail(inputs.BAD_CHECKPOINT, f"{np.sum(~finite)} of {len(samples)} samples of checkpoint "
+         f"{run.workdir} step {run.step} ({run.describe_weights()}) are not finite (NaN or "
+         f"inf); nothing written{earlier_checkpoints(run.workdir, run.step)}")
   if jax.process_index() != 0:
     return
   metadata = {"workdir": os.path.abspath(run.workdir), "checkpoint_step": run.step,
@@ -181,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=inputs.flags_parser("sample"))
