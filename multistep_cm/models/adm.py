@@ -28,7 +28,9 @@ zero vector, as for EDM's label dropout.
 `EDMTeacher` adds EDM's preconditioning, D(x; σ) = c_skip x + c_out F(c_in x, c_noise) with
 σ_data = 0.5. It is called as `teacher(x_ve, sigma, labels)` with int class labels, the
 call `config.teacher` takes for `frame='ve', prediction='x'` (docs/teachers.md). The
-factories `edm_imagenet64_cond` and `edm_imagenet64_cond_small` build it. Every size is a
+factories `edm_imagenet64_cond` and `edm_imagenet64_cond_bf16_remat` build it. Every
+weight's output-channel axis is the logical 'embed' axis, so the network shards FSDP-style
+like our own (models/partitioning.py). Every size is a
 constructor argument (the tests use tiny ones), as are the compute dtype (`dtype`,
 float32 or bfloat16) and remat.
 """
@@ -42,6 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 SIGMA_DATA = 0.5
+
+
+def _sharded(ndim: int):
+  """An initialiser whose output-channel axis (the last) is the logical 'embed' axis, so the
+  weights shard FSDP-style over the mesh's 'fsdp' axis (models/partitioning.py)."""
+  init = nn.initializers.lecun_normal() if ndim > 1 else nn.initializers.zeros
+  return nn.with_logical_partitioning(init, (None,) * (ndim - 1) + ("embed",))
 
 
 def _group_norm(channels: int, name: str) -> nn.GroupNorm:
@@ -75,7 +84,8 @@ class Conv(nn.Module):
       return x
     k = self.kernel
     return nn.Conv(self.features, (k, k), padding=[(k // 2, k // 2)] * 2, dtype=self.dtype,
-                   param_dtype=jnp.float32, name="conv")(x.astype(self.dtype))
+                   param_dtype=jnp.float32, kernel_init=_sharded(4), bias_init=_sharded(1),
+                   name="conv")(x.astype(self.dtype))
 
 
 class Block(nn.Module):
@@ -92,7 +102,8 @@ class Block(nn.Module):
   def __call__(self, x, emb, train: bool = False):
     in_channels = x.shape[-1]
     c = self.out_channels
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
+                              kernel_init=_sharded(2), bias_init=_sharded(1))
     orig = x
     h = nn.silu(_group_norm(in_channels, "norm0")(x))
     h = Conv(c, 3, self.up, self.down, self.dtype, name="conv0")(h)
@@ -174,7 +185,8 @@ class ADMUNet(nn.Module):
   @nn.compact
   def __call__(self, x, noise_labels, class_labels=None, train: bool = False):
     emb_channels = self.model_channels * self.channel_mult_emb
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
+                              kernel_init=_sharded(2), bias_init=_sharded(1))
     emb = noise_embedding(noise_labels, self.model_channels)
     emb = nn.silu(dense(emb_channels, name="map_layer0")(emb))
     emb = dense(emb_channels, name="map_layer1")(emb).astype(jnp.float32)
@@ -228,9 +240,15 @@ class EDMTeacher(nn.Module):
 
 def edm_imagenet64_cond(dtype: Any = jnp.float32, remat: bool = False) -> EDMTeacher:
   """`edm-imagenet-64x64-cond-adm`: 64x64x3, 1000 classes, 192 channels, multipliers
-  1-2-3-4, 3 blocks per level, attention at 32, 16, 8, dropout 0.1 (296M parameters)."""
+  1-2-3-4, 3 blocks per level, attention at 32, 16, 8, dropout 0.1 (295.9M parameters)."""
   return EDMTeacher(ADMUNet(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000,
                             dtype=dtype, remat=remat))
+
+
+def edm_imagenet64_cond_bf16_remat() -> EDMTeacher:
+  """The same network computing in bfloat16 (parameters, norms and softmax in float32), its
+  blocks rematerialised: for training a student of it on accelerators."""
+  return edm_imagenet64_cond(jnp.bfloat16, remat=True)
 
 
 # --- converting EDM's state dict ------------------------------------------------------------

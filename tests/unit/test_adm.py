@@ -4,6 +4,7 @@ No maintained library ships EDM's `DhariwalUNet`; tests/torch_adm.py writes one 
 PyTorch, independently, with EDM's state-dict names and random weights. Its state dict goes
 through `params_from_state_dict`, and D(x; σ) must agree to 1e-4 relative in float32.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,9 @@ def test_the_converted_network_is_edms(pair):
   # Every parameter of the Flax network was given by the state dict (none left at init).
   shapes = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
                                                jnp.ones((1,)), jnp.zeros((1,), jnp.int32)))
-  assert jax.tree.structure(shapes["params"]) == jax.tree.structure(params)
-  assert jax.tree.map(lambda a: a.shape, shapes["params"]) == jax.tree.map(np.shape, params)
+  shapes = nn.meta.unbox(shapes["params"])
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(np.shape, params)
   for i in range(4):  # per example: each σ is its own scale
     error = np.linalg.norm(got[i] - want[i]) / np.linalg.norm(want[i])
     assert error < 1e-4, (i, error)
@@ -71,7 +73,11 @@ def test_the_published_size_and_bad_keys():
   teacher = adm.edm_imagenet64_cond()
   shapes = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
                                                jnp.ones((1,)), jnp.zeros((1,), jnp.int32)))
-  count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+  count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nn.meta.unbox(shapes)))
   assert round(count / 1e6, 1) == 295.9  # the EDM paper's ImageNet-64 ADM: 295.9M
+  # Every weight is FSDP-shardable: its output channels are the logical 'embed' axis.
+  boxed = jax.tree.leaves(shapes, is_leaf=lambda a: isinstance(a, nn.LogicallyPartitioned))
+  named = [a for a in boxed if isinstance(a, nn.LogicallyPartitioned)]
+  assert all(a.names[-1] == "embed" for a in named) and len(named) > len(boxed) // 2
   with pytest.raises(ValueError, match="'model.something' is not a parameter"):
     adm.params_from_state_dict({"model.something": np.zeros(3)})
