@@ -10,6 +10,7 @@ A deliberately wrong mapping must fail the comparison; bad sources are one error
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,9 @@ from diffusers import DiTTransformer2DModel
 from safetensors import torch as safetensors_torch
 
 from multistep_cm import convert
+from multistep_cm.evaluation import tree_io
 from multistep_cm.models import dit
+from multistep_cm.models import partitioning
 from multistep_cm.teachers import weights as teacher_weights
 
 HEADS, HEAD_DIM, LAYERS, CLASSES = 2, 16, 2, 10
@@ -371,3 +374,53 @@ def test_a_source_that_is_not_a_state_dict_is_refused(tmp_path, capsys):
     convert.main(["--from=dit", f"--src={src}", f"--out={tmp_path / 'o.npz'}"])
   assert info.value.code == 2
   assert "holds a list, not a state dict" in capsys.readouterr().err
+
+
+# --- precision, remat, sharding ---------------------------------------------------------------
+
+
+def _tiny(**overrides):
+  return dit.DiT(patch_size=2, hidden_size=WIDTH, depth=LAYERS, num_heads=HEADS,
+                 num_classes=CLASSES, **overrides)
+
+
+def _random_params():
+  """A random diffusers DiT's weights, converted (no Flax init to compile)."""
+  sd = {k: v.numpy() for k, v in _diffusers_dit().state_dict().items()}
+  flat = convert.convert_dit(sd, heads=HEADS)[1]
+  return jax.tree.map(jnp.asarray, tree_io.unflatten(flat))
+
+
+def test_bfloat16_and_remat_change_only_rounding():
+  params = _random_params()
+  z, t, labels = _inputs()
+  args = (jnp.asarray(z.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(labels, jnp.int32))
+  want = np.asarray(jax.jit(_tiny().apply)({"params": params}, *args))
+  half = np.asarray(jax.jit(_tiny(dtype=jnp.bfloat16).apply)({"params": params}, *args))
+  assert half.dtype == np.float32 and 1e-4 < _relative(half, want) < 5e-2
+
+  def loss(p, module):
+    return jnp.mean(module.apply({"params": p}, *args) ** 2)
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  plain = grad(params, _tiny())
+  remat = grad(params, _tiny(remat=True, remat_policy="dense_and_conv_saveable"))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_every_weight_has_one_sharded_axis():
+  """The FSDP rule (models/partitioning.py): each kernel and embedding has exactly one axis
+  named 'embed' or 'cond', and the scanned stack's leading axis is 'layers'."""
+  boxed = jax.eval_shape(_tiny().init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)),
+                         jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in
+          jax.tree_util.tree_flatten_with_path(
+              boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]}
+  assert len(flat) == 21
+  for path, leaf in flat.items():
+    assert isinstance(leaf, nn.LogicallyPartitioned), path
+    if path.startswith("blocks/"):
+      assert leaf.names[0] == "layers", path
+    if path.endswith(("kernel", "embedding")):
+      assert sum(n in ("embed", "cond") for n in leaf.names) == 1, (path, leaf.names)
