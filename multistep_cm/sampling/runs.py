@@ -190,10 +190,18 @@ def find_runs(path: str) -> list[str]:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's `config.json`, a stage's `stage:<name>` references (a staged root records
+  its stages relative to each other, training/loop.py) resolved to `<name>` beside it."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise checkpointing.CheckpointError(f"{workdir!r} is not a run directory (no config.json)")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  root = os.path.dirname(str(workdir).rstrip("/"))
+  for key in ("teacher_checkpoint", "init_from"):
+    value = config.get(key)
+    if isinstance(value, str) and value.startswith("stage:"):
+      config[key] = os.path.join(root, value[len("stage:"):])
+  return config
 
 
 def load_plan(workdir: str, step: int | None = None) -> plan_lib.RunPlan:

@@ -71,49 +71,79 @@ class NonFiniteError(FloatingPointError):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains a single-run config, or each stage of a staged one in `<workdir>/<stage>`."""
+  """Trains a single-run config, or each stage of a staged one in `<workdir>/<stage>`.
+
+  A stage's `stage:<name>` references stay so in its recorded `config.json`, so a staged
+  root copied elsewhere resumes, and its stages replay, from where it is now: a single
+  run's `stage:<name>` (a stage's `config.json` replayed) is `<name>` beside its workdir.
+  """
   if "stages" not in config:
-    return train_and_evaluate(config, workdir)
+    root = os.path.dirname(str(workdir).rstrip("/"))  # not normpath: it mangles gs://
+    return train_and_evaluate(resolve_stage(config, root), workdir,
+                              stage_refs=stage_refs(config))
   # Every stage now: a mistake in the last one must not wait for the first to train.
   config_checks.validate_run(config, jax.device_count(), jax.process_count())
   result = None
   for name in config.stage_order:
     stage_dir = os.path.join(workdir, name)
     logging.info("Stage %s in %s", name, stage_dir)
-    result = train_and_evaluate(resolve_stage(config.stages[name], workdir), stage_dir)
+    result = train_and_evaluate(resolve_stage(config.stages[name], workdir), stage_dir,
+                                stage_refs=stage_refs(config.stages[name]))
     if result.preempted:
       break
   return result
 
 
+STAGE_KEYS = ("teacher_checkpoint", "init_from")
+
+
+def stage_refs(config) -> dict[str, str]:
+  """The `stage:<name>` references of `config` (a stage, or a run replaying one's record),
+  `{key: "stage:<name>"}`."""
+  return {key: config[key] for key in STAGE_KEYS
+          if isinstance(config.get(key), str) and config[key].startswith("stage:")}
+
+
 def resolve_stage(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """`stage:<name>` in teacher_checkpoint / init_from -> that stage's workdir."""
+  """`stage:<name>` in teacher_checkpoint / init_from -> that stage's workdir under the root
+  `workdir`."""
   config = config_base.with_defaults(config)
-  for key in ("teacher_checkpoint", "init_from"):
-    value = config[key]
-    if isinstance(value, str) and value.startswith("stage:"):
-      config[key] = os.path.join(workdir, value[len("stage:"):])
+  for key, value in stage_refs(config).items():
+    config[key] = os.path.join(workdir, value[len("stage:"):])
   return config
+
+
+def _as_recorded(config, refs: dict[str, str]):
+  """`config` as its workdir records it: the stage references as written (relative to the
+  staged root), not the paths they resolved to here."""
+  if not refs:
+    return config
+  recorded = ml_collections.ConfigDict(config.to_dict())
+  for key, value in refs.items():
+    recorded[key] = value
+  return recorded
 
 
 # --- one run -----------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after: int | None = None) -> TrainResult:
+                       stop_after: int | None = None,
+                       stage_refs: dict[str, str] | None = None) -> TrainResult:
   """Trains (or resumes) the run in `workdir` until `config.num_train_steps`.
 
   `stop_after` ends this invocation after that step with a checkpoint, as a
   preemption would; running again resumes exactly. SIGTERM/SIGINT do the same at
-  the step they arrive (the result says `preempted`).
+  the step they arrive (the result says `preempted`). `stage_refs` (`run`'s): the keys
+  resolved from `stage:<name>`, recorded and compared as that reference.
   """
   # Multi-process: no handler (see StopSignal); a stop on one process alone would hang.
   signals = () if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
   with StopSignal(signals) as stop:
-    return _train_and_evaluate(config, workdir, stop_after, stop)
+    return _train_and_evaluate(config, workdir, stop_after, stop, stage_refs or {})
 
 
-def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
+def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   # 1. Config and the static step: nothing allocated yet.
   config_checks.validate(config, num_devices=jax.device_count(),
                          num_processes=jax.process_count())
@@ -122,7 +152,8 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
   # The config the workdir's checkpoints were trained with: a resume may change some keys
   # (each recorded once the run starts), never what the checkpoints' arrays depend on.
   previous = _previous_config(workdir)
-  changes = config_checks.config_changes(previous, config) if previous is not None else {}
+  recorded = _as_recorded(config, refs)
+  changes = config_checks.config_changes(previous, recorded) if previous is not None else {}
   if _has_checkpoints(workdir):
     config_checks.check_resume(changes, workdir,
                                student_is_teacher=config.teacher.student == "teacher")
@@ -170,7 +201,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop) -> TrainResult:
     ckpt.close()
     raise
   # Every check that can refuse the run has passed: now the workdir records its config.
-  _record_config(config, workdir, start_step, changes)
+  _record_config(recorded, workdir, start_step, changes)
   writer = metric_log.create_writer(workdir, just_logging=jax.process_index() > 0)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(builder.layout.abstract.params))
   if start_step == 0:
