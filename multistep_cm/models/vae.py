@@ -18,6 +18,7 @@ latent (`to_model` / `from_model`). Variable names follow diffusers' modules
 rename and transposes. Parameters carry our logical axis names; convs run in `dtype`, the
 GroupNorms and the attention's softmax in float32.
 """
+import json
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -248,8 +249,13 @@ class AutoencoderKL(nn.Module):
     return self.decode(self.encode(images))
 
 
-def from_settings(settings: dict) -> AutoencoderKL:
-  """The VAE a converter's JSON `settings` describe."""
+def from_settings(path_or_dict) -> AutoencoderKL:
+  """The VAE a converter's JSON (its path, or the record or its `settings` dict) describes."""
+  settings = path_or_dict
+  if isinstance(path_or_dict, str):
+    with open(path_or_dict) as f:
+      settings = json.load(f)
+  settings = settings.get("settings", settings)
   unknown = sorted(set(settings) - set(SETTINGS))
   if unknown:
     raise ValueError(f"unknown VAE settings {unknown}; known: {list(SETTINGS)}")

@@ -23,7 +23,6 @@ from safetensors import torch as safetensors_torch
 from multistep_cm import convert
 from multistep_cm.evaluation import tree_io
 from multistep_cm.models import dit
-from multistep_cm.models import partitioning
 from multistep_cm.teachers import weights as teacher_weights
 
 HEADS, HEAD_DIM, LAYERS, CLASSES = 2, 16, 2, 10

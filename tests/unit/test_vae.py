@@ -48,7 +48,8 @@ def _convert(tmp_path, state_dict, suffix=".safetensors", extra=("--norm_num_gro
   convert.main(["--from=sd-vae", f"--src={src}", f"--out={out}", *extra])
   with open(convert.settings_path(out)) as f:
     record = json.load(f)
-  return {"params": teacher_weights.read(out)}, vae.from_settings(record["settings"]), record
+  return ({"params": teacher_weights.read(out)}, vae.from_settings(convert.settings_path(out)),
+          record)
 
 
 def _images(n=2, size=16, seed=0):
