@@ -18,6 +18,7 @@ from safetensors import torch as safetensors_torch
 from multistep_cm import convert
 from multistep_cm.config import checks as config_checks
 from multistep_cm.training import loop as train
+from helpers import run_module
 from helpers import tiny_digits
 
 
@@ -75,3 +76,20 @@ def test_a_converted_dit_is_distilled_by_cd(tmp_path):
   assert np.isfinite(loss) and loss > 0, result.final_metrics
   recorded = json.loads((workdir / "config.json").read_text())
   assert recorded["teacher"]["module"] == module
+
+
+def test_the_command_refuses_in_one_line_as_a_child_process(tmp_path):
+  """`python -m multistep_cm.convert` as a user runs it: a missing source, an unknown kind, an
+  output of another format: exit 2, one line, no traceback."""
+  weights = tmp_path / "dit.safetensors"
+  safetensors_torch.save_file({"x_embedder.proj.weight": torch.zeros(1)}, str(weights))
+  cases = [(["--from=dit", f"--src={tmp_path / 'nope.pt'}", "--out=o.safetensors"], 2,
+            "no such file"),
+           (["--from=edm", f"--src={weights}", "--out=o.safetensors"], 2, "--from"),
+           (["--from=dit", f"--src={weights}", f"--out={tmp_path / 'o.txt'}"], 2,
+            "must end in .safetensors or .npz")]
+  for args, code, fragment in cases:
+    proc = run_module("multistep_cm.convert", *args, check=False, devices=1)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("convert: error: ")]
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr[-2000:]
