@@ -1,8 +1,9 @@
 """The SD VAE (models/vae.py) against diffusers' `AutoencoderKL`, through the converter.
 
-A small AutoencoderKL (two levels, two ResNet blocks each, GroupNorm 8, mid-block attention,
-4 latent channels) with random weights is saved, converted by `python -m multistep_cm.convert
---from=sd-vae`, and its encoder mean and decoder are compared on fixed inputs (float32, <= 1e-4
+Small AutoencoderKLs (two levels of 16-32 with GroupNorm 8, and sd-vae-ft-ema's four levels
+narrowed to 8-8-16-16 with GroupNorm 4; two ResNet blocks each, mid-block attention, 4 latent
+channels) with random weights are saved, converted by `python -m multistep_cm.convert
+--from=sd-vae`, and their encoder mean and decoder are compared on fixed inputs (float32, <= 1e-4
 relative). The legacy attention names convert to the same variables; a wrong mapping fails the
 comparison; bad sources are one error line.
 """
@@ -68,23 +69,34 @@ def _nchw(x):
   return np.asarray(x).transpose(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
-def test_encoder_mean_and_decoder_match_diffusers_through_the_converter(tmp_path, suffix):
-  model = _diffusers_vae()
-  variables, module, record = _convert(tmp_path, model.state_dict(), suffix)
-  assert record["settings"]["block_out_channels"] == [16, 32]
+# sd-vae-ft-ema's four levels (three downsamplings), narrower: 8-8-16-16, GroupNorm 4.
+FOUR_LEVELS = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
+
+
+@pytest.mark.parametrize("suffix,config", [(".safetensors", {}), (".bin", {}),
+                                           (".safetensors", FOUR_LEVELS)])
+def test_encoder_mean_and_decoder_match_diffusers_through_the_converter(tmp_path, suffix,
+                                                                         config):
+  model = _diffusers_vae(**config)
+  groups = config.get("norm_num_groups", 8)
+  variables, module, record = _convert(tmp_path, model.state_dict(), suffix,
+                                       [f"--norm_num_groups={groups}"])
+  widths = list(config.get("block_out_channels", (16, 32)))
+  assert record["settings"]["block_out_channels"] == widths
   assert record["settings"]["scaling_factor"] == 0.18215
-  images = _images()
+  side = 8  # the latents' side; the images are 2^(levels - 1) times larger
+  size = side * 2 ** (len(widths) - 1)
+  images = _images(size=size)
   with torch.no_grad():
     posterior = model.encode(torch.from_numpy(images)).latent_dist
     want_mean = posterior.mean.numpy()
     latents = np.random.default_rng(1).normal(size=want_mean.shape).astype(np.float32)
     want_image = model.decode(torch.from_numpy(latents)).sample.numpy()
   got_mean = _nchw(module.apply(variables, _nhwc(images), method=module.encode))
-  assert got_mean.shape == want_mean.shape == (2, 4, 8, 8)
+  assert got_mean.shape == want_mean.shape == (2, 4, side, side)
   assert _relative(got_mean, want_mean) <= TOL, _relative(got_mean, want_mean)
   got_image = _nchw(module.apply(variables, _nhwc(latents), method=module.decode))
-  assert got_image.shape == want_image.shape == (2, 3, 16, 16)
+  assert got_image.shape == want_image.shape == (2, 3, size, size)
   assert _relative(got_image, want_image) <= TOL, _relative(got_image, want_image)
   # The sampled latent: mean + exp(logvar / 2) * noise, with diffusers' std.
   sample = module.apply(variables, _nhwc(images), jax.random.PRNGKey(0),
