@@ -279,6 +279,10 @@ def main(argv):
   with inputs.refusals("compile_report"):  # every input before anything compiles
     if FLAGS.steps_per_sec is not None and not FLAGS.steps_per_sec > 0:
       raise inputs.InputError(f"--steps_per_sec must be positive, got {FLAGS.steps_per_sec}")
+    if "stages" in FLAGS.config:
+      raise inputs.InputError(f"--config is a staged run (stages "
+                              f"{list(FLAGS.config.stage_order)}); give a single run's "
+                              "config file (the stage to compile)")
     inputs.check_output_file(FLAGS.json, "--json")
   if not os.environ.get("JAX_PLATFORMS"):
     # The step is compiled for the topology's devices: JAX itself runs on the CPU and

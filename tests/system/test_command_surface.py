@@ -38,6 +38,9 @@ CASES = {
     "compile_report: a negative speed": (
         "compile_report", ["--config=configs/mixture_cd.py", "--steps_per_sec=-1",
                            "--topology=cpu"], BAD_FLAG, ["--steps_per_sec", "positive"]),
+    "compile_report: a staged config": (
+        "compile_report", ["--config=configs/digits_pipeline.py", "--topology=cpu"], BAD_FLAG,
+        ["staged run", "['teacher', 'cd4']"]),
     "compile_report: --json not writable": (
         "compile_report", ["--config=configs/mixture_cd.py", "--topology=cpu",
                            "--json={ro}/r.json"], NOT_WRITABLE, ["--json=", "cannot write"]),

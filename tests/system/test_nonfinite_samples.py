@@ -2,7 +2,8 @@
 with matching checksums, as a run that diverged before the trainer's checks, or a
 checkpoint from before checksums, would be) is refused before sampling, and weights that
 are finite but overflow every sample are refused before anything is written; both in one
-line naming the checkpoint's step and the earlier complete ones, exit 4.
+line naming the checkpoint's step and the earlier complete ones, exit 4. And a sampler
+that would write poor samples without saying so, Heun on the uniform grid, is warned about.
 """
 import glob
 import os
@@ -94,3 +95,15 @@ def test_sample_refuses_nonfinite_weights_or_samples(teacher, tmp_path, damage, 
                     check=False, timeout=180)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert np.isfinite(np.load(out)["x"]).all()
+
+
+def test_sample_warns_about_heun_on_the_uniform_grid(teacher, tmp_path):
+  """Heun on the default uniform grid is far worse than DDIM (docs/results.md): a warning
+  naming --spacing=karras; none on the Karras grid."""
+  for spacing, warned in (("uniform", True), ("karras", False)):
+    proc = run_module("multistep_cm.sample", f"--workdir={teacher}",
+                      f"--output={tmp_path / spacing}.npz", "--num_samples=4", "--steps=2",
+                      "--sampler=heun", f"--spacing={spacing}", "--progress=false",
+                      check=False, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("--spacing=karras" in proc.stderr) == warned, proc.stderr[-3000:]
