@@ -1,9 +1,17 @@
-"""Converts published PyTorch weights of DiT, SiT and the SD VAE to Flax parameter files.
+"""Converts published PyTorch weights of DiT, SiT, the SD VAE and EDM's ADM UNet to Flax
+parameter files.
 
   python -m multistep_cm.convert --from=dit --src=DiT-XL-2-256x256.pt --out=dit_xl_2.safetensors
   python -m multistep_cm.convert --from=sit --src=SiT-XL-2-256x256.pt --out=sit_xl_2.safetensors
   python -m multistep_cm.convert --from=sd-vae --src=diffusion_pytorch_model.safetensors \\
       --out=sd_vae_ft_ema.safetensors
+  python -m multistep_cm.convert --from=edm --src=edm_in64_adm.pt --out=edm_in64_adm.safetensors
+
+EDM publishes pickles of its whole network object, which only EDM's own code unpickles. One
+line run inside a checkout of github.com/NVlabs/edm exports its state dict:
+`python -c "import pickle, torch; torch.save(pickle.load(open('edm-imagenet-64x64-cond-adm.pkl',
+'rb'))['ema'].state_dict(), 'edm_in64_adm.pt')"`. The ADM UNet's settings are read from the
+arrays (models/adm.py: `settings_from_state_dict`).
 
 The source is a state dict, `.pt`/`.pth`/`.bin` (read by torch.load with weights_only; a
 training checkpoint's "ema" entry is taken, as the authors' samplers do) or `.safetensors`
@@ -31,17 +39,19 @@ import re
 import sys
 from typing import Any, Mapping, Sequence
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from multistep_cm.evaluation import tree_io
+from multistep_cm.models import adm as adm_lib
 from multistep_cm.models import dit as dit_lib
 from multistep_cm.models import partitioning
 from multistep_cm.models import vae as vae_lib
 from multistep_cm.teachers import weights as weights_lib
 
-KINDS = ("dit", "sit", "sd-vae")
+KINDS = ("dit", "sit", "sd-vae", "edm")
 FORWARDS = {"original": {"time_freq_shift": 0.0, "mlp_norm_eps": 1e-6},
             "diffusers": {"time_freq_shift": 1.0, "mlp_norm_eps": 1e-5}}
 # The config.teacher keys of each network's convention (docs/teachers.md).
@@ -50,6 +60,7 @@ TEACHER_KEYS = {
             "time_scale": 999.0},
     "sit": {"kind": "module", "frame": "flow", "prediction": "velocity",
             "flow_time": "noise_at_0"},
+    "edm": {"kind": "module", "frame": "ve", "prediction": "x"},
 }
 # diffusers' q, k, v in the order of the authors' fused qkv rows.
 QKV_ORDER = ("to_q", "to_k", "to_v")
@@ -401,6 +412,26 @@ def convert_vae(state_dict: Mapping[str, np.ndarray], norm_num_groups: int = 32,
 # --- the command ------------------------------------------------------------------------------
 
 
+def convert_edm(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict]:
+  """`(settings, flat Flax parameters)` of EDM's ADM UNet (models/adm.py) from its
+  `EDMPrecond` state dict; the arrays are checked against the network their settings build."""
+  try:
+    settings = adm_lib.settings_from_state_dict(state_dict)
+    params = adm_lib.params_from_state_dict(state_dict)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  teacher = adm_lib.EDMTeacher(adm_lib.ADMUNet(**settings, dropout=0.0))
+  size = settings["img_resolution"]
+  shapes = jax.eval_shape(lambda: teacher.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, settings["in_channels"])),
+      jnp.ones((1,)), jnp.zeros((1,), jnp.int32)))
+  wrong = weights_lib.mismatches(params, partitioning.unbox(shapes["params"]))
+  if wrong:
+    raise ConversionError(f"not EDM's ADM UNet of the settings its arrays imply: {wrong[0]}")
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, flat
+
+
 def settings_path(out: str) -> str:
   return os.path.splitext(out)[0] + ".json"
 
@@ -435,6 +466,12 @@ def convert_file(kind: str, src: str, out: str, size: str = "", heads: int = 0,
             "source_sha256": tree_io.file_sha256(src)}
   if kind == "sd-vae":
     settings, flat = convert_vae(state_dict, norm_num_groups, scaling_factor)
+  elif kind == "edm":
+    settings, flat = convert_edm(state_dict)
+    published = settings == {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in adm_lib.IMAGENET64_COND.items()}
+    record["factory"] = "multistep_cm.models.adm:edm_imagenet64_cond" if published else None
+    record["teacher"] = TEACHER_KEYS[kind]
   else:
     if kind == "sit" and any(k.startswith("transformer_blocks.") for k in state_dict):
       raise ConversionError("SiT is published with the authors' names only; got diffusers' "

@@ -35,6 +35,7 @@ constructor argument (the tests use tiny ones), as are the compute dtype (`dtype
 float32 or bfloat16) and remat.
 """
 import functools
+import re
 import math
 from typing import Any, Sequence
 
@@ -302,3 +303,44 @@ def params_from_state_dict(state_dict: dict[str, Any]) -> dict:
       node = node.setdefault(part, {})
     node[path[-1]] = array
   return out
+
+
+# The published `edm-imagenet-64x64-cond-adm`'s settings (what `edm_imagenet64_cond` builds).
+IMAGENET64_COND = dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000,
+                       model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4,
+                       num_blocks=3, attn_resolutions=(32, 16, 8))
+
+
+def settings_from_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+  """The `ADMUNet` settings an EDM state dict's arrays imply (all but dropout, which a
+  checkpoint does not record).
+
+  Raises:
+    ValueError: the keys are not an ADM UNet's (one line naming what is missing).
+  """
+  sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
+  first = [k for k in sd if re.fullmatch(r"enc\.\d+x\d+_conv\.weight", k)]
+  if len(first) != 1 or "map_layer0.weight" not in sd or "out_conv.weight" not in sd:
+    raise ValueError("not an EDM ADM UNet state dict: it needs enc.<R>x<R>_conv.weight, "
+                     "map_layer0.weight and out_conv.weight")
+  resolution = int(first[0].split(".")[1].split("x")[0])
+  model_channels = int(np.shape(sd["map_layer0.weight"])[1])
+  levels = sorted({int(m.group(1)) for k in sd
+                   if (m := re.match(r"enc\.(\d+)x\d+_", k))}, reverse=True)
+  mult, attention, blocks = [], [], 0
+  for res in levels:
+    pattern = rf"enc\.{res}x{res}_block(\d+)\."
+    names = sorted({m.group(1) for k in sd if (m := re.match(pattern, k))})
+    blocks = len(names)
+    width = int(np.shape(sd[f"enc.{res}x{res}_block0.conv0.weight"])[0]) if names else 0
+    mult.append(width // model_channels)
+    if any(k.startswith(f"enc.{res}x{res}_block0.qkv.") for k in sd):
+      attention.append(res)
+  labels = sd.get("map_label.weight")
+  return dict(img_resolution=resolution,
+              in_channels=int(np.shape(sd[first[0]])[1]),
+              out_channels=int(np.shape(sd["out_conv.weight"])[0]),
+              label_dim=0 if labels is None else int(np.shape(labels)[1]),
+              model_channels=model_channels, channel_mult=tuple(mult),
+              channel_mult_emb=int(np.shape(sd["map_layer0.weight"])[0]) // model_channels,
+              num_blocks=blocks, attn_resolutions=tuple(attention))

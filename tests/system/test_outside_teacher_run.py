@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import torch
 
-from multistep_cm.models import adm
 from multistep_cm.models import partitioning
 from multistep_cm.teachers import weights as teacher_weights
 from multistep_cm.training import loop as train
@@ -97,14 +96,16 @@ def test_a_flow_matching_teacher_trained_here_is_distilled_and_sampled(tmp_path)
 
 def test_a_converted_edm_teacher_is_distilled_and_sampled(tmp_path):
   """EDM's ADM UNet (models/adm.py), its weights converted from an EDM-named PyTorch state
-  dict, distilled through `main` with no code of its own (frame 've', prediction 'x', the
+  dict by `python -m multistep_cm.convert --from=edm`, distilled through `main` with no code of its own (frame 've', prediction 'x', the
   student on EDM's schedule, of the teacher's own architecture), then sampled."""
   torch.manual_seed(0)
-  state = {k: v.detach().numpy()
-           for k, v in torch_adm.TorchADM(**outside_teachers.TINY_ADM).state_dict().items()}
-  flat = traverse_util.flatten_dict(adm.params_from_state_dict(state), sep="/")
+  torch.save(torch_adm.TorchADM(**outside_teachers.TINY_ADM).state_dict(), tmp_path / "edm.pt")
   weights = str(tmp_path / "edm.safetensors")
-  teacher_weights.write_safetensors(weights, flat)
+  run_module("multistep_cm.convert", "--from=edm", f"--src={tmp_path / 'edm.pt'}",
+             f"--out={weights}", timeout=300)
+  record = json.loads((tmp_path / "edm.json").read_text())
+  assert record["teacher"] == {"kind": "module", "frame": "ve", "prediction": "x"}
+  assert record["settings"]["attn_resolutions"] == [4] and record["factory"] is None
   overrides = _overrides(weights, **{
       "teacher.module": os.path.join(TESTS, "outside_teachers.py") + ":tiny_adm",
       "teacher.frame": "ve", "teacher.prediction": "x", "teacher.flow_time": "",

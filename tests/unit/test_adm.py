@@ -4,6 +4,7 @@ No maintained library ships EDM's `DhariwalUNet`; tests/torch_adm.py writes one 
 PyTorch, independently, with EDM's state-dict names and random weights. Its state dict goes
 through `params_from_state_dict`, and D(x; σ) must agree to 1e-4 relative in float32.
 """
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,3 +82,21 @@ def test_the_published_size_and_bad_keys():
   assert all(a.names[-1] == "embed" for a in named) and len(named) > len(boxed) // 2
   with pytest.raises(ValueError, match="'model.something' is not a parameter"):
     adm.params_from_state_dict({"model.something": np.zeros(3)})
+
+
+def test_the_converter_reads_the_settings_and_refuses_what_does_not_fit(pair, tmp_path):
+  from multistep_cm import convert  # pylint: disable=g-import-not-at-top
+  _, state = pair
+  settings, flat = convert.convert_edm(state)
+  assert settings == {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()
+                      if k != "dropout"}
+  assert set(flat) == set(traverse_util.flatten_dict(adm.params_from_state_dict(state),
+                                                     sep="/"))
+  published = {k: list(v) if isinstance(v, tuple) else v
+               for k, v in adm.IMAGENET64_COND.items()}
+  assert settings != published
+  broken = {k: v for k, v in state.items() if not k.endswith("dec.8x8_in1.conv1.weight")}
+  with pytest.raises(convert.ConversionError, match="dec_8x8_in1/conv1/conv/kernel is missing"):
+    convert.convert_edm(broken)
+  with pytest.raises(convert.ConversionError, match="not an EDM ADM UNet state dict"):
+    convert.convert_edm({"weight": np.zeros(3)})
