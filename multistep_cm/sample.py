@@ -99,28 +99,6 @@ def fail(code: int, message: str):
   inputs.fail("sample", code, message)
 
 
-def earlier_checkpoints(workdir: str, step: int | None) -> str:
-  """The hint for a checkpoint that cannot be used (`step`, None: the latest): the run's
-  complete checkpoints before it, if any."""
-  from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
-  steps = runs.checkpoint_steps(workdir)
-  if step is None:
-    step = steps[-1] if steps else 0
-  earlier = [s for s in steps if s < step]
-  return (f"; earlier checkpoints: steps {earlier} (pick one with --checkpoint_step)"
-          if earlier else "")
-
-
-def nonfinite_arrays(params) -> list[str]:
-  """The paths of the floating-point arrays of `params` holding a NaN or an inf."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  floats = [(p, x) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-  ok = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in floats])
-  return [jax.tree_util.keystr(p) for (p, _), fine in zip(floats, ok) if not fine]
-
-
 def main(argv):
   del argv  # flags only (inputs.flags_parser)
   import jax  # pylint: disable=g-import-not-at-top
@@ -141,14 +119,15 @@ def main(argv):
     try:
       run = runs.load_run(_WORKDIR.value, _WEIGHTS.value, _CKPT_STEP.value)
     except checkpointing.CheckpointError as e:
-      raise inputs.InputError(f"{e}{earlier_checkpoints(_WORKDIR.value, _CKPT_STEP.value)}",
-                              code=inputs.BAD_CHECKPOINT) from None
-    bad = nonfinite_arrays(run.params)
+      hint = runs.earlier_checkpoints(_WORKDIR.value, _CKPT_STEP.value)
+      raise inputs.InputError(f"{e}{hint}", code=inputs.BAD_CHECKPOINT) from None
+    bad = runs.nonfinite_arrays(run.params)
     if bad:
       raise inputs.InputError(
           f"checkpoint {run.workdir} step {run.step} ({run.describe_weights()}) holds "
           f"non-finite values in {len(bad)} arrays ({', '.join(bad[:3])}); nothing sampled"
-          f"{earlier_checkpoints(run.workdir, run.step)}", code=inputs.BAD_CHECKPOINT)
+          f"{runs.earlier_checkpoints(run.workdir, run.step)}",
+          code=inputs.BAD_CHECKPOINT)
     spec = run.sampler_spec(_STEPS.value, _SAMPLER.value, _XVAR.value, _GUIDANCE.value,
                            _SPACING.value, _FINAL_STEP.value)
     if getattr(run.model, "text_dim", 0):
@@ -180,7 +159,7 @@ def main(argv):
   if not finite.all():  # weights that overflow: never written out as images
     fail(inputs.BAD_CHECKPOINT, f"{np.sum(~finite)} of {len(samples)} samples of checkpoint "
          f"{run.workdir} step {run.step} ({run.describe_weights()}) are not finite (NaN or "
-         f"inf); nothing written{earlier_checkpoints(run.workdir, run.step)}")
+         f"inf); nothing written{runs.earlier_checkpoints(run.workdir, run.step)}")
   if jax.process_index() != 0:
     return
   metadata = {"workdir": os.path.abspath(run.workdir), "checkpoint_step": run.step,

@@ -11,6 +11,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from etils import epath
 import numpy as np
@@ -122,6 +123,26 @@ def checkpoint_steps(workdir: str) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def earlier_checkpoints(workdir: str, step: int | None) -> str:
+  """The hint for a checkpoint of `workdir` that cannot be used (`step`; None: the latest):
+  its complete checkpoints before that one, if any, to pick with --checkpoint_step."""
+  steps = checkpoint_steps(workdir)
+  if step is None:
+    step = steps[-1] if steps else 0
+  earlier = [s for s in steps if s < step]
+  return (f"; earlier checkpoints: steps {earlier} (pick one with --checkpoint_step)"
+          if earlier else "")
+
+
+def nonfinite_arrays(params) -> list[str]:
+  """The paths of the floating-point arrays of `params` holding a NaN or an inf (a damaged
+  or diverged checkpoint, refused before anything is sampled from it)."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  floats = [(p, x) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in floats])
+  return [jax.tree_util.keystr(p) for (p, _), fine in zip(floats, ok) if not fine]
 
 
 def weight_names(config) -> list[str]:
