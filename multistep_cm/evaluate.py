@@ -25,11 +25,20 @@ the reference statistics. Beside it, `<output>.png` plots the primary metric aga
 (a line per diffusion sampler, a point per student), and the same figure goes to
 TensorBoard as image `quality_vs_nfe` of a run named after the output (`<output>/`).
 
+`--checkpoints=every:K|all|S1,S2,...` scores several checkpoints of each run instead of its
+latest (evaluation/checkpoint_curve.py): every:K those whose step is a multiple of K and
+the latest, each at the rows above. The record (`<output>.json`, `.md`; default
+`<workdir>/eval_checkpoints/<weights>`) is extended, not replaced: a checkpoint's row
+already in it is not sampled again, so a repeated or interrupted call resumes.
+`<output>.png` plots the primary metric against training step, and each run's numbers go
+to TensorBoard on its own step axis in `<run>/eval_checkpoints/<output's name>/`.
+
 Every bad input is one line `evaluate: error: ...` naming the flag, checked before anything
 is sampled, and an exit status of docs/operations.md's table: 2 a bad flag (a workdir that
 does not exist or holds no run, weights a run does not have, a step count, sampler,
 spacing or guidance that is not one, a count that is not positive, choices that leave no
-row to report); 4 a checkpoint that cannot be read; 6 an output that cannot be written.
+row to report, a `--checkpoints` that is not one or names a step a run has no checkpoint
+of, a record at `--output` of other settings); 4 a checkpoint that cannot be read; 6 an output that cannot be written.
 """
 import json
 import os
@@ -65,7 +74,11 @@ _CLIP_TOKENIZER = flags.DEFINE_list("clip_tokenizer", [], "CLIP score: merges.tx
 _REFERENCE = flags.DEFINE_list("reference_stats", [], "FID / FD-DINOv2 / prdc: reference "
                                "statistics .npz, one per feature network.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Global batch per sampling call.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output prefix (default <workdir>/eval_<weights>).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output prefix (default <workdir>/eval_<weights>; "
+                              "with --checkpoints <workdir>/eval_checkpoints/<weights>).")
+_CHECKPOINTS = flags.DEFINE_string("checkpoints", None, "Score several checkpoints of each "
+                                   "run: every:K (steps that are multiples of K, and the "
+                                   "latest), all, or steps S1,S2,...; default: the latest.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -102,6 +115,9 @@ def check_flags(runs, sampling):
     except ValueError:
       raise runs.InputError(f"--guidance={','.join(_GUIDANCE.value)}: {w!r} is not a "
                             "number") from None
+  if _CHECKPOINTS.value is not None:
+    from multistep_cm.evaluation import checkpoint_curve  # pylint: disable=g-import-not-at-top
+    checkpoint_curve.parse_selection(_CHECKPOINTS.value)
   runs.positive("num_samples", _NUM.value)
   runs.positive("batch_size", _BATCH.value)
   from multistep_cm.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
@@ -121,12 +137,16 @@ def main(argv):
   from multistep_cm.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from multistep_cm.sampling import runs  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logs()
-  prefix = _OUTPUT.value or os.path.join(_WORKDIR.value, f"eval_{_WEIGHTS.value}")
+  curve = _CHECKPOINTS.value is not None
+  prefix = _OUTPUT.value or (os.path.join(_WORKDIR.value, "eval_checkpoints", _WEIGHTS.value)
+                             if curve else os.path.join(_WORKDIR.value, f"eval_{_WEIGHTS.value}"))
   try:  # every input, before anything is sampled
     check_flags(runs, sampling)
     runs.check_run(_WORKDIR.value, _WEIGHTS.value, root_ok=True)
     runs.check_writable(os.path.dirname(os.path.abspath(prefix)),
                         "--output" if _OUTPUT.value else "--workdir (the default --output)")
+    if curve:
+      return _checkpoint_curve(prefix)
     rows, header = report.evaluate_runs(
         _WORKDIR.value, _STEPS.value, _SAMPLERS.value, _NUM.value, _SEED.value, _WEIGHTS.value,
         _METRIC.value, _INCEPTION.value, ",".join(_REFERENCE.value), _BATCH.value,
@@ -152,6 +172,34 @@ def main(argv):
   report.write_figure(rows, header, prefix)
   print(f"wrote {prefix}.md, {prefix}.json, {prefix}.png (quality against NFE) and its "
         f"TensorBoard events in {prefix}/")
+
+
+def _checkpoint_curve(prefix: str):
+  """`--checkpoints`: each selected checkpoint scored (evaluation/checkpoint_curve.py)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import checkpoint_curve  # pylint: disable=g-import-not-at-top
+  rows, header, scored = checkpoint_curve.evaluate_checkpoints(
+      _WORKDIR.value, checkpoint_curve.parse_selection(_CHECKPOINTS.value), _STEPS.value,
+      _SAMPLERS.value, _NUM.value, _SEED.value, _WEIGHTS.value, prefix,
+      metric_kind=_METRIC.value, batch_size=_BATCH.value, spacings=_SPACING.value,
+      final_step=_FINAL_STEP.value, guidance=_GUIDANCE.value,
+      inception_weights=_INCEPTION.value, reference_stats=",".join(_REFERENCE.value),
+      dinov2_weights=_DINOV2.value, clip_weights=_CLIP.value,
+      clip_tokenizer=",".join(_CLIP_TOKENIZER.value))
+  if jax.process_index() != 0:
+    return
+  markdown = checkpoint_curve.to_markdown(rows, header)
+  with open(prefix + ".md", "w") as fh:
+    fh.write(markdown)
+  checkpoint_curve.write_json(prefix + ".json", header, rows)
+  print(markdown)
+  print(f"scored {scored} new row(s); {len(rows) - scored} were already in {prefix}.json")
+  if header["primary"] is not None:
+    checkpoint_curve.curve_figure(rows, header).savefig(prefix + ".png")
+  events = checkpoint_curve.events_dir("<run>", prefix)
+  print(f"wrote {prefix}.md, {prefix}.json"
+        + (f", {prefix}.png (the metric against training step)" if header["primary"] else "")
+        + f" and TensorBoard scalars in {events}/ of each run")
 
 
 if __name__ == "__main__":

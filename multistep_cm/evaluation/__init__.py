@@ -10,6 +10,7 @@ and `reference_stats` (the commands that make its weights and reference statisti
 `convert_clip` (the command that makes its weights),
 `tree_io` (arrays trees as .npz), `prdc` (precision, recall, density and coverage of
 samples in any feature space); `report` (the `evaluate` command's quality-vs-steps
-tables), `t2i_report` (the `t2i_demo` command's prompt-following table and grid) and
-`in_training` (sample grids and evaluations while training).
+tables), `checkpoint_curve` (its `--checkpoints` mode: the metric of every selected
+checkpoint against training step, resumable), `t2i_report` (the `t2i_demo` command's
+prompt-following table and grid) and `in_training` (sample grids and evaluations while training).
 """

@@ -36,23 +36,38 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
   (sample_metrics.make_metric); with 'none' rows hold `sample_seconds` and, given
   `grid_prefix`, each row's first 100 samples go to `<grid_prefix>_<run>_<sampler>.png`."""
   run_dirs = runs.find_runs(workdir)
-  steps = [int(s) for s in steps]
-  # Every run's rows first, from its plan alone: a choice that leaves no row to report is
-  # refused before anything is loaded or sampled.
-  specs_of = {}
+  specs_of = plan_specs(workdir, run_dirs, steps, samplers, spacings, final_step, guidance)
+  metric, built, rows = None, False, []
   for run_dir in run_dirs:
-    plan = runs.load_plan(run_dir)
-    if not plan.objective.is_student:
-      specs_of[run_dir] = [generation.SamplerSpec(s, k, spacing=sp,
-                                                  final_step=final_step if s == "addim" else None)
-                           for s in samplers for sp in spacings for k in steps]
-    else:
-      ws = [float(w) for w in guidance] if plan.guidance_range and guidance else [None]
-      try:
-        specs_of[run_dir] = [plan.sampler(s, w, name=run_dir) for s in plan.step_counts
-                             if not steps or s in steps for w in ws]
-      except ValueError as e:  # a guidance scale outside the range it was trained on
-        raise runs.InputError(str(e)) from None
+    if not specs_of[run_dir]:
+      continue
+    run = runs.load_run(run_dir, weights)
+    if not built:  # before anything is sampled: a metric that cannot be made is a bad flag
+      built = True
+      metric = build_metric(run.config, metric_kind, inception_weights, reference_stats,
+                            dinov2_weights, clip_weights, clip_tokenizer)
+    rows += score_run(run, specs_of[run_dir], metric, num_samples, seed, batch_size,
+                      grid_prefix=grid_prefix, log=log)
+  return rows, make_header(workdir, metric, num_samples, seed, weights)
+
+
+def make_header(workdir: str, metric, num_samples: int, seed: int, weights: str) -> dict:
+  """A table's provenance: what was evaluated, with which metric, samples, seed and weights."""
+  return {"workdir": os.path.abspath(workdir),
+          "metric": metric.description if metric else "none (samples only: the cost of "
+          "each row, NFE and seconds with compilation, and a grid of its samples)",
+          "primary": metric.primary if metric else None, "num_samples": num_samples,
+          "seed": seed, "weights": weights, "date": datetime.date.today().isoformat()}
+
+
+def plan_specs(workdir: str, run_dirs, steps, samplers, spacings=("uniform",),
+               final_step: str | None = None, guidance=()) -> dict:
+  """`{run_dir: [SamplerSpec]}`, the rows of each run, from its plan alone (the latest
+  checkpoint's metadata): a choice that leaves no row to report is refused (InputError)
+  before anything is loaded or sampled."""
+  steps = [int(s) for s in steps]
+  specs_of = {d: specs_for(runs.load_plan(d), d, steps, samplers, spacings, final_step,
+                           guidance) for d in run_dirs}
   if not any(specs_of.values()):
     students = [f"{os.path.basename(d)}: {runs.load_plan(d).step_counts}"
                 for d in run_dirs if runs.load_plan(d).objective.is_student]
@@ -60,58 +75,75 @@ def evaluate_runs(workdir: str, steps, samplers, num_samples: int, seed: int, we
         f"--steps={','.join(map(str, steps))}: no row to report in {workdir} (its students "
         f"sample with {', '.join(students) or 'none'} steps; diffusion runs need --samplers "
         "and --steps)")
-  metric, built, rows = None, False, []
-  for run_dir in run_dirs:
-    specs = specs_of[run_dir]
-    if not specs:
-      continue
-    run = runs.load_run(run_dir, weights)
-    if not built:  # before anything is sampled: a metric that cannot be made is a bad flag
-      try:
-        metric = sample_metrics.make_metric(run.config, metric_kind, inception_weights,
-                                            reference_stats, dinov2_weights=dinov2_weights,
-                                            clip_weights=clip_weights,
-                                            clip_tokenizer=clip_tokenizer)
-      except (ValueError, FileNotFoundError) as e:
-        raise runs.InputError(f"--metric={_joined(metric_kind)}: {e}") from None
-      built = True
-    prompts = captions = None
-    if conditioning.is_text(run.model):
-      # A text model samples from prompts: training captions drawn with the seed, every
-      # row the same; the metric judges the samples against them.
-      prompts, captions = run.plan.prompts(num_samples, seed)
-    for spec in specs:
-      start = time.perf_counter()
-      samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
-                                            num_samples, seed=seed, batch_size=batch_size,
-                                            labels=prompts)
-      seconds = time.perf_counter() - start
-      if metric is None:
-        values = {"sample_seconds": seconds}
-        if grid_prefix and samples.ndim == 4:
-          _write_grid(samples, labels if captions is None else captions,
-                      f"{grid_prefix}_{_slug(run.name)}_{_slug(spec.describe())}.png")
-      else:
-        values = metric(samples, labels if captions is None else captions)
-      row = {"run": run.name, "mode": run.mode, "sampler": spec.describe(), "nfe": spec.nfe,
-             "steps": spec.steps, "checkpoint_step": run.step,
-             "weights": run.describe_weights(), **values}
-      rows.append(row)
-      log(f"{run.name}: {spec.describe()}: " + ", ".join(
-          f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float)))
-  header = {"workdir": os.path.abspath(workdir),
-            "metric": metric.description if metric else "none (samples only: the cost of "
-            "each row, NFE and seconds with compilation, and a grid of its samples)",
-            "primary": metric.primary if metric else None, "num_samples": num_samples,
-            "seed": seed, "weights": weights, "date": datetime.date.today().isoformat()}
-  return rows, header
+  return specs_of
+
+
+def specs_for(plan, name: str, steps, samplers, spacings=("uniform",),
+              final_step: str | None = None, guidance=()) -> list:
+  """The samplers of one run's rows: a diffusion run's every sampler, spacing and step
+  count; a student's own step counts that are in `steps` (all of them if `steps` is
+  empty), at each w of `guidance` if it was trained on a range of guidance scales."""
+  steps = [int(s) for s in steps]
+  if not plan.objective.is_student:
+    return [generation.SamplerSpec(s, k, spacing=sp,
+                                   final_step=final_step if s == "addim" else None)
+            for s in samplers for sp in spacings for k in steps]
+  ws = [float(w) for w in guidance] if plan.guidance_range and guidance else [None]
+  try:
+    return [plan.sampler(s, w, name=name) for s in plan.step_counts
+            if not steps or s in steps for w in ws]
+  except ValueError as e:  # a guidance scale outside the range it was trained on
+    raise runs.InputError(str(e)) from None
+
+
+def build_metric(config, metric_kind, inception_weights: str = "", reference_stats: str = "",
+                 dinov2_weights: str = "", clip_weights: str = "", clip_tokenizer: str = ""):
+  """sample_metrics.make_metric, its refusals as InputError (a bad --metric)."""
+  try:
+    return sample_metrics.make_metric(config, metric_kind, inception_weights, reference_stats,
+                                      dinov2_weights=dinov2_weights,
+                                      clip_weights=clip_weights, clip_tokenizer=clip_tokenizer)
+  except (ValueError, FileNotFoundError) as e:
+    raise runs.InputError(f"--metric={_joined(metric_kind)}: {e}") from None
+
+
+def score_run(run, specs, metric, num_samples: int, seed: int, batch_size: int = 500,
+              grid_prefix: str | None = None, log=logging.info) -> list[dict]:
+  """One row per sampler of `specs`: `run` sampled (sharded over every device and host,
+  sampling/generation.py) with the same seed for every row and scored by `metric` (None:
+  each row's cost, and a grid `<grid_prefix>_<run>_<sampler>.png` given `grid_prefix`)."""
+  prompts = captions = None
+  if conditioning.is_text(run.model):
+    # A text model samples from prompts: training captions drawn with the seed, every
+    # row the same; the metric judges the samples against them.
+    prompts, captions = run.plan.prompts(num_samples, seed)
+  rows = []
+  for spec in specs:
+    start = time.perf_counter()
+    samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
+                                          num_samples, seed=seed, batch_size=batch_size,
+                                          labels=prompts)
+    seconds = time.perf_counter() - start
+    if metric is None:
+      values = {"sample_seconds": seconds}
+      if grid_prefix and samples.ndim == 4:
+        _write_grid(samples, labels if captions is None else captions,
+                    f"{grid_prefix}_{slug(run.name)}_{slug(spec.describe())}.png")
+    else:
+      values = metric(samples, labels if captions is None else captions)
+    rows.append({"run": run.name, "mode": run.mode, "sampler": spec.describe(),
+                 "nfe": spec.nfe, "steps": spec.steps, "checkpoint_step": run.step,
+                 "weights": run.describe_weights(), **values})
+    log(f"{run.name} (step {run.step}): {spec.describe()}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float)))
+  return rows
 
 
 def _joined(kind) -> str:
   return kind if isinstance(kind, str) else ",".join(kind)
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
@@ -143,9 +175,9 @@ def to_markdown(rows, header) -> str:
 
 
 # Axis names of the metrics' primary numbers (sample_metrics.SampleMetric.primary).
-_METRIC_NAMES = {"fd": "digits FD", "fid": "FID", "energy_distance": "energy distance",
+METRIC_NAMES = {"fd": "digits FD", "fid": "FID", "energy_distance": "energy distance",
                  "fd_dinov2": "FD-DINOv2", "precision": "precision", "clip_score": "CLIP score"}
-_HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage", "clip_score")
+HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage", "clip_score")
 
 
 def _sampler_family(sampler: str) -> str:
@@ -188,8 +220,8 @@ def quality_figure(rows, header):
     ax.yaxis.set_minor_formatter("{x:g}")
   ax.xaxis.set_major_formatter("{x:g}")
   ax.set_xlabel("NFE (network evaluations per sample), log scale")
-  better = "higher" if primary in _HIGHER_IS_BETTER else "lower"
-  ax.set_ylabel(f"{_METRIC_NAMES.get(primary, primary)}, {better} is better")
+  better = "higher" if primary in HIGHER_IS_BETTER else "lower"
+  ax.set_ylabel(f"{METRIC_NAMES.get(primary, primary)}, {better} is better")
   ax.set_title(f"{os.path.basename(header['workdir'].rstrip('/'))}: {header['num_samples']} "
                f"samples per point, seed {header['seed']}, weights {header['weights']}",
                fontsize="medium")
