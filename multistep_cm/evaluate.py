@@ -16,7 +16,9 @@ Inception network (`--inception_weights`, `--reference_stats`). `--metric` also 
 `prdc` (precision, recall, density, coverage in the features of a reference file that
 keeps its rows), several at once (`--metric=fid,fd_dinov2,prdc`, `--reference_stats` a
 file of each network), `clip` (text-conditioned runs: the CLIP score of each sample and
-its caption, `--clip_weights`, `--clip_tokenizer`), or `none`: sampling alone, each row's
+its caption, `--clip_weights`, `--clip_tokenizer`), `folder` (FD in the features of a CNN
+trained on the run's own data, to its held-out split: evaluation/folder_metric.py, what
+`auto` picks for a `folder:` dataset), or `none`: sampling alone, each row's
 cost (NFE, seconds) in the table and its samples as a grid `<output>_<run>_<sampler>.png`,
 no figure. The table, written as
 markdown and JSON (`<output>.md`, `<output>.json`; default `<workdir>/eval_<weights>`),
@@ -65,7 +67,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (shared by all rows).")
 _WEIGHTS = flags.DEFINE_string("weights", "ema0", "'params' (raw) or an EMA ('ema0', ...).")
 _METRIC = flags.DEFINE_list("metric", ["auto"], "Metric, or several comma-separated: auto "
                             "(the dataset's, sample_metrics.py), digits, prompts, energy, fid, "
-                            "fd_dinov2, prdc, clip; or none (samples, grids and costs only).")
+                            "fd_dinov2, prdc, clip, folder; or none (samples, grids and costs "
+                            "only).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "FID: converted Inception .npz.")
 _DINOV2 = flags.DEFINE_string("dinov2_weights", "", "FD-DINOv2: converted DINOv2 .npz.")
 _CLIP = flags.DEFINE_string("clip_weights", "", "CLIP score: converted CLIP .npz.")

@@ -1,7 +1,8 @@
 """Sample quality: the metrics, the reports, and evaluation during training.
 
 `sample_metrics` picks a dataset's metric; `digits_metric` (the digits classifier's
-Fréchet distance and accuracy), `prompt_metric` (whether digit samples follow their captions:
+Fréchet distance and accuracy), `folder_metric` (the same for any image folder: a CNN trained
+on its own training split, measured against its held-out split), `prompt_metric` (whether digit samples follow their captions:
 the named digit, the named properties, FD), `energy` (energy distance, for the mixture),
 `fid` (the streaming statistics, FID and IS), `inception` (the FID InceptionV3), `convert_inception`
 and `reference_stats` (the commands that make its weights and reference statistics),

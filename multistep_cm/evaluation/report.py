@@ -15,6 +15,7 @@ import time
 from absl import logging
 import numpy as np
 
+from multistep_cm.data import image_folder
 from multistep_cm.evaluation import sample_metrics
 from multistep_cm.models import conditioning
 from multistep_cm.sampling import generation
@@ -98,9 +99,14 @@ def specs_for(plan, name: str, steps, samplers, spacings=("uniform",),
 
 def build_metric(config, metric_kind, inception_weights: str = "", reference_stats: str = "",
                  dinov2_weights: str = "", clip_weights: str = "", clip_tokenizer: str = ""):
-  """sample_metrics.make_metric, its refusals as InputError (a bad --metric)."""
+  """sample_metrics.make_metric, its refusals as InputError (a bad --metric). 'auto' on a
+  `folder:` dataset is the folder metric, which needs nothing downloaded (the trainer's
+  evals.metric='auto' follows config_base.auto_metric)."""
+  kinds = sample_metrics.split_kinds(metric_kind)
+  if image_folder.folder_name(config.data.dataset) is not None:
+    kinds = ["folder" if k == "auto" else k for k in kinds]
   try:
-    return sample_metrics.make_metric(config, metric_kind, inception_weights, reference_stats,
+    return sample_metrics.make_metric(config, kinds, inception_weights, reference_stats,
                                       dinov2_weights=dinov2_weights,
                                       clip_weights=clip_weights, clip_tokenizer=clip_tokenizer)
   except (ValueError, FileNotFoundError) as e:

@@ -7,6 +7,10 @@
   * mixture: the energy distance to a fresh sample of the true mixture (energy.py);
   * ImageNet and other image data: FID and IS with the FID InceptionV3, given its
     weights file and reference statistics (fid.py, inception.py);
+  * an image folder of your own (`folder:NAME`) or any image data, `--metric=folder`: the
+    Fréchet distance in a small CNN's features trained on its own training split, to its
+    held-out split (folder_metric.py; nothing downloaded); `evaluate --metric=auto` picks it
+    for `folder:` datasets (report.build_metric);
   * on request (`evaluate --metric=fd_dinov2,prdc`, never by default): FD-DINOv2, the
     Fréchet distance in DINOv2 ViT-L/14 features (dinov2.py), and precision, recall,
     density and coverage (prdc.py) in the features of a reference file that keeps its rows;
@@ -27,7 +31,7 @@ from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.evaluation import energy
 
 # The kinds of the metric during training (config.evals.metric), and those `evaluate` adds.
-KINDS = config_base.METRIC_KINDS + ("fd_dinov2", "prdc", "clip")
+KINDS = config_base.METRIC_KINDS + ("fd_dinov2", "prdc", "clip", "folder")
 FEATURE_KINDS = ("fid", "fd_dinov2", "prdc")  # measured in a feature network's space
 
 
@@ -136,7 +140,28 @@ def _data_metric(config, kind: str, num_reference: int) -> SampleMetric:
 
     return SampleMetric("energy", f"energy distance to {num_reference} fresh samples of the "
                         f"true mixture", energy_fn, "energy_distance")
+  if kind == "folder":
+    return _folder_metric(config)
   raise ValueError(f"metric must be one of {KINDS}, got {kind!r}")
+
+
+def _folder_metric(config) -> SampleMetric:
+  """FD in the features of a CNN trained on the run's own data, to its held-out split."""
+  from multistep_cm.data.sources import DatasetError  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import folder_metric  # pylint: disable=g-import-not-at-top
+  size = config.data.get("image_size")
+  try:
+    data = folder_metric.load_data(config.data.dataset, config.data.get("data_dir"),
+                                   int(size) if size else None)
+  except DatasetError as e:
+    raise ValueError(" ".join(str(e).split())) from None  # one line, the command in it
+  classifier = folder_metric.load_or_train_classifier(data)
+  reference = folder_metric.feature_stats(classifier, data.held_out)
+
+  def folder_fn(samples, labels):
+    return folder_metric.folder_metrics(samples, labels, classifier, reference)
+
+  return SampleMetric("folder", folder_metric.describe(classifier), folder_fn, "fd")
 
 
 _REFERENCE_COMMAND = ("python -m multistep_cm.evaluation.reference_stats --features={kind} "
