@@ -17,13 +17,16 @@ from multistep_cm.diffusion import losses
 # here so the checks can name them without importing what they configure.
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-METRIC_KINDS = ("auto", "digits", "prompts", "energy", "fid", "none")
-# What metric 'auto' is for each dataset; FID for any other.
+METRIC_KINDS = ("auto", "digits", "prompts", "energy", "fid", "folder", "none")
+# What metric 'auto' is for each dataset: the folder metric for your own images
+# (evaluation/folder_metric.py, needs nothing downloaded), FID for any other.
 _AUTO_METRICS = {"digits": "digits", "captioned_digits": "prompts", "mixture": "energy"}
 
 
 def auto_metric(dataset: str) -> str:
   """The metric `evals.metric='auto'` (and `evaluate --metric=auto`) picks for `dataset`."""
+  if isinstance(dataset, str) and dataset.startswith("folder:"):
+    return "folder"
   return _AUTO_METRICS.get(dataset, "fid")
 
 

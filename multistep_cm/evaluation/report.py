@@ -15,7 +15,6 @@ import time
 from absl import logging
 import numpy as np
 
-from multistep_cm.data import image_folder
 from multistep_cm.evaluation import sample_metrics
 from multistep_cm.models import conditioning
 from multistep_cm.sampling import generation
@@ -99,12 +98,10 @@ def specs_for(plan, name: str, steps, samplers, spacings=("uniform",),
 
 def build_metric(config, metric_kind, inception_weights: str = "", reference_stats: str = "",
                  dinov2_weights: str = "", clip_weights: str = "", clip_tokenizer: str = ""):
-  """sample_metrics.make_metric, its refusals as InputError (a bad --metric). 'auto' on a
-  `folder:` dataset is the folder metric, which needs nothing downloaded (the trainer's
-  evals.metric='auto' follows config_base.auto_metric)."""
+  """sample_metrics.make_metric, its refusals as InputError (a bad --metric). 'auto' is
+  config_base.auto_metric's: on a `folder:` dataset the folder metric, which needs nothing
+  downloaded, as for the trainer's evals.metric='auto'."""
   kinds = sample_metrics.split_kinds(metric_kind)
-  if image_folder.folder_name(config.data.dataset) is not None:
-    kinds = ["folder" if k == "auto" else k for k in kinds]
   try:
     return sample_metrics.make_metric(config, kinds, inception_weights, reference_stats,
                                       dinov2_weights=dinov2_weights,
@@ -123,6 +120,11 @@ def score_run(run, specs, metric, num_samples: int, seed: int, batch_size: int =
     # A text model samples from prompts: training captions drawn with the seed, every
     # row the same; the metric judges the samples against them.
     prompts, captions = run.plan.prompts(num_samples, seed)
+  bad = runs.nonfinite_arrays(run.params)
+  if bad:
+    raise _nonfinite(run, f"its weights hold NaN or inf ({bad[0]}"
+                     f"{f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''}); nothing "
+                     f"sampled")
   rows = []
   for spec in specs:
     start = time.perf_counter()
@@ -130,6 +132,9 @@ def score_run(run, specs, metric, num_samples: int, seed: int, batch_size: int =
                                           num_samples, seed=seed, batch_size=batch_size,
                                           labels=prompts)
     seconds = time.perf_counter() - start
+    if not np.all(np.isfinite(samples)):
+      raise _nonfinite(run, f"its samples with {spec.describe()} are not finite (NaN or "
+                       f"inf); nothing scored or written")
     if metric is None:
       values = {"sample_seconds": seconds}
       if grid_prefix and samples.ndim == 4:
@@ -143,6 +148,16 @@ def score_run(run, specs, metric, num_samples: int, seed: int, batch_size: int =
     log(f"{run.name} (step {run.step}): {spec.describe()}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float)))
   return rows
+
+
+def _nonfinite(run, what: str) -> "runs.InputError":
+  """The refusal (exit 4) of a checkpoint that gives non-finite weights or samples, naming
+  the checkpoint and the earlier complete ones."""
+  earlier = [s for s in runs.checkpoint_steps(run.workdir) if s < run.step]
+  hint = (f"; earlier checkpoints: steps {earlier} (score them with --checkpoints=STEP)"
+          if earlier else "")
+  return runs.InputError(f"checkpoint step {run.step} of {run.workdir} ({run.weights}): "
+                         f"{what}{hint}", code=4)
 
 
 def _joined(kind) -> str:

@@ -31,7 +31,7 @@ from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.evaluation import energy
 
 # The kinds of the metric during training (config.evals.metric), and those `evaluate` adds.
-KINDS = config_base.METRIC_KINDS + ("fd_dinov2", "prdc", "clip", "folder")
+KINDS = config_base.METRIC_KINDS + ("fd_dinov2", "prdc", "clip")
 FEATURE_KINDS = ("fid", "fd_dinov2", "prdc")  # measured in a feature network's space
 
 

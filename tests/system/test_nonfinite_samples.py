@@ -107,3 +107,26 @@ def test_sample_warns_about_heun_on_the_uniform_grid(teacher, tmp_path):
                       check=False, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("--spacing=karras" in proc.stderr) == warned, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (lambda a: np.full_like(a, np.nan), ["weights hold NaN or inf", "nothing sampled"]),
+    (lambda a: a * np.float32(1e30), ["not finite", "nothing scored or written"]),
+], ids=["nan_weights", "overflowing_weights"])
+def test_evaluate_refuses_nonfinite_weights_or_samples(teacher, tmp_path, damage, fragments):
+  """`evaluate` as `sample`: no table of non-finite samples, one line naming the checkpoint
+  and the earlier complete one (exit 4), nothing written."""
+  run = tmp_path / "teacher"
+  shutil.copytree(teacher, run)
+  rewrite_weights(run, 2, damage)
+  out = tmp_path / "out" / "eval"
+  proc = run_module("multistep_cm.evaluate", f"--workdir={run}", f"--output={out}",
+                    "--num_samples=8", "--steps=2", "--samplers=ddim", check=False,
+                    timeout=180)
+  assert proc.returncode == BAD_CHECKPOINT, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert len(errors) == 1 and errors[0].startswith("evaluate: error: "), proc.stderr[-3000:]
+  for fragment in fragments + ["checkpoint step 2", "earlier checkpoints: steps [1]"]:
+    assert fragment in errors[0], (fragment, errors[0])
+  assert not glob.glob(str(tmp_path / "out" / "*"))

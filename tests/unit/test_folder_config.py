@@ -62,6 +62,8 @@ def test_evaluation_during_training_without_fid_weights_is_refused_before_compil
                                                                                     tmp_path):
   config = config_base.folder_config("diffusion", "shapes", data_dir)
   config.evals.every_steps = 100
+  config_checks.validate(config, num_devices=8, num_processes=1)  # 'auto': the folder metric
+  config.data.dataset = "tfds:my_images"  # data without a metric of its own: 'auto' is FID
   for unset, fragment in (("inception_weights", "needs config.evals.inception_weights"),
                           ("reference_stats", "needs config.evals.reference_stats")):
     if unset == "reference_stats":
@@ -70,7 +72,8 @@ def test_evaluation_during_training_without_fid_weights_is_refused_before_compil
     with pytest.raises(config_checks.ConfigError) as info:
       config_checks.validate(config, num_devices=8, num_processes=1)
     message = str(info.value)
-    assert fragment in message and "metric='auto' is FID" in message, message
+    assert fragment in message and "metric='auto' is FID for data.dataset='tfds:my_images'" in (
+        message), message
     assert "python -m multistep_cm.evaluation." in message and "\n" not in message
   config.evals.reference_stats = str(tmp_path / "missing.npz")
   with pytest.raises(config_checks.ConfigError, match="reference_stats=.* does not exist"):
