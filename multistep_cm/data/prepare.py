@@ -176,6 +176,9 @@ def main(argv=None) -> int:
           f"--config.data.num_classes={record['num_classes']}"
           + (f" --config.data.data_dir={args.data_dir}" if args.data_dir else ""),
           file=sys.stderr)
+    print(f"or, a teacher and a 4-step student in one job: --config=configs/folder_pipeline.py:"
+          f"name={args.name}" + (f",data_dir={args.data_dir}" if args.data_dir else "")
+          + " (docs/own_images.md)", file=sys.stderr)
     print(path)
     return 0
   if args.embeddings is None or args.name is None:
