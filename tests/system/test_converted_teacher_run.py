@@ -85,7 +85,7 @@ def test_the_command_refuses_in_one_line_as_a_child_process(tmp_path):
   safetensors_torch.save_file({"x_embedder.proj.weight": torch.zeros(1)}, str(weights))
   cases = [(["--from=dit", f"--src={tmp_path / 'nope.pt'}", "--out=o.safetensors"], 2,
             "no such file"),
-           (["--from=edm", f"--src={weights}", "--out=o.safetensors"], 2, "--from"),
+           (["--from=unet", f"--src={weights}", "--out=o.safetensors"], 2, "--from"),
            (["--from=dit", f"--src={weights}", f"--out={tmp_path / 'o.txt'}"], 2,
             "must end in .safetensors or .npz")]
   for args, code, fragment in cases:
