@@ -173,6 +173,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
     else:
       checkpointing.check_params(config.teacher_checkpoint, builder.teacher_abstract,
                                  config.teacher_weights, key="config.teacher_checkpoint")
+      _check_teacher_objective(plan)
   source = open_source(plan)
 
   # 2. The train state, sharded.
@@ -501,16 +502,29 @@ def _placed(tree, abstract):
       tree, abstract)
 
 
+def _check_teacher_objective(plan: plan_lib.RunPlan):
+  """Refuses a teacher run trained with an objective this student cannot distil (a CD
+  student given another student), from its metadata alone. A PD halving's teacher may be the
+  previous halving's student; checkpoints older than the metadata's mode say nothing."""
+  config = plan.config
+  ckpt, step = checkpointing.resolve(config.teacher_checkpoint)
+  try:
+    mode = (ckpt.restore_meta(step) or {}).get("mode")
+  finally:
+    ckpt.close()
+  allowed = tuple(o.value for o in plan.objective.teacher_objectives)
+  if mode is not None and mode not in allowed:
+    raise config_checks.ConfigError(
+        f"config.teacher_checkpoint={config.teacher_checkpoint!r} was trained with "
+        f"loss.mode={mode!r}; the teacher of a loss.mode={plan.objective.value!r} student must "
+        f"be a {' or '.join(repr(a) for a in allowed)} run (a student distils a diffusion "
+        f"model, not another student)")
+
+
 def _load_teacher(plan: plan_lib.RunPlan, abstract):
   config = plan.config
-  params, meta = checkpointing.load_params(config.teacher_checkpoint, abstract,
-                                           config.teacher_weights,
-                                           key="config.teacher_checkpoint")
-  # A PD halving's teacher is the previous halving's student; older checkpoints say nothing.
-  expected = (None,) + tuple(o.value for o in plan.objective.teacher_objectives)
-  if meta.get("mode") not in expected:
-    logging.warning("The teacher checkpoint %s was trained with mode %r, not diffusion.",
-                    config.teacher_checkpoint, meta.get("mode"))
+  params, _ = checkpointing.load_params(config.teacher_checkpoint, abstract,
+                                        config.teacher_weights, key="config.teacher_checkpoint")
   return params
 
 

@@ -175,3 +175,16 @@ def test_evaluate_refuses_in_one_line(root, read_only_dir, tmp_path, case):
                  else "--seed=0")
   one_error_line(proc, "evaluate", code, *fragments)
   assert not glob.glob(str(tmp_path / "eval*"))
+
+
+def test_a_student_as_the_teacher_of_a_cd_student_is_refused(root, tmp_path):
+  """Not a warning: a CD student given another student as its teacher is refused in one line
+  before anything compiles, and the workdir records nothing."""
+  from multistep_cm.config import checks as config_checks  # pylint: disable=g-import-not-at-top
+  config = tiny_mixture("cd", steps=1, student_steps=2, teacher=str(root / "cd4"))
+  with pytest.raises(config_checks.ConfigError) as info:
+    train.train_and_evaluate(config, str(tmp_path / "cd2"))
+  message = str(info.value)
+  assert "was trained with loss.mode='cd'" in message and "\n" not in message, message
+  assert "must be a 'diffusion' run" in message, message
+  assert not os.path.exists(tmp_path / "cd2" / "config.json")
