@@ -70,13 +70,16 @@ _EVAL_CHUNK = 512  # rows per jitted call; inputs are padded to it so one compil
 
 
 class DigitsCNN(nn.Module):
-  """Conv pairs with 2x average pooling down to 4x4, then a dense feature layer."""
+  """Conv pairs with 2x average pooling down to 4x4, then a dense feature layer and the class
+  logits (one unused logit where there are no classes: the folder metric's unlabelled
+  data, evaluation/folder_metric.py)."""
   width: int = 32
   feature_dim: int = 64
+  num_classes: int = digits.NUM_CLASSES
 
   @nn.compact
   def __call__(self, x):
-    """x: [N, S, S, 1] in [-1, 1], S in {8, 16, 32} -> (logits [N, 10], features [N, F])."""
+    """x: [N, S, S, C] in [-1, 1], S a power of 2 -> (logits [N, classes], features [N, F])."""
     channels = self.width
     x = nn.relu(nn.Conv(channels, (3, 3))(x))
     while x.shape[1] > 4:
@@ -87,7 +90,7 @@ class DigitsCNN(nn.Module):
     # The features are the penultimate layer before its ReLU: after it, units that are zero on
     # every digit would make the covariance singular and carry no information.
     features = nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1))
-    return nn.Dense(digits.NUM_CLASSES)(nn.relu(features)), features
+    return nn.Dense(max(self.num_classes, 1))(nn.relu(features)), features
 
 
 def settings_for(image_size: int, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -47,26 +46,9 @@ DEFAULT_SETTINGS = {"version": 1, "width": 32, "feature_dim": 64, "train_steps":
 _CHUNK = 256  # rows per jitted call (padded), so one compilation serves every call
 
 
-class FolderCNN(nn.Module):
-  """Conv pairs with 2x average pooling down to at most 4x4, then a dense feature layer and
-  the class logits (none for an unlabelled dataset)."""
-  width: int = 32
-  feature_dim: int = 64
-  num_classes: int = 0
-
-  @nn.compact
-  def __call__(self, x):
-    """x: [N, S, S, C] in [-1, 1] -> (logits [N, classes], features [N, F])."""
-    channels = self.width
-    x = nn.relu(nn.Conv(channels, (3, 3))(x))
-    while x.shape[1] > 4:
-      x = nn.relu(nn.Conv(channels, (3, 3))(x))
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-      channels *= 2
-      x = nn.relu(nn.Conv(channels, (3, 3))(x))
-    # Before the ReLU: units dead on every image would make the covariance singular.
-    features = nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1))
-    return nn.Dense(max(self.num_classes, 1))(nn.relu(features)), features
+# The digits metric's network, with the folder's classes: conv pairs with 2x average pooling
+# down to at most 4x4, a dense feature layer (the features, before their ReLU), the logits.
+FolderCNN = digits_metric.DigitsCNN
 
 
 @dataclasses.dataclass(frozen=True)
