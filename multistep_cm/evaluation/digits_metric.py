@@ -38,7 +38,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -217,20 +217,28 @@ def classifier_path(image_size: int, settings: Mapping[str, Any] | None = None,
   return os.path.join(cache_dir_path(cache_dir), name)
 
 
+def cached_classifier(path: str, train: Callable[[], Any], wrap: Callable[..., Any],
+                      what: str, verbose: bool = False):
+  """The classifier stored at `path` as `wrap(params, settings, metadata)`; if absent,
+  `train()` makes it (announced as `what` when `verbose`) and it is stored there first."""
+  if os.path.exists(path):
+    params, stored = tree_io.load(path)
+    return wrap(params, stored["settings"], stored["metadata"])
+  if verbose:
+    print(f"training {what} -> {path}")
+  classifier = train()
+  tree_io.save(path, classifier.params,
+               {"settings": classifier.settings, "metadata": classifier.metadata})
+  return classifier
+
+
 def load_or_train_classifier(image_size: int = 8, cache_dir: str | None = None,
                              settings: Mapping[str, Any] | None = None,
                              verbose: bool = False) -> DigitsClassifier:
   """The cached classifier for `image_size`, trained and cached first if absent."""
-  path = classifier_path(image_size, settings, cache_dir)
-  if os.path.exists(path):
-    params, stored = tree_io.load(path)
-    return DigitsClassifier(params, stored["settings"], stored["metadata"])
-  if verbose:
-    print(f"training the digits classifier ({image_size}x{image_size}) -> {path}")
-  classifier = train_classifier(image_size, settings)
-  tree_io.save(path, classifier.params,
-               {"settings": classifier.settings, "metadata": classifier.metadata})
-  return classifier
+  return cached_classifier(classifier_path(image_size, settings, cache_dir),
+                           lambda: train_classifier(image_size, settings), DigitsClassifier,
+                           f"the digits classifier ({image_size}x{image_size})", verbose)
 
 
 @functools.lru_cache(maxsize=16)

@@ -94,7 +94,10 @@ def load_data(dataset: str, data_dir: str | None = None, image_size: int | None 
     labelled = record["num_classes"] > 0
     arrays[split] = (batch["image"].astype(np.float32),
                      batch["label"].astype(np.int32) if labelled else None)
-  identity = json.dumps({"record": record, "image_size": image_size}, sort_keys=True)
+  # The size the images were read at (None: the record's own), so that asking for the
+  # prepared size by name hits the same cached classifier as not asking.
+  size = image_size or int(record["image_size"])
+  identity = json.dumps({"record": record, "image_size": size}, sort_keys=True)
   return ImageData(f"folder:{name}", *arrays["train"], *arrays[image_folder.HOLDOUT_SPLIT],
                    int(record["num_classes"]), identity)
 
@@ -202,16 +205,10 @@ def load_or_train_classifier(data: ImageData, cache_dir: str | None = None,
                              settings: Mapping[str, Any] | None = None,
                              verbose: bool = False) -> FolderClassifier:
   """The cached classifier of `data` (and `settings`), trained and cached first if absent."""
-  path = classifier_path(settings_for(data, settings), cache_dir)
-  if os.path.exists(path):
-    params, stored = tree_io.load(path)
-    return FolderClassifier(params, stored["settings"], stored["metadata"])
-  if verbose:
-    print(f"training the folder classifier of {data.name} -> {path}")
-  classifier = train_classifier(data, settings)
-  tree_io.save(path, classifier.params,
-               {"settings": classifier.settings, "metadata": classifier.metadata})
-  return classifier
+  return digits_metric.cached_classifier(
+      classifier_path(settings_for(data, settings), cache_dir),
+      lambda: train_classifier(data, settings), FolderClassifier,
+      f"the folder classifier of {data.name}", verbose)
 
 
 def feature_stats(classifier: FolderClassifier, images) -> fid.FeatureStats:

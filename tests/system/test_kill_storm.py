@@ -25,7 +25,7 @@ from helpers import run_main
 
 CONFIG = "tests/tiny_staged_config.py"
 STAGES = ("teacher", "cd2")
-SEED, MIN_KILLS = 0, 10
+SEED, MIN_KILLS = 0, 6
 
 
 @pytest.fixture(scope="module")
