@@ -10,10 +10,15 @@ Both write TensorBoard logs and sample grids (also as PNG files) into their
 directories: `tensorboard --logdir /tmp/mcm_digits`. Re-running resumes (finished
 stages are skipped).
 
-Variants: size=8|16, steps=S, mode=cd|ct, frame=vp|flow. `frame=flow` makes both stages
-flow-matching networks (loss.prediction='velocity' on the flow_matching schedule, docs/maths.md
-§17.5): a rectified-flow teacher, distilled through the adapter into a student of the same
-parameterisation (the comparison with the VP pipeline: docs/results.md).
+Variants: size=8|16, steps=S, mode=cd|ct, frame=vp|flow, arch=uvit|adm|dit. `frame=flow`
+makes both stages flow-matching networks (loss.prediction='velocity' on the flow_matching
+schedule, docs/maths.md §17.5): a rectified-flow teacher, distilled through the adapter into
+a student of the same parameterisation (the comparison with the VP pipeline:
+docs/results.md). `arch=adm` and `arch=dit` train the field's standard networks instead of
+our UViT, each in its own frame through the adapter (docs/teachers.md): EDM's ADM UNet
+(`models/adm.py: edm_digits_8px`, x-prediction in the VE frame, EDM's schedule) or a DiT
+(`models/dit.py: dit_digits_8px`, ε-prediction on DDPM's linear schedule, t in 0..999); the
+student is the teacher's own module, starting from its weights (size 8, mode cd, frame vp).
 """
 import ml_collections
 
@@ -21,9 +26,13 @@ from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, size=8, steps=4, mode="cd", frame="vp")
+  a = config_base.parse_arg(arg, size=8, steps=4, mode="cd", frame="vp", arch="uvit")
   if a.frame not in ("vp", "flow"):
     raise ValueError(f"frame must be 'vp' or 'flow', got {a.frame!r}")
+  if a.arch not in ("uvit", *ARCHES):
+    raise ValueError(f"arch must be 'uvit', 'adm' or 'dit', got {a.arch!r}")
+  if a.arch != "uvit" and (a.size, a.mode, a.frame) != (8, "cd", "vp"):
+    raise ValueError(f"arch={a.arch} is made for size=8, mode=cd, frame=vp")
   student = f"{a.mode}{a.steps}"
   c = ml_collections.ConfigDict()
   c.stage_order = ("teacher", student)
@@ -49,4 +58,22 @@ def get_config(arg=None):
     stage.evals.num_samples = 500
   c.stages.teacher.evals.sample_steps = 8
   c.stages[student].evals.ode_steps = 32
+  if a.arch != "uvit":
+    schedule, teacher = ARCHES[a.arch]
+    for stage in (c.stages.teacher, c.stages[student]):
+      stage.teacher.update({"kind": "module", "student": "teacher", **teacher})
+      stage.schedule.name = schedule
+    c.stages.teacher.teacher_checkpoint = ""  # trained from a fresh start
+    c.stages[student].init_from = ""  # it starts from the teacher's weights
   return c
+
+
+# The network and the teacher.* keys of each outside architecture, and the schedule its
+# stages train and sample on (one whose logSNR range the network's time input covers).
+ARCHES = {
+    "adm": ("edm", {"module": "multistep_cm.models.adm:edm_digits_8px", "frame": "ve",
+                    "prediction": "x"}),
+    "dit": ("ddpm_linear", {"module": "multistep_cm.models.dit:dit_digits_8px", "frame": "vp",
+                            "prediction": "eps", "schedule": "ddpm_linear",
+                            "time_scale": 999.0}),
+}

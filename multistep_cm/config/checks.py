@@ -511,9 +511,14 @@ def _check_teacher(config):
                           f"teacher.kind='module'; a run of ours (teacher.kind='run') is a "
                           f"v-predicting network on logSNR, got teacher.{key}={t[key]!r}")
     return
-  if mode not in ("cd", "direct", "pd"):
+  if mode == "diffusion" and t.student != "teacher":
+    raise ConfigError("config.teacher.kind='module' with loss.mode='diffusion' trains the "
+                      "module itself and needs teacher.student='teacher' (teacher_checkpoint, "
+                      "if given, is where it starts)")
+  if mode not in ("cd", "direct", "pd", "diffusion"):
     raise ConfigError(f"config.teacher.kind='module' needs loss.mode 'cd', 'direct' or 'pd' "
-                      f"(a loss that calls the teacher), got {mode!r}")
+                      f"(a loss that calls the teacher), or 'diffusion' to train the module "
+                      f"itself, got {mode!r}")
   if not t.module:
     raise ConfigError("config.teacher.module must name the teacher's Flax module as "
                       "'package.module:name' or 'path/to/file.py:name' for teacher.kind="

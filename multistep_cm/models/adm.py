@@ -252,6 +252,15 @@ def edm_imagenet64_cond_bf16_remat() -> EDMTeacher:
   return edm_imagenet64_cond(jnp.bfloat16, remat=True)
 
 
+def edm_digits_8px() -> EDMTeacher:
+  """A small ADM UNet with EDM's preconditioning for the embedded 8x8 digits (10 classes):
+  32 channels, multipliers 1-2, 2 blocks a level, attention at 4x4, no dropout; trained
+  here as a teacher by `configs/digits_pipeline.py:arch=adm`."""
+  return EDMTeacher(ADMUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=10,
+                            model_channels=32, channel_mult=(1, 2), channel_mult_emb=4,
+                            num_blocks=2, attn_resolutions=(4,), dropout=0.0))
+
+
 # --- converting EDM's state dict ------------------------------------------------------------
 
 

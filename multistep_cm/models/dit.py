@@ -311,3 +311,10 @@ for _kind in ("dit", "sit"):
       _f = _factory(_kind, _size, _patch)
       globals()[_f.__name__] = _f
 del _kind, _size, _patch, _f
+
+
+def dit_digits_8px() -> DiT:
+  """A small DiT for the embedded 8x8 digits (10 classes): patch 2 (16 tokens), width 128,
+  6 blocks of 4 heads, learned Σ; trained here as a teacher by
+  `configs/digits_pipeline.py:arch=dit`."""
+  return DiT(patch_size=2, hidden_size=128, depth=6, num_heads=4, num_classes=10)

@@ -174,6 +174,11 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
+def is_run_dir(path: str) -> bool:
+  """Whether `path` is a run's workdir (it has a `checkpoints` directory), local or GCS."""
+  return bool(path) and epath.Path(checkpoint_dir(str(path).rstrip("/"))).is_dir()
+
+
 @dataclasses.dataclass
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with this project's item layout."""

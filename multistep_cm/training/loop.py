@@ -167,7 +167,10 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   # The inputs that can be wrong, checked before anything is allocated or compiled: the
   # teacher checkpoint (its metadata) and the dataset (one example).
   module_weights = None  # a teacher of your own's weights, read and checked once
-  if builder.teacher_abstract is not None:
+  if _trains_the_module(config):
+    if config.teacher_checkpoint:  # the module trained as a diffusion model starts there
+      module_weights = _module_weights(config, builder.layout.abstract.params)
+  elif builder.teacher_abstract is not None:
     if config.teacher.kind == "module":
       module_weights = _module_weights(config, builder.teacher_abstract)
     else:
@@ -194,7 +197,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   # 3. The teacher: an input of the step, sharded like the student.
   teacher_params = None
   try:
-    if module_weights is not None:
+    if module_weights is not None and builder.teacher_abstract is not None:
       teacher_params = _placed(module_weights, builder.teacher_abstract)
     elif builder.teacher_abstract is not None:
       teacher_params = _load_teacher(plan, builder.teacher_abstract)
@@ -426,9 +429,10 @@ def _initial_state(config, builder, ckpt, module_weights=None) -> TrainState:
           jax.jit(fresh, out_shardings=layout.param_shardings)(init_rng), loaded)
     logging.info("Student initialised from %s (%s).", config.init_from, config.init_weights)
     return jax.jit(create, out_shardings=layout.shardings)(loaded)
-  if config.teacher.student == "teacher":
+  if config.teacher.student == "teacher" and module_weights is not None:
     # The student is the teacher's module (checked to have the teacher's shapes): it starts
-    # as the teacher.
+    # as the teacher. (The module trained as a diffusion model without weights to start
+    # from is initialised afresh, below.)
     loaded = _placed(module_weights, layout.abstract.params)
     logging.info("Student initialised from the teacher's weights %s.", config.teacher_checkpoint)
     return jax.jit(create, out_shardings=layout.shardings)(loaded)
@@ -474,21 +478,36 @@ def _restore_newest_verified(ckpt, abstract):
   return None
 
 
+def _trains_the_module(config) -> bool:
+  """A teacher of your own's module trained (or fine-tuned) as a diffusion model itself."""
+  return (config.loss.mode == "diffusion" and config.teacher.kind == "module"
+          and config.teacher.student == "teacher")
+
+
 def _module_weights(config, abstract) -> dict:
   """The weights of a teacher of your own (`config.teacher_checkpoint`), as numpy arrays of
-  `abstract`'s dtypes, checked against its shapes (teachers/weights.py).
+  `abstract`'s dtypes, checked against its shapes: a weights file or directory
+  (teachers/weights.py), or a run of ours that trained the module (`_trains_the_module`),
+  whose `teacher_weights` parameters are read.
 
   Raises:
     ConfigError: the file is missing or unreadable, or does not fit the module (naming the
       first mismatched parameter): the config names a module and weights that disagree.
+    CheckpointError: a run's checkpoint that does not fit the module.
   """
   path = config.teacher_checkpoint
-  try:
-    tree = teacher_weights.read(path)
-    teacher_weights.check_fits(path, tree, abstract["net"])
-  except teacher_weights.WeightsError as e:
-    raise config_checks.ConfigError(f"config.teacher_checkpoint: {e}") from None
-  tree = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), {"net": tree}, abstract)
+  if checkpointing.is_run_dir(path):
+    params, _ = checkpointing.load_params(path, abstract, config.teacher_weights,
+                                          key="config.teacher_checkpoint")
+    tree = jax.device_get(params)
+  else:
+    try:
+      tree = teacher_weights.read(path)
+      teacher_weights.check_fits(path, tree, abstract["net"])
+    except teacher_weights.WeightsError as e:
+      raise config_checks.ConfigError(f"config.teacher_checkpoint: {e}") from None
+    tree = {"net": tree}
+  tree = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), tree, abstract)
   logging.info("Teacher: %s (%s frame, %s prediction) with the weights %s.",
                config.teacher.module, config.teacher.frame, config.teacher.prediction, path)
   return tree

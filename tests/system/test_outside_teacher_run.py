@@ -1,11 +1,12 @@
 """A teacher of your own through the main job and `sample`, end to end.
 
 The teachers: tests/outside_teachers.py's SD3-convention flow module (our digits UViT
-behind a flow velocity) and EDM's ADM UNet (models/adm.py) converted from an EDM-named
-PyTorch state dict, random weights written as .safetensors files. `main` distils each into
-a 2-step CD student of the teacher's own architecture, and `sample` draws from that
-student; weights that do not fit the module are refused in one line (exit 2) before the
-workdir records anything. A flow-matching teacher trained here is distilled the same way.
+behind a flow velocity), fine-tuned here as a diffusion model first, and EDM's ADM UNet
+(models/adm.py) converted from an EDM-named PyTorch state dict; random weights written as
+.safetensors files. `main` distils each into a 2-step CD student of the teacher's own
+architecture, and `sample` draws from that student; weights that do not fit the module are
+refused in one line (exit 2) before the workdir records anything. A flow-matching teacher
+trained here is distilled the same way.
 """
 import json
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from multistep_cm.models import partitioning
+from multistep_cm.sampling import runs
 from multistep_cm.teachers import weights as teacher_weights
 from multistep_cm.training import loop as train
 from multistep_cm.training import step as train_step
@@ -50,11 +52,32 @@ def _overrides(weights, **extra):
           "loss.anneal_steps": 0, **extra}
 
 
-def test_a_module_teacher_is_distilled_into_its_own_architecture_and_sampled(tmp_path):
+def test_a_module_is_trained_here_then_distilled_from_its_run_and_sampled(tmp_path):
+  """The module trained (fine-tuned from its weights file) as a diffusion model on the
+  digits, `teacher.student='teacher'` with loss.mode='diffusion'; then that run, named as
+  `teacher_checkpoint`, is distilled by `main` into a 2-step CD student of the module's own
+  architecture, which `sample` draws from."""
   weights, _ = _teacher_file(tmp_path / "teacher.safetensors")
+  teacher = tmp_path / "teacher"
+  config = tiny_digits(steps=2, checkpoint_every_steps=2, sample_every_steps=0)
+  config.evals.every_steps = 0
+  config.teacher.update({k.split(".", 1)[1]: v for k, v in _overrides(weights).items()
+                         if k.startswith("teacher.")})
+  config.teacher.student = "teacher"
+  config.teacher_checkpoint = weights
+  train.train_and_evaluate(config, str(teacher))
+  # It started from the file's weights: two steps away from them, far from a fresh start.
+  trained = runs.load_run(str(teacher), "params").params
+  start = teacher_weights.read(weights)
+  fresh = partitioning.unbox(train_step.init_params(outside_teachers.inner_network(),
+                                                    jax.random.PRNGKey(5)))
+  distance = lambda a, b: sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2))
+                              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert distance(trained["net"], start) < 1e-3 * distance(trained["net"], {"inner": fresh})
+
   workdir = tmp_path / "cd2"
   run_main("configs/digits_cd.py:steps=2", workdir,
-           _overrides(weights, **{"teacher.student": "teacher"}))
+           _overrides(str(teacher), **{"teacher.student": "teacher"}))
   recorded = json.loads((workdir / "config.json").read_text())
   assert recorded["teacher"]["student"] == "teacher"
   out = tmp_path / "samples.npz"

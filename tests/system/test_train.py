@@ -170,7 +170,8 @@ def test_staged_pipeline_config_wires_the_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("name,arg", [
-    ("digits_pipeline", None), ("digits_study", "anystep=segment_start,student_train_steps=10"),
+    ("digits_pipeline", None), ("digits_pipeline", "arch=adm"), ("digits_pipeline", "arch=dit"),
+    ("digits_study", "anystep=segment_start,student_train_steps=10"),
     ("digits_diffusion", None), ("digits_ct", "steps=2"), ("digits_cd", "teacher=/t"),
     ("mixture_diffusion", None), ("mixture_cd", "teacher=/t"), ("mixture_ct", None),
     ("mixture_direct", "teacher=/t"), ("imagenet64_diffusion", "size=large"),

@@ -220,6 +220,13 @@ def test_wrong_teachers_are_refused_in_one_line(tmp_path):
            "RuntimeError: the user code is broken")
   ct = helpers.tiny_digits("ct")
   _refused(outside(ct, "flow_sd3"), "needs loss.mode 'cd', 'direct' or 'pd'")
+  diffusion = helpers.tiny_digits()
+  _refused(outside(diffusion, "flow_sd3"), "with loss.mode='diffusion' trains the module "
+           "itself and needs teacher.student='teacher'")
+  for weights in ("", "weights.npz"):  # the module trained afresh, or from its weights
+    trained = outside(diffusion, "flow_sd3", student="teacher")
+    trained.teacher_checkpoint = weights
+    config_checks.validate(trained, num_devices=8, num_processes=1)
   run_teacher = copy.deepcopy(cd)
   run_teacher.teacher.frame = "ve"
   _refused(run_teacher, "config.teacher.frame describes a teacher of your own")
