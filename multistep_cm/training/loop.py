@@ -211,7 +211,9 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config_checks.leaves(config.to_dict())
                           if isinstance(v, (int, float, str, bool))})
-  logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", config.model.preset,
+  name = (config.teacher.module if config.teacher.student == "teacher"
+          else config.model.preset)  # the network trained: the teacher's module, or ours
+  logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", name,
                num_params / 1e6, start_step, config.num_train_steps)
 
   # 4. Input, and the step compiled once.
