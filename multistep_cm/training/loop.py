@@ -167,7 +167,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   # The inputs that can be wrong, checked before anything is allocated or compiled: the
   # teacher checkpoint (its metadata) and the dataset (one example).
   module_weights = None  # a teacher of your own's weights, read and checked once
-  if _trains_the_module(config):
+  if _trains_the_module(plan):
     if config.teacher_checkpoint:  # the module trained as a diffusion model starts there
       module_weights = _module_weights(config, builder.layout.abstract.params)
   elif builder.teacher_abstract is not None:
@@ -480,10 +480,10 @@ def _restore_newest_verified(ckpt, abstract):
   return None
 
 
-def _trains_the_module(config) -> bool:
+def _trains_the_module(plan) -> bool:
   """A teacher of your own's module trained (or fine-tuned) as a diffusion model itself."""
-  return (config.loss.mode == "diffusion" and config.teacher.kind == "module"
-          and config.teacher.student == "teacher")
+  return (not plan.objective.is_student and plan.config.teacher.kind == "module"
+          and plan.config.teacher.student == "teacher")
 
 
 def _module_weights(config, abstract) -> dict:
