@@ -205,13 +205,19 @@ class RunPlan:
 
   # --- checkpoints ----------------------------------------------------------------------------
 
+  @property
+  def model_name(self) -> str:
+    """The network trained, as checkpoints record it: `teacher:<module>` for the teacher's
+    own module (`teacher.student='teacher'`), else our `model.preset`."""
+    c = self.config
+    return f"teacher:{c.teacher.module}" if c.teacher.student == "teacher" else c.model.preset
+
   def checkpoint_meta(self, step: int) -> dict:
     """Saved beside every checkpoint: what a resume checks and the sampling commands read."""
     c, student = self.config, self.objective.is_student
     return {"step": step, "input_position": step, "batch_size": c.batch_size,
             "seed": c.seed, "ema_decays": list(c.ema_decays),
-            "model": (f"teacher:{c.teacher.module}" if c.teacher.student == "teacher"
-                      else c.model.preset), "mode": self.objective.value,
+            "model": self.model_name, "mode": self.objective.value,
             "student_steps": c.loss.student_steps if student else None,
             "anystep_counts": list(c.loss.anystep_counts),
             "segment_boundaries": ({str(s): list(b) for s, b in self.boundaries.items()}

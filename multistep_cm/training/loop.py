@@ -197,10 +197,9 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   # 3. The teacher: an input of the step, sharded like the student.
   teacher_params = None
   try:
-    if module_weights is not None and builder.teacher_abstract is not None:
-      teacher_params = _placed(module_weights, builder.teacher_abstract)
-    elif builder.teacher_abstract is not None:
-      teacher_params = _load_teacher(plan, builder.teacher_abstract)
+    if builder.teacher_abstract is not None:
+      teacher_params = (_load_teacher(plan, builder.teacher_abstract) if module_weights is None
+                        else _placed(module_weights, builder.teacher_abstract))
   except BaseException:
     ckpt.close()
     raise
@@ -211,9 +210,7 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config_checks.leaves(config.to_dict())
                           if isinstance(v, (int, float, str, bool))})
-  name = (config.teacher.module if config.teacher.student == "teacher"
-          else config.model.preset)  # the network trained: the teacher's module, or ours
-  logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", name,
+  logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", plan.model_name,
                num_params / 1e6, start_step, config.num_train_steps)
 
   # 4. Input, and the step compiled once.
