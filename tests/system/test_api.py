@@ -1,7 +1,7 @@
 """The Python interface (multistep_cm/api.py) and the quickstart notebook that uses it.
 
 A tiny version of the README's main job (a digits teacher and a 4-step CD student, a few
-steps each) is trained once; the API must load both, sample what the commands sample
+steps each, copied from the session's runs of tests/conftest.py); the API must load both, sample what the commands sample
 (the same images as `sample` for the same seed), refuse bad arguments naming the argument
 (not a command-line flag), and the notebook docs/notebooks/quickstart.py must run on it
 from start to end.
@@ -14,24 +14,14 @@ import numpy as np
 import pytest
 
 from multistep_cm import api
-from multistep_cm.training import loop as train
 from helpers import child_env
 from helpers import REPO
 from helpers import run_module
-from helpers import tiny_digits
-
-QUIET = {"sample_every_steps": 0, "evals.every_steps": 0}
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-  path = tmp_path_factory.mktemp("mcm_digits")
-  train.train_and_evaluate(tiny_digits(steps=3, checkpoint_every_steps=3, **QUIET),
-                           str(path / "teacher"))
-  train.train_and_evaluate(tiny_digits("cd", steps=2, student_steps=4, checkpoint_every_steps=2,
-                                       teacher=str(path / "teacher"), **QUIET),
-                           str(path / "cd4"))
-  return path
+def root(digits_runs, tmp_path_factory):
+  return digits_runs(tmp_path_factory.mktemp("mcm_digits"), "teacher", "cd4")
 
 
 def test_the_api_samples_what_the_sample_command_samples(root, tmp_path):

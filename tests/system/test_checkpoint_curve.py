@@ -1,7 +1,8 @@
 """`evaluate --checkpoints`: every selected checkpoint of a staged root scored, resumably.
 
-One tiny digits root is trained once for the module: a teacher with checkpoints of steps
-10, 20 and 30 and a 2-step CD student with checkpoints of steps 10 and 20. Each row of the
+The module scores a copy of the session's tiny digits runs (tests/conftest.py): a teacher
+with checkpoints of steps 10, 20 and 30 and a 2-step CD student with checkpoints of steps 10
+and 20. Each row of the
 command's table is compared with the checkpoint sampled and scored directly (runs.load_run
 at that step, generation.generate, the digits metric), not with an earlier output.
 """
@@ -17,26 +18,17 @@ from multistep_cm.evaluation import checkpoint_curve
 from multistep_cm.evaluation import sample_metrics
 from multistep_cm.sampling import generation
 from multistep_cm.sampling import runs
-from multistep_cm.training import loop as train
 
 from helpers import read_scalars
 from helpers import run_module
-from helpers import tiny_digits
 
 NUM, BATCH = 24, 16
 CURVE = ["--steps=2", "--samplers=ddim", f"--num_samples={NUM}", f"--batch_size={BATCH}"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-  path = tmp_path_factory.mktemp("curve")
-  teacher = str(path / "teacher")
-  train.train_and_evaluate(tiny_digits(steps=30, checkpoint_every_steps=10, checkpoint_keep=5,
-                                       sample_every_steps=0), teacher)
-  train.train_and_evaluate(tiny_digits("cd", steps=20, student_steps=2, teacher=teacher,
-                                       checkpoint_every_steps=10, sample_every_steps=0),
-                           str(path / "cd2"))
-  return path
+def root(digits_runs, tmp_path_factory):
+  return digits_runs(tmp_path_factory.mktemp("curve"), "teacher", "cd2")
 
 
 def direct(run_dir, step):

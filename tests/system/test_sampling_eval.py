@@ -1,6 +1,6 @@
 """Sampling and evaluation: the sample CLI, sharded generation, the evaluate report, evals.
 
-One tiny digits teacher and CD student are trained once for the module.
+A copy of the session's tiny digits teacher and 2-step CD student (tests/conftest.py).
 """
 import glob
 import json
@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from multistep_cm.config import build as config_build
 from multistep_cm.config import plan as plan_lib
 from multistep_cm.evaluation import in_training
 from multistep_cm.evaluation import report
@@ -19,7 +18,6 @@ from multistep_cm.runtime import sharding
 from multistep_cm.sampling import generation
 from multistep_cm.sampling import images
 from multistep_cm.sampling import runs
-from multistep_cm.training import loop as train
 
 from helpers import read_hparams
 from helpers import read_images
@@ -29,18 +27,9 @@ from helpers import tiny_digits
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp("runs")
-  teacher = str(root / "teacher")
-  train.train_and_evaluate(tiny_digits("diffusion", steps=20), teacher)
-  student = str(root / "cd2")
-  config = tiny_digits("cd", steps=20, student_steps=2, teacher=teacher)
-  config.evals.every_steps = 10
-  config.evals.num_samples = 64
-  config.evals.batch_size = 32
-  config.evals.ode_steps = 8
-  train.train_and_evaluate(config, student)
-  return root, teacher, student
+def trained(digits_runs, tmp_path_factory):
+  root = digits_runs(tmp_path_factory.mktemp("runs"), "teacher", "cd2")
+  return root, str(root / "teacher"), str(root / "cd2")
 
 
 def test_generation_does_not_depend_on_the_device_count(trained):
@@ -161,7 +150,7 @@ def test_tensorboard_reads_the_runs_and_evaluates_outputs(trained, tmp_path):
   hparams = read_hparams(student)
   assert hparams["loss.mode"] == "cd" and hparams["loss.student_steps"] == 2
   (step, figure), = read_images(prefix)["quality_vs_nfe"]
-  assert step == 20
+  assert step == 30  # the latest checkpoint among the rows: the teacher's
   np.testing.assert_array_equal(figure[..., :3],
                                 np.asarray(Image.open(prefix + ".png").convert("RGB")))
   assert [(r["run"], r["nfe"]) for r in rows] == [("cd2", 2), ("teacher", 1), ("teacher", 2)]
