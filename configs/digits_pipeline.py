@@ -64,6 +64,10 @@ def get_config(arg=None):
       stage.teacher.update({"kind": "module", "student": "teacher", **teacher})
       stage.schedule.name = schedule
     c.stages.teacher.teacher_checkpoint = ""  # trained from a fresh start
+    if teacher["prediction"] == "eps":
+      # DiT's own loss (L_simple): the v-loss weighs an eps-predictor's errors by 1/alpha^2
+      # (~24,000 at DDPM's last time) and the DiT did not learn with it (docs/teachers.md).
+      c.stages.teacher.loss.diffusion_weighting = "snr"
     c.stages[student].init_from = ""  # it starts from the teacher's weights
   return c
 

@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # network called at (z_fm, t_fm) and trained on ||u - û||^2 (§17.5; with schedule
   # 'flow_matching' a diffusion run trains a rectified-flow teacher).
   c.loss.prediction = "v"
+  # The diffusion loss's weighting of the squared x-error: 'snr_plus_one' (the v-loss) or
+  # 'snr' (the eps-loss of DDPM and DiT, for an eps-predicting module trained here).
+  c.loss.diffusion_weighting = "snr_plus_one"
   c.loss.student_steps = 8  # S
   c.loss.teacher_steps_start = 64  # N_teacher anneal (§3.2): 64 -> 1280 over anneal_steps
   c.loss.teacher_steps_end = 1280

@@ -198,6 +198,7 @@ SCHEMA: dict[str, Rule] = {
     "loss.mode": one_of("diffusion", *losses.MODES),
     "loss.label_dropout": number(0.0, 1.0, hi_open=True),
     "loss.prediction": one_of(*losses.DIFFUSION_PREDICTIONS),
+    "loss.diffusion_weighting": one_of(*losses.DIFFUSION_WEIGHTINGS),
     "loss.student_steps": integer(1, 4096),
     "loss.teacher_steps_start": integer(1, 1 << 20),
     "loss.teacher_steps_end": integer(1, 1 << 20),
@@ -499,7 +500,9 @@ def _check_teacher(config):
     told = [k for k, on in (("loss.anystep_counts", bool(config.loss.anystep_counts)),
                             ("model.guidance_cond", config.model.guidance_cond),
                             ("model.segment_cond", config.model.segment_cond != "none"),
-                            ("teacher.student='teacher'", t.student == "teacher")) if on]
+                            ("teacher.student='teacher'", t.student == "teacher"),
+                            ("loss.diffusion_weighting='snr'",
+                             config.loss.diffusion_weighting != "snr_plus_one")) if on]
     if told:
       raise ConfigError(f"config.loss.prediction='velocity' (our network as a flow-matching "
                         f"one) does not go with config.{told[0]}")

@@ -66,24 +66,38 @@ def weighted_distance(x_diff, t, schedule: Schedule, weighting: str, epsilon: fl
 
 
 DIFFUSION_PREDICTIONS = ("v", "velocity")
+# The diffusion loss's weighting of the squared x-error: SNR + 1 (the v-loss, ours) or SNR
+# (the eps-loss, DDPM's and DiT's L_simple, the one an eps-predicting module is made for).
+DIFFUSION_WEIGHTINGS = ("snr_plus_one", "snr")
 
 
-def diffusion_loss(denoise_fn: Callable, x, eps, t, schedule: Schedule, prediction: str = "v"):
+def diffusion_loss(denoise_fn: Callable, x, eps, t, schedule: Schedule, prediction: str = "v",
+                   weighting: str = "snr_plus_one"):
   """The v-loss `(SNR(t) + 1) ||x - x̂||^2 / d = ||v - v̂||^2 / d` per example (§1.3), or for
   a flow-matching teacher (`prediction="velocity"`) the velocity loss `||u - û||^2 / d`, u =
-  eps - x, which is `(alpha + sigma)^2` times the v-loss (§17.5).
+  eps - x, which is `(alpha + sigma)^2` times the v-loss (§17.5). With `weighting="snr"`,
+  the eps-loss `SNR(t) ||x - x̂||^2 / d = ||eps - epŝ||^2 / d` (§1.3), `alpha^2` times the
+  v-loss: the v-loss weighs an eps-predictor's errors by `1 / alpha^2`, which on DDPM's
+  linear schedule is ~24,000 at its last time.
 
   Args:
     denoise_fn: `denoise_fn(z, t) -> x̂`.
     x: data `[B, ...]`; eps: noise of the same shape; t: `[B]` times in (0, 1].
     prediction: "v" or "velocity": what the network predicts, and so what its loss is on.
+    weighting: "snr_plus_one" or "snr" (not with "velocity", which is its own loss).
   """
   if prediction not in DIFFUSION_PREDICTIONS:
     raise ValueError(f"prediction must be one of {DIFFUSION_PREDICTIONS}, got {prediction!r}")
+  if weighting not in DIFFUSION_WEIGHTINGS or (prediction == "velocity"
+                                               and weighting != "snr_plus_one"):
+    raise ValueError(f"weighting must be one of {DIFFUSION_WEIGHTINGS} ('snr_plus_one' with "
+                     f"prediction 'velocity'), got {weighting!r}")
   x_hat = denoise_fn(process.diffuse(x, eps, t, schedule), t)
   alpha, sigma = solvers.alpha_sigma(schedule, t)
   v_loss = solvers.batch_mean(jnp.square(x - x_hat), x) / jnp.square(sigma)
-  return v_loss if prediction == "v" else jnp.square(alpha + sigma) * v_loss
+  if prediction == "velocity":
+    return jnp.square(alpha + sigma) * v_loss
+  return v_loss if weighting == "snr_plus_one" else jnp.square(alpha) * v_loss
 
 
 def sample_diffusion_times(key, batch: int):

@@ -49,7 +49,8 @@ def _font(tile_h: int):
 def grid_layout(num: int, height: int, width: int, labels=None,
                 min_tile: int = MIN_TILE, class_names=None) -> GridLayout:
   """The layout of `num` samples of `height` x `width`: with `labels`, one row per distinct
-  label (in increasing order, samples in their order); without, as square as fits. With
+  label (in increasing order, samples in their order; a long one wraps); without, as square
+  as fits. With
   `class_names`, a row of class id k is written `class_names[k]` (ids beyond them, such as
   the null class, as their number)."""
   scale = max(1, -(-min_tile // min(height, width)))
@@ -68,8 +69,15 @@ def grid_layout(num: int, height: int, width: int, labels=None,
   names = tuple(class_names or ())
   text = lambda label: (names[label] if labels.dtype.kind in "iu" and 0 <= label < len(names)
                         else str(label))
-  rows = tuple((text(label), tuple(int(i) for i in np.flatnonzero(labels == label)))
-               for label in distinct)
+  # A label with more samples than a square grid's columns (and 10) wraps onto further
+  # rows, its text on the first: 100 samples of 2 classes are 10 rows of 10, not 2 of 50.
+  cols = max(10, int(np.ceil(np.sqrt(num))))
+  rows = []
+  for label in distinct:
+    members = [int(i) for i in np.flatnonzero(labels == label)]
+    rows += [(text(label) if start == 0 else "", tuple(members[start:start + cols]))
+             for start in range(0, len(members), cols)]
+  rows = tuple(rows)
   font = _font(tile_h)
   label_w = 2 * gap + max(int(np.ceil(font.getlength(text))) for text, _ in rows)
   return GridLayout(tile_h, tile_w, scale, gap, label_w, rows)

@@ -175,7 +175,8 @@ def make_loss_fn(plan: plan_lib.RunPlan, model, schedule, teacher_model=None,
       labels = conditioning.drop(k_label, model, labels, lc.label_dropout)
       t = losses.sample_diffusion_times(k_time, x.shape[0])
       student = lambda z, t: denoiser.apply_x(model, params, z, t, schedule, labels, k_drop)
-      per_example = losses.diffusion_loss(student, x, eps, t, schedule, lc.prediction)
+      per_example = losses.diffusion_loss(student, x, eps, t, schedule, lc.prediction,
+                                          lc.diffusion_weighting)
     elif objective is plan_lib.Objective.PD:
       per_example, metrics = _pd_loss(config, model, schedule, params, teacher_model,
                                       teacher_params, teacher_fn_factory, x, labels, eps,

@@ -523,6 +523,26 @@ def test_diffusion_loss_is_the_v_loss():
                              rtol=2e-4)
 
 
+def test_diffusion_loss_with_snr_weighting_is_the_eps_loss():
+  """SNR ||x - x̂||^2 = ||eps - epŝ||^2 for x̂ = (z - sigma epŝ) / alpha (§1.3), here on
+  DDPM's linear schedule, where it and the v-loss differ by up to alpha^-2 ~ 24,000."""
+  schedule = schedules.get_schedule("ddpm_linear")
+  kx, ke, kp = jax.random.split(jax.random.PRNGKey(16), 3)
+  x, eps, eps_hat = (jax.random.normal(k, (32, 4, 4, 3)) for k in (kx, ke, kp))
+  t = jnp.linspace(0.01, 1.0, 32)
+  a, s = schedule.alpha_sigma(t)
+  b = lambda u: u[:, None, None, None]
+  denoise = lambda z, t: (z - b(s) * eps_hat) / b(a)
+  want = np.mean((np.asarray(eps) - np.asarray(eps_hat)) ** 2, axis=(1, 2, 3))
+  got = losses.diffusion_loss(denoise, x, eps, t, schedule, weighting="snr")
+  np.testing.assert_allclose(got, want, rtol=2e-3)
+  v_loss = losses.diffusion_loss(denoise, x, eps, t, schedule)
+  np.testing.assert_allclose(v_loss, want / np.asarray(a) ** 2, rtol=2e-3)
+  assert float(v_loss[-1] / got[-1]) > 2e4
+  with pytest.raises(ValueError, match="'snr_plus_one' with prediction 'velocity'"):
+    losses.diffusion_loss(denoise, x, eps, t, schedule, "velocity", "snr")
+
+
 def test_teacher_step_anneal():
   """§3.2: 64 steps at iteration 0, 1280 from 100k on, log-linear between."""
   assert round(float(losses.teacher_steps(0))) == 64

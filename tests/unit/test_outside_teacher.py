@@ -315,7 +315,9 @@ def test_a_velocity_run_calls_our_network_at_flow_coordinates():
   u = inner.apply({"params": params["net"]}, z_fm, 40.0 * t_fm[:, 0, 0, 0], labels)
   np.testing.assert_allclose(x_hat, z_fm - t_fm * u, atol=2e-5)
   for key, value, fragment in (("loss.anystep_counts", (1, 2), "loss.anystep_counts"),
-                               ("model.guidance_cond", True, "model.guidance_cond")):
+                               ("model.guidance_cond", True, "model.guidance_cond"),
+                               ("loss.diffusion_weighting", "snr",
+                                "loss.diffusion_weighting='snr'")):
     bad = copy.deepcopy(config)
     helpers.set_keys(bad, {key: value})
     _refused(bad, "config.loss.prediction='velocity'", fragment)

@@ -35,6 +35,19 @@ def _check_tiles(grid, pixels, layout):
   return tiles
 
 
+def test_a_class_with_more_samples_than_a_rows_width_wraps():
+  """100 samples of 2 classes: 10 columns (a square grid's), each class on 5 rows named on
+  its first only, every sample once and in its order."""
+  labels = np.repeat([0, 1], 50)
+  layout = images.grid_layout(100, 16, 16, labels, class_names=["circle", "square"])
+  assert [text for text, _ in layout.rows] == ["circle"] + [""] * 4 + ["square"] + [""] * 4
+  assert [len(idx) for _, idx in layout.rows] == [10] * 10
+  assert [i for _, idx in layout.rows for i in idx] == list(range(100))
+  grid = images.image_grid(_samples(np.random.default_rng(1), (100, 16, 16, 3))[0], labels,
+                           class_names=["circle", "square"])
+  assert grid.shape == layout.shape + (3,)
+
+
 def test_labelled_grid_rows_per_class_upscaled_tiles_apart_labels_beside():
   rng = np.random.default_rng(0)
   samples, pixels = _samples(rng, (7, 8, 8, 1))
