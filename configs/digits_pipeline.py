@@ -30,7 +30,7 @@ def get_config(arg=None):
   if a.frame not in ("vp", "flow"):
     raise ValueError(f"frame must be 'vp' or 'flow', got {a.frame!r}")
   if a.arch not in ("uvit", *ARCHES):
-    raise ValueError(f"arch must be 'uvit', 'adm' or 'dit', got {a.arch!r}")
+    raise ValueError(f"arch must be one of {('uvit', *ARCHES)}, got {a.arch!r}")
   if a.arch != "uvit" and (a.size, a.mode, a.frame) != (8, "cd", "vp"):
     raise ValueError(f"arch={a.arch} is made for size=8, mode=cd, frame=vp")
   student = f"{a.mode}{a.steps}"

@@ -14,8 +14,9 @@ the teacher about a noise level outside the one it was trained on.
 Variants: steps=1|2|4|8, teacher=PATH (the converted weights file), guidance=W.
 Settings: the paper's ImageNet-64 CD settings (batch 2048, 200k steps, teacher steps
 64 -> 1280 over 100k, eta 0.75, pseudo-Huber 1e-4; imagenet_config), with our choices: the
-EDM schedule, bfloat16 compute with remat, and no dropout in the student (the module is
-called without it).
+EDM schedule and bfloat16 compute with remat. The student trains with the module's own
+dropout, 0.1 as EDM trained it, synchronised between its two calls as the paper's are
+(docs/maths.md §3.3).
 """
 from multistep_cm.config import base as config_base
 

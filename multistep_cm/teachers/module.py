@@ -13,8 +13,10 @@ a student may be the teacher's own architecture, starting as the teacher.
 `path/to/file.py:name`, where `name` is a `flax.linen.Module` instance or a function of no
 arguments returning one. Its errors are one-line ValueErrors naming what is wrong.
 """
+import functools
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -54,16 +56,25 @@ class OutsideNetwork(nn.Module):
       return None
     return schedules_lib.get_schedule(self.schedule_name, **dict(self.schedule_kwargs))
 
-  def __call__(self, z, logsnr, labels=None, train: bool = False):  # pylint: disable=unused-argument
-    # `train` is our networks' dropout switch; a module of your own is always called as it
-    # is, so a student of the teacher's architecture trains without dropout.
-    del train
-    denoise = adapter.adapt_x_eps(self.net, frame=self.frame, prediction=self.prediction,
+  def __call__(self, z, logsnr, labels=None, train: bool = False):
+    # `train` is our networks' dropout switch (on for the network being trained, with a
+    # "dropout" rng; off for a teacher and in sampling). A module whose call takes `train`
+    # (EDM's ADM UNet: models/adm.py) is passed it; any other is called as it is.
+    net = functools.partial(self.net, train=True) if train and takes_train(self.net) else self.net
+    denoise = adapter.adapt_x_eps(net, frame=self.frame, prediction=self.prediction,
                                   time_scale=self.time_scale, flip_time=self.flip_time,
                                   schedule=self.teacher_schedule())
     x, eps = denoise(z, logsnr, labels)
     logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), z.shape[:1])
     return frames.prediction_from_x_eps("v", x, eps, logsnr)
+
+
+def takes_train(net: nn.Module) -> bool:
+  """Whether `net`'s call has a `train` argument (a dropout switch)."""
+  try:
+    return "train" in inspect.signature(net.__call__).parameters
+  except (TypeError, ValueError):  # a call without a signature to read
+    return False
 
 
 def load_module(spec: str) -> nn.Module:

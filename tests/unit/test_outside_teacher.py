@@ -321,3 +321,35 @@ def test_a_velocity_run_calls_our_network_at_flow_coordinates():
     bad = copy.deepcopy(config)
     helpers.set_keys(bad, {key: value})
     _refused(bad, "config.loss.prediction='velocity'", fragment)
+
+
+def test_a_module_with_a_train_argument_trains_with_its_dropout():
+  """EDM's ADM UNet (dropout 0.5 here) as our network: `train=True` with a dropout rng
+  reaches its dropout (two rngs, two outputs; one rng, the same output twice: the
+  synchronised mask of a CD loss's two calls), and without it the call is deterministic and
+  is the module's own eval-mode call through the adapter. A module without `train` (the DiT)
+  is called as it is."""
+  from multistep_cm.models import adm  # pylint: disable=g-import-not-at-top
+  from multistep_cm.models import dit  # pylint: disable=g-import-not-at-top
+  from multistep_cm.teachers import adapter  # pylint: disable=g-import-not-at-top
+  net = adm.EDMTeacher(adm.ADMUNet(img_resolution=8, in_channels=1, out_channels=1,
+                                   label_dim=10, model_channels=16, channel_mult=(1, 2),
+                                   num_blocks=1, attn_resolutions=(4,), dropout=0.5))
+  assert teacher_module.takes_train(net)
+  assert not teacher_module.takes_train(dit.dit_digits_8px())
+  model = teacher_module.OutsideNetwork(net=net, frame="ve", prediction="x", image_size=8,
+                                        num_channels=1, num_classes=10)
+  params = params_of(model, 0)
+  batch = digits_batch(4)
+  z, labels = batch["image"], batch["label"]
+  t = jnp.full((4,), 0.5)
+  schedule = schedules.get_schedule("edm")
+  call = lambda rng: denoiser.apply_x(model, params, z, t, schedule, labels, rng)
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  np.testing.assert_array_equal(call(k1), call(k1))
+  assert float(jnp.max(jnp.abs(call(k1) - call(k2)))) > 1e-3
+  deterministic = call(None)
+  assert float(jnp.max(jnp.abs(call(k1) - deterministic))) > 1e-3
+  own = adapter.adapt(lambda x, s, y: net.apply({"params": params["net"]}, x, s, y),
+                      frame="ve", prediction="x")
+  np.testing.assert_allclose(deterministic, own(z, schedule.logsnr(t), labels), atol=1e-5)
