@@ -17,7 +17,8 @@ from multistep_cm.diffusion import losses
 # here so the checks can name them without importing what they configure.
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-METRIC_KINDS = ("auto", "digits", "prompts", "energy", "fid", "folder", "none")
+METRIC_KINDS = ("auto", "digits", "prompts", "energy", "fid", "fd_dinov2", "prdc", "folder",
+                "none")
 # What metric 'auto' is for each dataset: the folder metric for your own images
 # (evaluation/folder_metric.py, needs nothing downloaded), FID for any other.
 _AUTO_METRICS = {"digits": "digits", "captioned_digits": "prompts", "mixture": "energy"}
@@ -175,11 +176,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.num_samples = 1000
   c.evals.batch_size = 500
   c.evals.sample_steps = 0  # diffusion runs: the evaluation sampler's steps (0: sample_steps)
-  c.evals.metric = "auto"  # 'digits', 'energy', 'fid', 'none'; auto picks by dataset
+  # 'digits', 'energy', 'folder', 'fid', 'fd_dinov2', 'prdc' (precision/recall in DINOv2's
+  # features), 'none'; auto picks by dataset (docs/sampling_and_evaluation.md)
+  c.evals.metric = "auto"
   c.evals.ode_error = True  # students with a teacher: distance to the teacher's ODE solve
   c.evals.ode_steps = 256
   c.evals.inception_weights = ""  # FID: converted Inception weights (docs: FID and IS)
-  c.evals.reference_stats = ""  # FID: reference statistics .npz
+  c.evals.reference_stats = ""  # FID, FD-DINOv2, PRDC: reference statistics .npz
+  c.evals.dinov2_weights = ""  # FD-DINOv2, PRDC: converted DINOv2 weights (convert_dinov2)
   return c
 
 

@@ -266,6 +266,7 @@ SCHEMA: dict[str, Rule] = {
     "evals.ode_steps": integer(1, 4096),
     "evals.inception_weights": text(),
     "evals.reference_stats": text(),
+    "evals.dinov2_weights": text(),
 }
 
 # The model's keys: attributes of the UViT and the MLP (models/uvit.py, models/mlp.py).
@@ -564,25 +565,41 @@ def _check_teacher(config):
                         f"{config.init_from!r}")
 
 
+# What a feature metric of evaluation during training needs: its config keys, and the
+# command that makes each file.
+_EVAL_FILES = {
+    "fid": (("inception_weights",
+             "python -m multistep_cm.evaluation.convert_inception --src=pt_inception-2015-12-05-"
+             "6726825d.pth --out=inception_fid.npz"),
+            ("reference_stats",
+             "python -m multistep_cm.evaluation.reference_stats --dataset=... "
+             "--weights=inception_fid.npz --output=ref.npz")),
+    "fd_dinov2": (("dinov2_weights",
+                   "python -m multistep_cm.evaluation.convert_dinov2 "
+                   "--src=dinov2_vitl14_pretrain.pth --out=dinov2_vitl14.npz"),
+                  ("reference_stats",
+                   "python -m multistep_cm.evaluation.reference_stats --dataset=... "
+                   "--features=dinov2 --weights=dinov2_vitl14.npz --output=ref.npz")),
+}
+_EVAL_FILES["prdc"] = (_EVAL_FILES["fd_dinov2"][0],
+                       ("reference_stats", _EVAL_FILES["fd_dinov2"][1][1].replace(
+                           "--output=", "--keep_features --output=")))
+
+
 def _check_evals(config):
-  """Evaluation during training, where FID is its metric, needs the converted Inception
-  weights and reference statistics: refused here, before anything compiles, rather than
-  when the evaluator is built after the step."""
+  """Evaluation during training in a feature network's space (FID, FD-DINOv2, PRDC) needs
+  the converted weights and reference statistics: refused here, before anything compiles,
+  rather than when the evaluator is built after the step."""
   ec = config.evals
   if not ec.every_steps:
     return
   kind = config_base.auto_metric(config.data.dataset) if ec.metric == "auto" else ec.metric
-  if kind != "fid":
+  if kind not in _EVAL_FILES:
     return
   said = (f"config.evals.metric={ec.metric!r} is FID for data.dataset={config.data.dataset!r}"
-          if ec.metric == "auto" else "config.evals.metric='fid'")
-  for key, value, command in (
-      ("inception_weights", ec.inception_weights,
-       "python -m multistep_cm.evaluation.convert_inception --src=pt_inception-2015-12-05-"
-       "6726825d.pth --out=inception_fid.npz"),
-      ("reference_stats", ec.reference_stats,
-       "python -m multistep_cm.evaluation.reference_stats --dataset=... "
-       "--weights=inception_fid.npz --output=ref.npz")):
+          if ec.metric == "auto" else f"config.evals.metric={kind!r}")
+  for key, command in _EVAL_FILES[kind]:
+    value = ec[key]
     if not value:
       raise ConfigError(f"{said}, which needs config.evals.{key} ({command}); or set "
                         f"config.evals.metric='none' (grids and costs only) or "

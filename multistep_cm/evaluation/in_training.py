@@ -116,7 +116,8 @@ class TrainingEvaluator:
     else:  # diffusion: the run's sampler, at `sample_steps` unless evals set fewer (cost)
       self.specs = [plan.sampler(int(ec.sample_steps))]
     self.metric = sample_metrics.make_metric(config, ec.metric, ec.inception_weights,
-                                             ec.reference_stats)
+                                             ec.reference_stats,
+                                             dinov2_weights=ec.dinov2_weights)
     self.labels = self.captions = None
     if conditioning.is_text(model):
       # Prompts from the training data; the metric judges samples against their captions.

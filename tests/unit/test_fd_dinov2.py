@@ -104,3 +104,39 @@ def test_a_reference_of_other_weights_is_refused_before_sampling(files, tmp_path
   dinov2.save_dinov2(other, TINY, dinov2.random_variables(TINY, seed=1))
   with pytest.raises(ValueError, match="weights_sha256"):
     sample_metrics.make_metric(CONFIG, "fd_dinov2", dinov2_weights=other, reference_stats=ref)
+
+
+def test_evaluation_during_training_scores_fd_dinov2_and_precision_recall(files):
+  """`evals.metric=fd_dinov2` and `prdc`: the trainer's evaluator (a tiny digits network at
+  its random initialisation) reports the numbers under eval/, and a config that lacks the
+  weights or the reference is refused before anything compiles, naming the key and the
+  command that makes the file."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from multistep_cm.config import checks as config_checks  # pylint: disable=g-import-not-at-top
+  from multistep_cm.config import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import in_training  # pylint: disable=g-import-not-at-top
+  from multistep_cm.models import partitioning  # pylint: disable=g-import-not-at-top
+  from multistep_cm.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from multistep_cm.training import step as train_step  # pylint: disable=g-import-not-at-top
+  import helpers  # pylint: disable=g-import-not-at-top
+  weights, ref, _ = files
+  config = helpers.tiny_digits("diffusion", sample_steps=2)
+  config.evals.update(every_steps=10, num_samples=24, batch_size=24, metric="prdc",
+                      dinov2_weights=weights, reference_stats=ref)
+  config_checks.validate(config, num_devices=8, num_processes=1)
+  plan = plan_lib.RunPlan.from_config(config)
+  params = partitioning.unbox(train_step.init_params(plan.model, jax.random.PRNGKey(0)))
+  out = in_training.TrainingEvaluator(plan, sharding.make_mesh(config.mesh))(params)
+  assert {"eval/precision", "eval/recall", "eval/density", "eval/coverage"} <= set(out), out
+  assert all(np.isfinite(v) for v in out.values())
+  for metric, unset, fragment in (
+      ("fd_dinov2", "dinov2_weights", "convert_dinov2 --src="),
+      ("fd_dinov2", "reference_stats", "--features=dinov2 --weights="),
+      ("prdc", "reference_stats", "--keep_features")):
+    bad = config.copy_and_resolve_references()
+    bad.evals.metric, bad.evals[unset] = metric, ""
+    with pytest.raises(config_checks.ConfigError,
+                       match=f"config.evals.metric='{metric}', which needs config.evals.{unset}"
+                       ) as info:
+      config_checks.validate(bad, num_devices=8, num_processes=1)
+    assert fragment in str(info.value) and "\n" not in str(info.value)

@@ -44,6 +44,23 @@ def test_identical_feature_sets_give_zero(n):
   assert abs(fid.frechet_distance(mu, cov, mu, cov)) < 1e-10 * np.trace(cov)
 
 
+def test_a_singular_covariance_of_float32_moments_is_a_covariance():
+  """24 samples in 64 dimensions, their sum of outer products taken in float32 as on the
+  device (`batch_moments`): its zero eigenvalues come out below zero by float32 round-off,
+  which the distance takes as zeros (the same set scores ~0), while a real negative
+  eigenvalue is still refused."""
+  x = _gaussian_features(np.random.default_rng(5), 24, 64, shift=3.0).astype(np.float32)
+  stats = fid.FeatureStats(64)
+  shift = x[0]
+  rows = x - shift
+  stats.add_shifted_moments(24, rows.sum(0), rows.T @ rows, shift)  # float32 products
+  mu, cov = stats.mean_cov()
+  assert np.linalg.eigvalsh(cov).min() < -1e-8 * np.linalg.eigvalsh(cov).max()
+  assert abs(fid.frechet_distance(mu, cov, mu, cov)) < 1e-4 * np.trace(cov)
+  with pytest.raises(ValueError, match="not a covariance"):
+    fid.frechet_distance(mu, cov - 1e-2 * np.trace(cov) / 64 * np.eye(64), mu, cov)
+
+
 def test_rejects_a_matrix_that_is_not_a_covariance():
   cov = np.diag([1.0, 1.0, -0.5])
   with pytest.raises(ValueError, match="not a covariance"):
