@@ -567,6 +567,10 @@ def _check_teacher(config):
 
 # What a feature metric of evaluation during training needs: its config keys, and the
 # command that makes each file.
+_DINOV2_WEIGHTS = ("dinov2_weights", "python -m multistep_cm.evaluation.convert_dinov2 "
+                   "--src=dinov2_vitl14_pretrain.pth --out=dinov2_vitl14.npz")
+_DINOV2_REFERENCE = ("python -m multistep_cm.evaluation.reference_stats --dataset=... "
+                     "--features=dinov2 --weights=dinov2_vitl14.npz")
 _EVAL_FILES = {
     "fid": (("inception_weights",
              "python -m multistep_cm.evaluation.convert_inception --src=pt_inception-2015-12-05-"
@@ -574,16 +578,10 @@ _EVAL_FILES = {
             ("reference_stats",
              "python -m multistep_cm.evaluation.reference_stats --dataset=... "
              "--weights=inception_fid.npz --output=ref.npz")),
-    "fd_dinov2": (("dinov2_weights",
-                   "python -m multistep_cm.evaluation.convert_dinov2 "
-                   "--src=dinov2_vitl14_pretrain.pth --out=dinov2_vitl14.npz"),
-                  ("reference_stats",
-                   "python -m multistep_cm.evaluation.reference_stats --dataset=... "
-                   "--features=dinov2 --weights=dinov2_vitl14.npz --output=ref.npz")),
+    "fd_dinov2": (_DINOV2_WEIGHTS, ("reference_stats", f"{_DINOV2_REFERENCE} --output=ref.npz")),
+    "prdc": (_DINOV2_WEIGHTS,
+             ("reference_stats", f"{_DINOV2_REFERENCE} --keep_features --output=ref.npz")),
 }
-_EVAL_FILES["prdc"] = (_EVAL_FILES["fd_dinov2"][0],
-                       ("reference_stats", _EVAL_FILES["fd_dinov2"][1][1].replace(
-                           "--output=", "--keep_features --output=")))
 
 
 def _check_evals(config):
