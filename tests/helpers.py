@@ -26,6 +26,7 @@ import numpy as np
 from multistep_cm.config import base as config_base
 from multistep_cm.config import build as config_build
 from multistep_cm.models import partitioning
+from multistep_cm.runtime import metric_log
 from multistep_cm.training import step as train_step
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -190,32 +191,7 @@ def free_port() -> int:
 # --- what runs write -------------------------------------------------------------------------
 
 
-def read_scalars(workdir):
-  """Scalars `{tag: [(step, value)]}` and image tags from the event files (tensorboard's reader).
-
-  clu writes TF2 summaries (scalars are 0-d float tensors, images string tensors);
-  without TensorFlow, tensorboardX writes classic ones (scalars and images as such). Both
-  are read.
-  """
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  scalars, images = {}, set()
-  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    acc = event_accumulator.EventAccumulator(
-        path, size_guidance={"tensors": 0, "scalars": 0, "images": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    for tag in tags["tensors"]:
-      for event in acc.Tensors(tag):
-        value = tensor_util.make_ndarray(event.tensor_proto)
-        if value.dtype.kind in "fiu" and value.size == 1:
-          scalars.setdefault(tag, []).append((event.step, float(value)))
-        elif value.dtype.kind in "SO":
-          images.add(tag)
-    for tag in tags["scalars"]:
-      scalars.setdefault(tag, []).extend((e.step, float(e.value)) for e in acc.Scalars(tag))
-    images.update(tags["images"])
-  return scalars, images
+read_scalars = metric_log.read_scalars
 
 
 def read_images(logdir):

@@ -11,6 +11,8 @@ as text) and this module reports progress and profiles itself. TensorBoard reads
 Nothing here imports TensorFlow or clu unless it can be imported: `import
 multistep_cm.training.loop` works where TensorFlow cannot be.
 """
+import glob
+import os
 import time
 from typing import Any, Mapping
 
@@ -135,3 +137,32 @@ class Profile:
       self._active = False
       logging.info("Wrote a profile of steps %d to %d to %s.", self._first, self._last,
                    self._logdir)
+
+
+def read_scalars(workdir):
+  """Scalars `{tag: [(step, value)]}` and image tags from a directory's event files
+  (TensorBoard's reader: `tensorboard`, which TensorFlow brings, must be installed).
+
+  clu writes TF2 summaries (scalars are 0-d float tensors, images string tensors);
+  without TensorFlow, tensorboardX writes classic ones (scalars and images as such). Both
+  are read.
+  """
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  scalars, images = {}, set()
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    acc = event_accumulator.EventAccumulator(
+        path, size_guidance={"tensors": 0, "scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in tags["tensors"]:
+      for event in acc.Tensors(tag):
+        value = tensor_util.make_ndarray(event.tensor_proto)
+        if value.dtype.kind in "fiu" and value.size == 1:
+          scalars.setdefault(tag, []).append((event.step, float(value)))
+        elif value.dtype.kind in "SO":
+          images.add(tag)
+    for tag in tags["scalars"]:
+      scalars.setdefault(tag, []).extend((e.step, float(e.value)) for e in acc.Scalars(tag))
+    images.update(tags["images"])
+  return scalars, images
