@@ -128,7 +128,7 @@ class Run:
       labels, _ = self.plan.prompts(num, seed)
     x, drawn = generation.generate(self._run.model, self._run.params, self._run.schedule, spec,
                                    num, seed=seed, batch_size=batch_size, labels=labels,
-                                   progress=progress)
+                                   progress=progress, decode=self.plan.decode)
     if not np.all(np.isfinite(x)):
       raise ValueError(f"the samples of {self.workdir} (checkpoint step {self.step}, "
                        f"{self._run.weights}) are not finite: its weights are damaged; load "

@@ -154,7 +154,8 @@ def main(argv):
                run.describe_weights(), spec.describe())
   samples, labels = generation.generate(
       run.model, run.params, run.schedule, spec, _NUM.value, seed=_SEED.value,
-      batch_size=_BATCH.value, labels=labels, x_var_table=table, progress=_PROGRESS.value)
+      batch_size=_BATCH.value, labels=labels, x_var_table=table, progress=_PROGRESS.value,
+      decode=run.plan.decode)
   finite = np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)
   if not finite.all():  # weights that overflow: never written out as images
     fail(inputs.BAD_CHECKPOINT, f"{np.sum(~finite)} of {len(samples)} samples of checkpoint "

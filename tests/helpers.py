@@ -19,13 +19,19 @@ import socket
 import subprocess
 import sys
 
+from flax import traverse_util
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
+from multistep_cm import convert
 from multistep_cm.config import base as config_base
 from multistep_cm.config import build as config_build
 from multistep_cm.models import partitioning
+from multistep_cm.models import vae as vae_lib
 from multistep_cm.runtime import metric_log
 from multistep_cm.training import step as train_step
 
@@ -245,3 +251,33 @@ def assert_one_line_error(proc, code, *fragments):
   for fragment in fragments:
     assert fragment in lines[0], (fragment, lines[0])
   return lines[0]
+
+
+# --- small data and networks made here -----------------------------------------------------
+
+
+# One down level: 16x16 RGB -> 8x8x4 latents.
+TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                norm_num_groups=4, in_channels=3, out_channels=3, mid_block_attention=True,
+                scaling_factor=0.5)
+
+
+def write_tiny_vae(path: str, seed: int = 0) -> vae_lib.AutoencoderKL:
+  """A converted-VAE file (weights + settings JSON, as `convert --from=sd-vae` writes) of a
+  tiny VAE with random weights."""
+  module = vae_lib.AutoencoderKL(**TINY_VAE)
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3))))
+  flat = {"/".join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(params["params"]).items()}
+  convert.write(path, flat, {"network": "sd-vae", "settings": TINY_VAE})
+  return module
+
+
+def make_folder(root: str, per_class: int = 12, seed: int = 0):
+  """Two class folders ('circles', 'squares') of random 16x16 RGB PNGs."""
+  rng = np.random.default_rng(seed)
+  for name in ("circles", "squares"):
+    os.makedirs(os.path.join(root, name))
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+          os.path.join(root, name, f"{i:02d}.png"))

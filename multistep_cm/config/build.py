@@ -12,6 +12,7 @@ import numpy as np
 from multistep_cm.data import captions
 from multistep_cm.data import digits
 from multistep_cm.data import image_folder
+from multistep_cm.data import latents
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.data import sources
 from multistep_cm.data import tfds_source
@@ -153,6 +154,9 @@ def make_source(config) -> sources.Source:
   if folder is not None:
     return tfds_source.TfdsSource(f"{image_folder.BUILDER}/{folder}", split, data.data_dir,
                                   data.image_size)
+  latent = latents.latent_name(dataset)
+  if latent is not None:  # VAE posteriors of an image dataset (data/latents.py)
+    return latents.LatentSource(latent, split, data.data_dir)
   if dataset in DATASETS or (isinstance(dataset, str) and dataset.startswith("tfds:")):
     if dataset.removeprefix("tfds:") == tfds_source.SYNTHETIC:
       # Importing it registers its TFDS builder (it imports TensorFlow: only here).
@@ -161,7 +165,7 @@ def make_source(config) -> sources.Source:
                                   data.image_size, data.fast_decode, data.text_len,
                                   data.text_dim)
   raise ValueError(f"config.data.dataset={dataset!r} is not one of {DATASETS}, "
-                   f"'tfds:<name>' or 'folder:<name>'")
+                   f"'tfds:<name>', 'folder:<name>' or 'latent:<name>'")
 
 
 def class_names(config) -> tuple[str, ...] | None:
@@ -169,12 +173,15 @@ def class_names(config) -> tuple[str, ...] | None:
   (`images.image_grid(..., class_names=)`): a prepared image folder's, from its record (no
   TFDS, no decoding); None for other datasets or one not prepared."""
   folder = image_folder.folder_name(config.data.dataset)
-  if folder is None:
-    return None
+  latent = latents.latent_name(config.data.dataset)
   try:
-    return tuple(image_folder.read_record(folder, config.data.data_dir)["class_names"]) or None
+    if folder is not None:
+      return tuple(image_folder.read_record(folder, config.data.data_dir)["class_names"]) or None
+    if latent is not None:
+      return tuple(latents.read_record(latent, config.data.data_dir)["class_names"]) or None
   except sources.DatasetError:
     return None
+  return None
 
 
 def prompts(config, num: int, seed: int = 0):

@@ -27,6 +27,8 @@ from multistep_cm.config import build as config_build
 from multistep_cm.data import captions
 from multistep_cm.data import digits
 from multistep_cm.data import image_folder
+from multistep_cm.data import latents
+from multistep_cm.data import sources
 from multistep_cm.data import pipeline
 from multistep_cm.diffusion import losses
 from multistep_cm.diffusion import sampling
@@ -133,21 +135,35 @@ def _remat_policy(v):
 
 def _dataset(v):
   if isinstance(v, str) and (v in DATASETS or (v.startswith("tfds:") and len(v) > 5)
-                             or (v.startswith("folder:") and len(v) > 7)):
+                             or (v.startswith("folder:") and len(v) > 7)
+                             or latents.latent_name(v) is not None):
     return None
-  return f"one of {DATASETS}, 'tfds:<name>' or 'folder:<name>' (your images, docs/data.md)"
+  return (f"one of {DATASETS}, 'tfds:<name>', 'folder:<name>' (your images, docs/data.md) or "
+          "'latent:<name>' (VAE latents of a dataset)")
 
 
 def _check_folder_data(config):
-  """The user's prepared images (data/image_folder.py) against the config's data shape, by
-  the dataset's record: no TFDS, no decoding, seconds before anything compiles."""
-  name = image_folder.folder_name(config.data.dataset)
-  if name is None:
+  """The user's prepared images (data/image_folder.py) or latents (data/latents.py) against
+  the config's data shape, by the dataset's record: no TFDS, no decoding, seconds before
+  anything compiles."""
+  folder = image_folder.folder_name(config.data.dataset)
+  latent = latents.latent_name(config.data.dataset)
+  if latent is not None:
+    if config.data.random_flip:
+      raise ConfigError(f"config.data.random_flip=True with data.dataset="
+                        f"{config.data.dataset!r}: a flipped latent is not the latent of the "
+                        "flipped image; set it False (or encode flipped images as well)")
+    if config.data.text_dim:
+      raise ConfigError("config.data.text_dim > 0: latent datasets hold images and labels, "
+                        "not text (data/latents.py)")
+  if folder is None and latent is None:
     return
   keys = ("image_size", "num_channels", "num_classes")
   values = {f"data.{k}": config.data[k] for k in keys}
   values.update({f"model.{k}": config.model[k] for k in keys if k in config.model})
-  problem = image_folder.config_disagreement(name, config.data.data_dir, values)
+  problem = (image_folder.config_disagreement(folder, config.data.data_dir, values)
+             if folder is not None
+             else latents.config_disagreement(latent, config.data.data_dir, values))
   if problem:
     raise ConfigError(problem)
 
@@ -591,7 +607,13 @@ def _check_evals(config):
   ec = config.evals
   if not ec.every_steps:
     return
-  kind = config_base.auto_metric(config.data.dataset) if ec.metric == "auto" else ec.metric
+  dataset = config.data.dataset
+  if latents.latent_name(dataset) is not None:  # scored in pixels, as its source dataset
+    try:
+      dataset = latents.pixel_config(config).data.dataset
+    except sources.DatasetError:
+      return  # not prepared: opening the data says how to prepare it
+  kind = config_base.auto_metric(dataset) if ec.metric == "auto" else ec.metric
   if kind not in _EVAL_FILES:
     return
   said = (f"config.evals.metric={ec.metric!r} is FID for data.dataset={config.data.dataset!r}"

@@ -18,6 +18,7 @@ import ml_collections
 from multistep_cm.config import base as config_base
 from multistep_cm.config import build as config_build
 from multistep_cm.config import sampler as sampler_lib
+from multistep_cm.data import latents
 from multistep_cm.diffusion import losses
 
 
@@ -142,6 +143,12 @@ class RunPlan:
   def class_names(self) -> tuple[str, ...] | None:
     """The data's class names for sample-grid rows (a prepared image folder's), else None."""
     return config_build.class_names(self.config)
+
+  @functools.cached_property
+  def decode(self):
+    """`decode(x) -> images` of a model of VAE latents (data/latents.py: the record's VAE),
+    applied wherever samples become pictures or are scored; None for data in pixels."""
+    return latents.decoder(self.config)
 
   def prompts(self, num: int, seed: int = 0):
     """`(conditioning, captions)` of `num` training examples drawn by `seed`: what a text

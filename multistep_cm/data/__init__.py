@@ -8,7 +8,9 @@ text-to-image demo) and `text_encoder` (the fixed encoder of those captions), `m
 `prepare` (the command that prepares them), `synthetic` (an ImageNet-shaped TFDS dataset
 made on the spot, for tests and benchmarks), `text_image` (text-image datasets built from
 the user's captions and text-encoder outputs), `image_folder` (image datasets built from
-the user's folders or EDM-style zips of images, and their record), `pipeline` (the
+the user's folders or EDM-style zips of images, and their record), `latents` (a prepared
+image dataset encoded once by a VAE for latent diffusion, its source and the decoder of its
+samples), `pipeline` (the
 deterministic multi-host order, decoding ahead, global batches). `config.build.make_source` picks the source a
 config names.
 """

@@ -430,31 +430,43 @@ def build(images: str, name: str, data_dir: str | None = None, image_size: int |
   try:
     plan = _Plan(files, list_examples(files), image_size, channels, crop, holdout, skip_bad,
                  progress)
-    root = data_dir_or_default(data_dir)
-    os.makedirs(root, exist_ok=True)
-    # A hidden sibling on the same file system, so the last step is one atomic rename; TFDS
-    # never looks in it, so a prepare killed outright leaves nothing it reads as a dataset.
-    incomplete = os.path.join(root, f".incomplete.{BUILDER}.{name}.{uuid.uuid4().hex[:8]}")
-    try:
-      tfds_source.ensure_tfds_can_prepare()
-      builder = _builder_class()(name=name, plan=plan, data_dir=incomplete,
-                                 file_format="array_record")
-      builder.download_and_prepare()
-      record = plan.record(name)
-      with open(os.path.join(builder.data_path, RECORD), "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1)
-      os.makedirs(os.path.dirname(final), exist_ok=True)
-      try:
-        os.rename(builder.data_path, final)
-      except OSError as e:  # another prepare of the same name finished first
-        raise InputError(f"{BUILDER}/{name} could not be moved into place at {final} "
-                         f"({e.strerror}); if another prepare wrote it meanwhile, use that "
-                         "one, or delete it and prepare again") from None
-    finally:
-      _remove_incomplete(incomplete)
+    record = write_in_place(lambda where: _builder_class()(
+        name=name, plan=plan, data_dir=where, file_format="array_record"),
+        lambda: plan.record(name), BUILDER, name, RECORD, data_dir, InputError)
   finally:
     files.close()
   return final, record
+
+
+def write_in_place(make_builder, make_record, builder_name: str, name: str, record_file: str,
+                   data_dir: str | None, error) -> dict:
+  """Prepares the TFDS dataset `make_builder(data_dir)` builds and writes `make_record()` as
+  `record_file` beside it, all or nothing: TFDS writes into a hidden sibling of the final
+  folder on the same file system (TFDS never looks in it, so a prepare killed outright
+  leaves nothing it reads as a dataset), renamed into place in one step at the end and
+  removed if anything fails. Returns the record; `error` (an exception class) says why the
+  rename failed."""
+  final = os.path.join(data_dir_or_default(data_dir), builder_name, name, VERSION)
+  root = data_dir_or_default(data_dir)
+  os.makedirs(root, exist_ok=True)
+  incomplete = os.path.join(root, f".incomplete.{builder_name}.{name}.{uuid.uuid4().hex[:8]}")
+  try:
+    tfds_source.ensure_tfds_can_prepare()
+    builder = make_builder(incomplete)
+    builder.download_and_prepare()
+    record = make_record()
+    with open(os.path.join(builder.data_path, record_file), "w", encoding="utf-8") as fh:
+      json.dump(record, fh, indent=1)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+      os.rename(builder.data_path, final)
+    except OSError as e:  # another prepare of the same name finished first
+      raise error(f"{builder_name}/{name} could not be moved into place at {final} "
+                  f"({e.strerror}); if another prepare wrote it meanwhile, use that one, or "
+                  "delete it and prepare again") from None
+  finally:
+    _remove_incomplete(incomplete)
+  return record
 
 
 def _remove_incomplete(path: str):
@@ -499,6 +511,16 @@ def config_disagreement(name: str, data_dir: str | None, values: dict) -> str | 
     record = read_record(name, data_dir)
   except DatasetError:
     return None
+  return record_disagreement(record, values, f"folder:{name}",
+                             os.path.join(dataset_path(name, data_dir), RECORD),
+                             "prepare the images again to match")
+
+
+def record_disagreement(record: dict, values: dict, dataset: str, path: str,
+                        remedy: str) -> str | None:
+  """`config_disagreement` for any prepared dataset's `record` (with `image_size`, `channels`,
+  `num_classes` and `class_names`), named `dataset`, its record at `path`; `remedy` ends the
+  line."""
   what = {"image_size": f"{record['image_size']}x{record['image_size']} images",
           "channels": f"{record['channels']} channel(s)",
           "num_classes": (f"{record['num_classes']} classes ("
@@ -512,6 +534,4 @@ def config_disagreement(name: str, data_dir: str | None, values: dict) -> str | 
   said = "; ".join(f"config.{key}={value!r}, but it holds {what[field]}"
                    for key, value, field in wrong)
   fix = " ".join(f"--config.{key}={record[field]}" for key, _, field in wrong)
-  return (f"folder:{name} disagrees with the config: {said} (its record "
-          f"{os.path.join(dataset_path(name, data_dir), RECORD)}); set {fix}, or prepare the "
-          "images again to match")
+  return f"{dataset} disagrees with the config: {said} (its record {path}); set {fix}, or {remedy}"

@@ -26,6 +26,16 @@ writes `image_folders/shapes`, which a config reads as `data.dataset = 'folder:s
 with `data.image_size`, `data.num_channels` and `data.num_classes` as the command prints
 (a config that disagrees is refused).
 
+The latents of a prepared image dataset, for latent diffusion (data/latents.py describes them):
+
+  python -m multistep_cm.data.prepare --latents=folder:shapes --vae=sd_vae_ft_ema.safetensors \
+      --name=shapes_sd --data_dir=/data/tfds [--image_size=256] [--batch_size=32]
+
+encodes the dataset's training split once with a VAE converted by `python -m
+multistep_cm.convert --from=sd-vae` and writes `latents/shapes_sd`, which a config reads as
+`data.dataset = 'latent:shapes_sd'` with `data.image_size` and `data.num_channels` the latent's
+(the command prints them); its samples are decoded by the same VAE for grids and metrics.
+
 Exit codes: 0 written; 2 a bad command line or input (one `error:` line; nothing written:
 for `--dataset`, a name or config TFDS does not have, or a dataset that needs files
 downloaded by hand and a `--manual_dir` without them, found before any download); 3 a
@@ -44,6 +54,8 @@ import sys
 import tensorflow_datasets as tfds
 
 from multistep_cm.data import image_folder
+from multistep_cm.data import latents
+from multistep_cm.data.sources import DatasetError
 from multistep_cm.data import tfds_source
 # Imported for its side effect: it registers the `synthetic_jpeg` builder with TFDS.
 from multistep_cm.data import synthetic  # pylint: disable=unused-import
@@ -143,12 +155,24 @@ def main(argv=None) -> int:
                    help="held out as the 'validation' split: a fraction (0.1) or a count (500)")
   own.add_argument("--skip_bad", action="store_true",
                    help="leave out unreadable or truncated images (counted) instead of stopping")
+  latent = parser.add_argument_group("VAE latents of a prepared dataset (instead of --dataset; "
+                                      "with --name, --vae and --image_size)")
+  latent.add_argument("--latents", default=None,
+                      help="the image dataset as a config names it: folder:NAME, tfds:NAME or "
+                      "an ImageNet name")
+  latent.add_argument("--vae", default=None,
+                      help="the VAE `convert --from=sd-vae` wrote (.safetensors or .npz, its "
+                      "settings .json beside it)")
+  latent.add_argument("--batch_size", default=32, type=int, help="images encoded at a time")
   args = parser.parse_args(argv)
   given = [f for f, v in (("--dataset", args.dataset), ("--text_images", args.text_images),
-                          ("--images", args.images)) if v is not None]
+                          ("--images", args.images), ("--latents", args.latents))
+           if v is not None]
   if len(given) != 1:
-    parser.error("give one of --dataset, --text_images (with --embeddings and --name) or "
-                 "--images (with --name)")
+    parser.error("give one of --dataset, --text_images (with --embeddings and --name), "
+                 "--images (with --name) or --latents (with --vae and --name)")
+  if args.latents is not None:
+    return _latents(parser, args)
   if args.dataset is not None:
     try:
       print(prepare(args.dataset, args.data_dir, args.manual_dir))
@@ -189,6 +213,31 @@ def main(argv=None) -> int:
   except text_image.InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  print(path)
+  return 0
+
+
+def _latents(parser, args) -> int:
+  if args.name is None or args.vae is None:
+    parser.error("--latents needs --vae and --name")
+  try:
+    path, record = latents.build(args.latents, args.vae, args.name, args.data_dir,
+                                 args.image_size, args.batch_size)
+  except (latents.InputError, DatasetError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"error: interrupted; nothing of {latents.BUILDER}/{args.name} was written",
+          file=sys.stderr)
+    return 130
+  print(f"{latents.BUILDER}/{args.name}: {record['splits']['train']} images of "
+        f"{args.latents} ({record['image_size']}x{record['image_size']}) as "
+        f"{record['latent_size']}x{record['latent_size']}x{record['latent_channels']} latents "
+        f"by {record['vae']}", file=sys.stderr)
+  print(f"train with --config.data.dataset={record['dataset']} --config.data.image_size="
+        f"{record['latent_size']} --config.data.num_channels={record['latent_channels']} "
+        f"--config.data.num_classes={record['num_classes']} --config.data.random_flip=False"
+        + (f" --config.data.data_dir={args.data_dir}" if args.data_dir else ""), file=sys.stderr)
   print(path)
   return 0
 

@@ -12,6 +12,8 @@ and `reference_stats` (the commands that make its weights and reference statisti
 `tree_io` (arrays trees as .npz), `prdc` (precision, recall, density and coverage of
 samples in any feature space); `report` (the `evaluate` command's quality-vs-steps
 tables), `checkpoint_curve` (its `--checkpoints` mode: the metric of every selected
-checkpoint against training step, resumable), `t2i_report` (the `t2i_demo` command's
+checkpoint against training step, resumable), `learning_curves` (the command that plots
+the in-training metric of staged comparison runs against optimizer steps, over seeds: the
+Table 3 and 4 curves), `t2i_report` (the `t2i_demo` command's
 prompt-following table and grid) and `in_training` (sample grids and evaluations while training).
 """

@@ -37,7 +37,9 @@ class SampleGrid:
   def __init__(self, plan: plan_lib.RunPlan, mesh):
     config, model = plan.config, plan.model
     # Replicated output: every process can read the grid, also when the batch spans hosts.
-    self._sample = jax.jit(generation.make_sample_fn(model, plan.schedule, _own_sampler(plan)),
+    sample = generation.make_sample_fn(model, plan.schedule, _own_sampler(plan))
+    decode = plan.decode  # a latent model's grid shows the decoded images
+    self._sample = jax.jit(sample if decode is None else lambda *a: decode(sample(*a)),
                            out_shardings=sharding.replicated(mesh))
     k_z, _ = jax.random.split(jax.random.PRNGKey(config.seed + 7))
     self._z = jax.random.normal(k_z, (config.sample_num,) + plan.example_shape)
@@ -107,6 +109,7 @@ class TrainingEvaluator:
     config, model = plan.config, plan.model
     ec = config.evals
     self.model, self.schedule, self.mesh = model, plan.schedule, mesh
+    self.decode = plan.decode  # latents are scored (and the ODE error measured) as pictures
     self.num_samples = int(ec.num_samples)
     self.batch_size = int(ec.batch_size)
     self.seed = int(config.seed) + 2**16
@@ -133,7 +136,7 @@ class TrainingEvaluator:
   def _generate(self, params, spec, model=None):
     return generation.generate(model or self.model, params, self.schedule, spec,
                                self.num_samples, seed=self.seed, batch_size=self.batch_size,
-                               labels=self.labels, mesh=self.mesh)
+                               labels=self.labels, mesh=self.mesh, decode=self.decode)
 
   def __call__(self, params) -> dict[str, float]:
     out = {}

@@ -54,7 +54,7 @@ def _stage_config(path: str) -> dict:
 def _method(config: dict) -> str:
   loss = config["loss"]
   mode = loss["mode"]
-  if mode in ("cd", "pd") and loss.get("teacher_solver", "addim") != "addim":
+  if mode in ("cd", "pd") and loss["teacher_solver"] != "addim":
     return f"{mode}/{loss['teacher_solver']}"
   return mode
 

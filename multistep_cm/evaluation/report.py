@@ -130,7 +130,7 @@ def score_run(run, specs, metric, num_samples: int, seed: int, batch_size: int =
     start = time.perf_counter()
     samples, labels = generation.generate(run.model, run.params, run.schedule, spec,
                                           num_samples, seed=seed, batch_size=batch_size,
-                                          labels=prompts)
+                                          labels=prompts, decode=run.plan.decode)
     seconds = time.perf_counter() - start
     if not np.all(np.isfinite(samples)):
       raise _nonfinite(run, f"its samples with {spec.describe()} are not finite (NaN or "

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from multistep_cm.config import base as config_base
+from multistep_cm.data import latents
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.evaluation import energy
 
@@ -76,6 +77,8 @@ def make_metric(config, kind="auto", inception_weights: str = "", reference_stat
       weights or reference statistics it needs (the message names the command).
     FileNotFoundError: a weights or statistics file that does not exist.
   """
+  # A model of VAE latents is scored on its decoded samples, as its source dataset's images.
+  config = latents.pixel_config(config)
   kinds = [resolve_kind(config, k) for k in split_kinds(kind)] or [resolve_kind(config)]
   if "none" in kinds:
     if len(kinds) > 1:

@@ -10,6 +10,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from multistep_cm.teachers import weights
+
 METADATA_KEY = "__metadata__"
 
 
@@ -74,13 +76,7 @@ def digest(tree: Mapping[str, Any]) -> str:
   return sha.hexdigest()
 
 
-def file_sha256(path: str) -> str:
-  """sha256 of a file's bytes: names the source a converter read."""
-  sha = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      sha.update(chunk)
-  return sha.hexdigest()
+file_sha256 = weights.file_sha256  # the one definition, where weights are read
 
 
 def fill_from_state_dict(shapes: Mapping[str, tuple[int, ...]],

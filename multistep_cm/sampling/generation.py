@@ -64,7 +64,7 @@ def _round_up(n: int, k: int) -> int:
 
 def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, seed: int = 0,
              batch_size: int = 256, labels=None, x_var_table=None, mesh=None,
-             progress: bool = False):
+             progress: bool = False, decode=None):
   """Draws `num_samples` samples; returns `(samples float32 [-1, 1]-ish, labels or None)`.
 
   Args:
@@ -79,6 +79,8 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
     x_var_table: aDDIM's per-t table when `spec.x_var == 'table'`.
     mesh: the devices to use, the batch split over all its axes (default: all devices).
     progress: show a progress bar.
+    decode: `decode(x) -> images` applied to each batch on the device: a latent model's
+      VAE decoder (data/latents.py `decoder`), so that the samples are pictures.
   """
   if mesh is None:
     mesh = sharding.data_mesh()
@@ -122,6 +124,8 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
       lbl = jax.device_put(jax.tree.map(lambda a: a[b * batch_size:(b + 1) * batch_size],
                                         labels), data_sharding)
     x = one_batch(params, b, lbl)
+    if decode is not None:
+      x = decode(x)
     out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
   samples = np.concatenate(out)[:num_samples]
   return samples, (jax.tree.map(lambda a: a[:num_samples], labels) if conditional else None)

@@ -12,6 +12,7 @@ byte offsets, the raw bytes), so no extra package is needed.
 first mismatched parameter; `WeightsError` is what a file that cannot be used raises (one
 line naming the file).
 """
+import hashlib
 import json
 import os
 import struct
@@ -162,3 +163,12 @@ def check_fits(path: str, tree: dict, abstract):
   if found:
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     raise WeightsError(f"{path}: does not fit the module: {found[0]}{more}")
+
+
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes: names the source a converter read."""
+  sha = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      sha.update(chunk)
+  return sha.hexdigest()

@@ -27,6 +27,7 @@ import optax
 
 from multistep_cm.config import build as config_build
 from multistep_cm.config import plan as plan_lib
+from multistep_cm.data import latents
 from multistep_cm.diffusion import losses
 from multistep_cm import models
 from multistep_cm.models import conditioning
@@ -38,6 +39,9 @@ from multistep_cm.training import optim
 
 # fold_in index of the per-example guidance scale draws (loss.guidance_range).
 _GUIDANCE_STREAM = 0x6775
+# The stream of a latent dataset's posterior draws (data/latents.py): runs in pixels draw as
+# before.
+_LATENT_STREAM = 0x6C61
 
 
 # --- the train state ---------------------------------------------------------------------------
@@ -166,6 +170,9 @@ def make_loss_fn(plan: plan_lib.RunPlan, model, schedule, teacher_model=None,
 
   def loss_fn(params, teacher_params, batch, step, rng):
     x = batch[data_key]
+    if latents.STD in batch:  # VAE latents: a fresh draw from each example's posterior
+      x = x + batch[latents.STD] * jax.random.normal(jax.random.fold_in(rng, _LATENT_STREAM),
+                                                     x.shape, x.dtype)
     # Class labels, or a text model's embeddings and mask (models/conditioning.py).
     labels = conditioning.from_batch(model, batch)
     k_eps, k_time, k_drop, k_label = jax.random.split(rng, 4)
@@ -377,6 +384,8 @@ class StepBuilder:
             (config.batch_size,) + plan.example_shape, jnp.float32,
             sharding=self.batch_sharding),
         **conditioning.batch_specs(self.model, config.batch_size, self.batch_sharding)}
+    if latents.latent_name(config.data.dataset) is not None:  # each posterior's std by its mean
+      self.abstract_batch[latents.STD] = self.abstract_batch[self.data_key]
     self.teacher_abstract = (self.sharded_teacher_params()
                              if plan.objective.needs_teacher else None)
     teacher_shardings = (None if self.teacher_abstract is None

@@ -103,7 +103,8 @@ COMMANDS = ("main", "sample", "evaluate", "compile_report", "toy", "sampler_comp
 SUBPACKAGE_COMMANDS = ("models.summary", "data.prepare", "evaluation.convert_inception",
                        "evaluation.convert_dinov2", "evaluation.convert_clip",
                        "evaluation.reference_stats", "evaluation.digits_metric",
-                       "evaluation.prompt_metric", "evaluation.folder_metric")
+                       "evaluation.prompt_metric", "evaluation.folder_metric",
+                       "evaluation.learning_curves")
 
 
 def _folder(name: str) -> str | None:
