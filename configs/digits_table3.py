@@ -8,7 +8,7 @@ from one trained teacher, each evaluated during training (issue 31; docs/results
 
 Stages `cd<S>` (one per student step count S) train `budget` steps each and score themselves
 every `eval_every` steps (FD to the held-out split, `num_samples` samples, and the ODE error
-against the teacher's 256-step DDIM solve): the CD learning curve. Stages `pd<N>` are the
+against the teacher's `ode_steps`-step DDIM solve): the CD learning curve. Stages `pd<N>` are the
 Progressive Distillation chain from the teacher's `start` aDDIM steps down to `end`, `halving`
 steps per halving, each student scored once at its end: the S-step PD student's point on the
 same axis is at (log2(start/S)) * halving optimizer steps. Every stage runs at `batch` and
@@ -19,7 +19,8 @@ configs/digits_pipeline.py: 4000 steps at batch 64).
 
 Variants: teacher=PATH (a trained digits diffusion run), seed=0, steps=1/2/4/8,
 budget=4000, eval_every=500, num_samples=2000, solver=addim|ddim (CD's teacher step,
-Table 4), halving=500 (0: no PD chain), start=16, end=1, batch=64, modes=cd/pd.
+Table 4), halving=500 (0: no PD chain), start=16, end=1, batch=64, modes=cd/pd,
+ode_steps=64 (0: no ODE error).
 """
 import ml_collections
 
@@ -29,7 +30,7 @@ from multistep_cm.config import base as config_base
 def get_config(arg=None):
   a = config_base.parse_arg(arg, teacher="", seed=0, steps="1/2/4/8", budget=4000,
                             eval_every=500, num_samples=2000, solver="addim", halving=500,
-                            start=16, end=1, batch=64, modes="cd/pd")
+                            start=16, end=1, batch=64, modes="cd/pd", ode_steps=64)
   teacher = a.teacher or "stage:teacher"
   modes = [m for m in a.modes.split("/") if m]
   unknown = sorted(set(modes) - {"cd", "pd"})
@@ -39,6 +40,10 @@ def get_config(arg=None):
   def scored(stage, every):
     stage.evals.every_steps = every
     stage.evals.num_samples = a.num_samples
+    # The teacher's ODE solve of every sample is computed once per stage, at a cost of
+    # about ode_steps * num_samples / (5 * batch) training steps: 0 turns it off.
+    stage.evals.ode_error = bool(a.ode_steps)
+    stage.evals.ode_steps = a.ode_steps or stage.evals.ode_steps
     return stage
 
   c = ml_collections.ConfigDict()
