@@ -78,6 +78,15 @@ class TopologyError(ValueError):
   """A topology this host cannot describe (unknown name, or libtpu missing)."""
 
 
+def _network_name(config) -> str:
+  """The trained network's name: the model preset, or a module trained as its own student
+  (`teacher.student='teacher'`) by its factory (e.g. 'dit_xl_2_bf16_remat')."""
+  t = config.teacher
+  if t.kind == "module" and t.student == "teacher":
+    return t.module.rsplit(":", 1)[-1]
+  return config.model.preset
+
+
 def topology_name(name: str) -> str:
   """'v5e-64' / 'v5litepod-64' -> libtpu's 'v5e:8x8'; names with ':' pass through."""
   if ":" in name:
@@ -168,7 +177,7 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
       "counters": _shard_bytes(state.counters()),
   }
   report = {
-      "config": config.model.preset, "mode": mode, "batch_size": config.batch_size,
+      "config": _network_name(config), "mode": mode, "batch_size": config.batch_size,
       "topology": resolved, "chips": num_chips, "hosts": num_hosts, "device_kind": kind,
       "mesh": dict(builder.mesh.shape),
       "model": {k: model[k] for k in ("dtype", "remat", "remat_policy", "scan_blocks")
@@ -199,11 +208,12 @@ def build_report(config, topology: str = "cpu", steps_per_sec: float | None = No
                   fits=None if not chip else total <= chip[2],
                   xla_flops_per_chip=flops.xla_flops(compiled))
 
-  paper_key = (config.model.preset, mode)
+  # The paper's speeds are of its UViTs: a module trained as its own student has none.
+  paper_key = (_network_name(config), mode)
   speed_chips = num_chips
   if steps_per_sec is None and paper_key in PAPER_STEPS_PER_SEC:
     steps_per_sec = PAPER_STEPS_PER_SEC[paper_key]
-    speed_chips = PAPER_CHIPS[config.model.preset]
+    speed_chips = PAPER_CHIPS[paper_key[0]]
     report["steps_per_sec_source"] = f"paper (§7.3), {speed_chips} chips"
   elif steps_per_sec is not None:
     report["steps_per_sec_source"] = f"--steps_per_sec, {num_chips} chips"

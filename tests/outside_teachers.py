@@ -98,6 +98,10 @@ def tiny_adm():
   return adm.EDMTeacher(adm.ADMUNet(**TINY_ADM))
 
 
+def tiny_adm_remat():
+  return adm.EDMTeacher(adm.ADMUNet(**TINY_ADM, remat=True))
+
+
 # The teacher.* keys that describe each module (what a user writes in a config).
 CONVENTIONS = {
     "flow_sd3": {"frame": "flow", "prediction": "velocity", "flow_time": "data_at_0",

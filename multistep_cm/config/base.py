@@ -291,15 +291,69 @@ def imagenet_config(resolution: int, mode: str, size: str = "small", student_ste
     c.optimizer.learning_rate = 1e-4
     c.loss.label_dropout = 0.1
   else:
-    c.num_train_steps = 200_000  # §7.1
-    c.loss.student_steps = student_steps
-    c.loss.teacher_steps_start, c.loss.teacher_steps_end = 64, 1280  # §3.2
-    c.loss.anneal_steps = 100_000
-    c.loss.eta = 0.75  # §5.5
-    c.loss.huber_epsilon = 1e-4  # §3.6
-    c.loss.guidance_scale = guidance
-    c.optimizer.learning_rate = 5e-5  # NOT FOUND: our choice for fine-tuning
+    _imagenet_student(c, student_steps, guidance)
     _start_from(c, teacher)
+  return c
+
+
+def _imagenet_student(c: ml_collections.ConfigDict, student_steps: int, guidance: float):
+  """The paper's ImageNet student settings (§7.1, §3.2, §5.5, §3.6)."""
+  c.num_train_steps = 200_000  # §7.1
+  c.loss.student_steps = student_steps
+  c.loss.teacher_steps_start, c.loss.teacher_steps_end = 64, 1280  # §3.2
+  c.loss.anneal_steps = 100_000
+  c.loss.eta = 0.75  # §5.5
+  c.loss.huber_epsilon = 1e-4  # §3.6
+  c.loss.guidance_scale = guidance
+  c.optimizer.learning_rate = 5e-5  # NOT FOUND: our choice for fine-tuning
+
+
+# The converted ImageNet-256 latent teachers (docs/teachers.md): their module and frame keys,
+# and the schedule the student trains and samples on (the teacher's own, §17.3).
+LATENT_TEACHERS = {
+    "dit": ({"module": "multistep_cm.models.dit:dit_xl_2_bf16_remat", "frame": "vp",
+             "prediction": "eps", "schedule": "ddpm_linear", "time_scale": 999.0},
+            "ddpm_linear"),
+    "sit": ({"module": "multistep_cm.models.dit:sit_xl_2_bf16_remat", "frame": "flow",
+             "prediction": "velocity", "flow_time": "noise_at_0"}, "flow_matching"),
+}
+
+
+def imagenet256_latent_cd_config(arch: str, student_steps: int = 4, teacher: str = "",
+                                 guidance: float = 0.5,
+                                 data: str = "imagenet256_sd") -> ml_collections.ConfigDict:
+  """MCM-CD of a converted DiT-XL/2 or SiT-XL/2 on ImageNet-256 SD-VAE latents
+  (`latent:<data>`, 32x32x4; docs/data.md). The paper's ImageNet CD settings where they
+  carry over (§7.1, §3.2, §5.5: batch 2048, 200k steps, teacher steps 64 -> 1280 over 100k,
+  eta 0.75, pseudo-Huber 1e-4); the student is the teacher's module, starting from its
+  weights (§7.1). Our choices: the teacher's schedule, guidance w = 0.5 (DiT's and SiT's
+  FID-50k setting, cfg scale 1.5 = 1 + w), bfloat16 with remat, FSDP over every chip."""
+  if arch not in LATENT_TEACHERS:
+    raise ValueError(f"imagenet256 latent CD: arch must be one of {sorted(LATENT_TEACHERS)}, "
+                     f"got {arch!r}")
+  keys, schedule = LATENT_TEACHERS[arch]
+  c = base_config()
+  c.data.dataset = f"latent:{data}"
+  c.data.image_size, c.data.num_channels, c.data.num_classes = 32, 4, 1000
+  c.data.random_flip = False  # refused for latents (data/latents.py)
+  c.data.prefetch = 4
+  c.batch_size = 2048  # §7.1
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.loss.mode = "cd"
+  _imagenet_student(c, student_steps, guidance)
+  c.optimizer.warmup_steps = 1000  # NOT FOUND: our choice
+  c.ema_decays = (0.9999,)  # NOT FOUND: our choice
+  c.ema_warmup = False
+  c.teacher_checkpoint = teacher
+  c.teacher.update(dict(kind="module", student="teacher", **keys))
+  c.schedule.name = schedule
+  c.schedule.kwargs = ml_collections.ConfigDict()
+  c.checkpoint_every_steps = 2000
+  c.checkpoint_keep = 3
+  c.checkpoint_keep_period = 50_000
+  c.sample_every_steps = 10_000
+  c.sample_num = 64
+  c.log_every_steps = 100
   return c
 
 

@@ -313,6 +313,18 @@ for _kind in ("dit", "sit"):
 del _kind, _size, _patch, _f
 
 
+def dit_xl_2_bf16_remat() -> DiT:
+  """DiT-XL/2 computing in bfloat16 (parameters, norms and softmax in float32), its blocks
+  rematerialised: the published weights' network, for training a student of it on
+  accelerators (configs/imagenet256_dit_cd.py)."""
+  return preset("XL", 2, dtype=jnp.bfloat16, remat=True)
+
+
+def sit_xl_2_bf16_remat() -> DiT:
+  """SiT-XL/2 the same way (configs/imagenet256_sit_cd.py)."""
+  return preset("XL", 2, dtype=jnp.bfloat16, remat=True)
+
+
 def dit_digits_8px() -> DiT:
   """A small DiT for the embedded 8x8 digits (10 classes): patch 2 (16 tokens), width 128,
   6 blocks of 4 heads, learned Σ; trained here as a teacher by

@@ -339,6 +339,21 @@ def make_train_step(config, loss_fn, tx, lr_schedule):
   return train_step
 
 
+def _without_remat(module: nn.Module) -> nn.Module | None:
+  """`module` with every submodule attribute that has `remat=True` (at any depth of its
+  dataclass fields) cloned with `remat=False`; None if none has."""
+  changes = {}
+  for field in dataclasses.fields(module):
+    value = getattr(module, field.name, None)
+    if isinstance(value, nn.Module):
+      plain = _without_remat(value)
+      if plain is not None:
+        changes[field.name] = plain
+  if getattr(module, "remat", False) is True:
+    changes["remat"] = False
+  return module.clone(**changes) if changes else None
+
+
 def all_finite(tree) -> jax.Array:
   """A boolean scalar: every element of every array in `tree` is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -390,12 +405,17 @@ class StepBuilder:
                              if plan.objective.needs_teacher else None)
     teacher_shardings = (None if self.teacher_abstract is None
                          else jax.tree.map(lambda a: a.sharding, self.teacher_abstract))
-    loss_fn = make_loss_fn(plan, self.model, self.schedule, self.teacher_model)
-    self.step_fn = jax.jit(
-        make_train_step(config, loss_fn, self.tx, self.lr_schedule),
+    self._teacher_shardings = teacher_shardings
+    self.step_fn = self._jit_step(self.model)
+
+  def _jit_step(self, model):
+    """The jitted train step of the plan with `model` as the network trained."""
+    loss_fn = make_loss_fn(self.plan, model, self.schedule, self.teacher_model)
+    return jax.jit(
+        make_train_step(self.config, loss_fn, self.tx, self.lr_schedule),
         in_shardings=(self.layout.shardings, {k: self.batch_sharding
                                               for k in self.abstract_batch},
-                      teacher_shardings),
+                      self._teacher_shardings),
         out_shardings=(self.layout.shardings, sharding_lib.replicated(self.mesh)),
         donate_argnums=(0,))
 
@@ -433,10 +453,18 @@ class StepBuilder:
     configured, recomputed forwards included. They differ only under remat.
     """
     hardware = flops_lib.count_flops((self.trace() if traced is None else traced).jaxpr)
-    if not getattr(self.model, "remat", False):
+    if getattr(self.model, "remat", False):
+      no_remat = ml_collections.ConfigDict(self.config.to_dict())
+      no_remat.model.remat = False
+      return (flops_lib.count_flops(
+          StepBuilder.from_config(no_remat, self.devices).trace().jaxpr), hardware)
+    # A module trained as its own student (teacher.student='teacher', teachers/module.py)
+    # with a remat switch of its own (our ADM UNet and DiT): the same step with it off.
+    plain = _without_remat(self.model)
+    if plain is None:
       return hardware, hardware
-    no_remat = ml_collections.ConfigDict(self.config.to_dict())
-    no_remat.model.remat = False
-    return (flops_lib.count_flops(StepBuilder.from_config(no_remat, self.devices).trace().jaxpr),
-            hardware)
+    step_fn = self._jit_step(plain)
+    with self._rules():
+      traced = step_fn.trace(self.layout.abstract, self.abstract_batch, self.teacher_abstract)
+    return flops_lib.count_flops(traced.jaxpr), hardware
 

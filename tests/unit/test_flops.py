@@ -67,6 +67,23 @@ def test_model_flops_do_not_depend_on_scanning_and_remat_adds_hardware_flops():
   assert counts(scan_blocks=True, mid_blocks=3, remat=True).flops > scanned.flops
 
 
+def test_a_module_student_with_its_own_remat_counts_model_flops_without_it():
+  """A module trained as its own student (teacher.student='teacher') whose remat is its own
+  switch (the ADM UNet's): model FLOPs are the step with it off, hardware FLOPs with it on,
+  and the model FLOPs equal those of the same module built without remat."""
+  def builder(name):
+    config = config_base.digits_config("cd", 2, 8, "/w.npz")
+    config.batch_size, config.mesh.data, config.mesh.fsdp = 8, 1, 1
+    config.teacher.update({"kind": "module", "module": f"outside_teachers:{name}",
+                           "student": "teacher", "frame": "ve", "prediction": "x"})
+    return train_step.StepBuilder.from_config(config, jax.devices()[:1])
+  model, hardware = builder("tiny_adm_remat").flops()
+  plain_model, plain_hardware = builder("tiny_adm").flops()
+  assert model.exact and hardware.exact
+  assert hardware.flops > model.flops
+  assert model.flops == plain_model.flops == plain_hardware.flops
+
+
 def test_step_flops_count_every_block_of_a_scanned_stack():
   """XLA counts a loop body once; the step's FLOPs (logged MFU) must not depend on scanning."""
   config = config_base.digits_config("diffusion")
