@@ -228,13 +228,10 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
   logging.info("Compiled the train step in %.1fs: %.3g model FLOPs per device per step.",
                time.time() - t0, scalar_log.flops_per_device)
   grid = in_training.make_sample_grid(plan, builder.mesh)
+  # Built at its first evaluation, not here: its setup (the teacher's ODE solve of every
+  # evaluation sample) can take minutes, and a stop signal must not wait for it.
   evaluator = None
-  if in_training.enabled(plan):
-    evaluator = in_training.TrainingEvaluator(
-        plan, builder.mesh,
-        in_training.evaluation_teacher(plan, teacher_params,
-                                       builder.sharded_teacher_params()),
-        builder.teacher_model)
+  evaluate = in_training.enabled(plan)
 
   # 5. The loop.
   hooks = (metric_log.progress_hooks(config, workdir, start_step)
@@ -264,7 +261,14 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
         writer.write_images(step, {"samples": samples[None]})
         if jax.process_index() == 0 and final:
           images.save_png(samples, os.path.join(workdir, f"samples_step{step}.png"))
-      if evaluator is not None and (_due(step, config.evals.every_steps) or final):
+      # A requested stop skips the evaluation: a preemption's grace period is short.
+      if evaluate and (_due(step, config.evals.every_steps) or final) and not stop.requested():
+        if evaluator is None:
+          evaluator = in_training.TrainingEvaluator(
+              plan, builder.mesh,
+              in_training.evaluation_teacher(plan, teacher_params,
+                                             builder.sharded_teacher_params()),
+              builder.teacher_model)
         writer.write_scalars(step, evaluator(state.ema["ema0"]))
 
       preempted = stop.requested() or (jax.process_count() > 1 and
