@@ -3,7 +3,9 @@
 XLA reads its flags when the backend starts, so they are set here, before any
 test module imports jax.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,8 +13,11 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The digits classifier is trained once per session into a private cache, not ~/.cache.
-os.environ.setdefault("MULTISTEP_CM_CACHE", tempfile.mkdtemp(prefix="mcm_cache_"))
+# The digits classifier is trained once per session into a private cache, not ~/.cache:
+# made by the first process (xdist's workers inherit it) and removed when that one exits.
+if "MULTISTEP_CM_CACHE" not in os.environ:
+  os.environ["MULTISTEP_CM_CACHE"] = tempfile.mkdtemp(prefix="mcm_cache_")
+  atexit.register(shutil.rmtree, os.environ["MULTISTEP_CM_CACHE"], True)
 
 
 # The files that take minutes, longest first: pytest.ini runs the suite on two workers
