@@ -159,7 +159,9 @@ def load_vae(path: str) -> Vae:
     raise DatasetError(f"the VAE {path} cannot be loaded ({type(e).__name__}: {e}); it is "
                        "what `python -m multistep_cm.convert --from=sd-vae` writes, with its "
                        f"settings {settings} beside it") from None
-  params = params.get("params", params)
+  import jax  # pylint: disable=g-import-not-at-top
+  # On the device once: every call passes them as an argument, not as host constants.
+  params = jax.device_put(params.get("params", params))
   return Vae(path, module, params)
 
 

@@ -37,10 +37,11 @@ class SampleGrid:
   def __init__(self, plan: plan_lib.RunPlan, mesh):
     config, model = plan.config, plan.model
     # Replicated output: every process can read the grid, also when the batch spans hosts.
-    sample = generation.make_sample_fn(model, plan.schedule, _own_sampler(plan))
-    decode = plan.decode  # a latent model's grid shows the decoded images
-    self._sample = jax.jit(sample if decode is None else lambda *a: decode(sample(*a)),
+    self._sample = jax.jit(generation.make_sample_fn(model, plan.schedule, _own_sampler(plan)),
                            out_shardings=sharding.replicated(mesh))
+    # A latent model's grid shows the decoded images (the VAE's own jitted call, its
+    # weights an argument rather than constants of this program).
+    self._decode = plan.decode
     k_z, _ = jax.random.split(jax.random.PRNGKey(config.seed + 7))
     self._z = jax.random.normal(k_z, (config.sample_num,) + plan.example_shape)
     self._labels = self._row_labels = None
@@ -62,6 +63,8 @@ class SampleGrid:
 
   def __call__(self, params) -> np.ndarray:
     samples = jax.device_get(self._sample(params, self._z, self._labels))
+    if self._decode is not None:
+      samples = np.asarray(self._decode(samples))
     return images.image_grid(samples, self._row_labels, class_names=self._class_names)
 
 

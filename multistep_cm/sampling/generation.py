@@ -79,8 +79,8 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
     x_var_table: aDDIM's per-t table when `spec.x_var == 'table'`.
     mesh: the devices to use, the batch split over all its axes (default: all devices).
     progress: show a progress bar.
-    decode: `decode(x) -> images` applied to each batch on the device: a latent model's
-      VAE decoder (data/latents.py `decoder`), so that the samples are pictures.
+    decode: `decode(x) -> images` applied to each gathered batch: a latent model's VAE
+      decoder (data/latents.py `decoder`), so that the samples are pictures.
   """
   if mesh is None:
     mesh = sharding.data_mesh()
@@ -123,10 +123,10 @@ def generate(model, params, schedule, spec: SamplerSpec, num_samples: int, *, se
     if conditional:
       lbl = jax.device_put(jax.tree.map(lambda a: a[b * batch_size:(b + 1) * batch_size],
                                         labels), data_sharding)
-    x = one_batch(params, b, lbl)
-    if decode is not None:
-      x = decode(x)
-    out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+    x = np.asarray(multihost_utils.process_allgather(one_batch(params, b, lbl), tiled=True))
+    if decode is not None:  # on this process's devices: the whole batch, every process
+      x = np.asarray(decode(x))
+    out.append(x)
   samples = np.concatenate(out)[:num_samples]
   return samples, (jax.tree.map(lambda a: a[:num_samples], labels) if conditional else None)
 
