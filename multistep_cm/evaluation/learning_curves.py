@@ -20,7 +20,8 @@ The table gives, per curve, the last step every seed reached, its mean, its spre
 over seeds) and the change over the last doubling (the value at the last step minus the value
 at half of it): a curve has `flattened` when that change is smaller than the spread (as issue
 31 asks), which needs at least two seeds. A second table compares CD and PD at equal compute:
-each PD point beside the CD curve of the same S at the same step.
+each PD point beside the CD curve of the same S at the same step (or its last point
+before it).
 """
 import dataclasses
 import json
@@ -125,8 +126,11 @@ def summary(curve: dict, num_runs: int) -> list[dict]:
   return rows
 
 
-def _fmt(v, digits=1):
-  return "–" if v is None else f"{v:.{digits}f}"
+def _fmt(v):
+  """Three significant digits (FD 29.5, an ODE error 0.173), at least one decimal."""
+  if v is None:
+    return "–"
+  return f"{v:.1f}" if abs(v) >= 10 else f"{v:#.3g}"
 
 
 def summary_markdown(rows: list[dict], metric: str) -> str:
@@ -155,17 +159,22 @@ def equal_compute_markdown(curve: dict, metric: str, other: str = "pd") -> str:
       peers = []
       for (m2, s2), rows2 in sorted(curve.items(), key=lambda kv: _order(kv[0])):
         if s2 == s and m2 != other:
-          at = [r for r in rows2 if r[0] == step]
-          peers.append(f"{m2} {_fmt(at[0][1])} ({_fmt(at[0][2])} – {_fmt(at[0][3])})" if at
-                       else f"{m2}: not scored at {step}")
+          # Its last point at or before this compute (none: not yet scored).
+          at = [r for r in rows2 if r[0] <= step]
+          if at:
+            when = "" if at[-1][0] == step else f" at {at[-1][0]}"
+            peers.append(f"{m2}{when} {_fmt(at[-1][1])} ({_fmt(at[-1][2])} – "
+                         f"{_fmt(at[-1][3])})")
+          else:
+            peers.append(f"{m2}: not scored by {step}")
       lines.append(f"| {s} | {step} | {_fmt(mean)} ({_fmt(lo)} – {_fmt(hi)}) | "
                    f"{'; '.join(peers) or '–'} |")
   return "\n".join(lines) + "\n"
 
 
 def figure(curve: dict, metric: str, title: str):
-  """A line per consistency curve (band: min to max over the seeds) and PD's points, one colour
-  per S; log axes. A `matplotlib.figure.Figure`, drawn without pyplot."""
+  """A line per consistency curve (band: min to max over the seeds) and PD's points (bar: the
+  same range), one colour per S; log axes. A `matplotlib.figure.Figure`, drawn without pyplot."""
   from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top
   fig = mpl_figure.Figure(figsize=(8, 5), dpi=100)
   ax = fig.add_subplot()
@@ -177,9 +186,12 @@ def figure(curve: dict, metric: str, title: str):
     line, marker = styles.get(method, ("-", "x"))
     ax.plot(rows[:, 0], rows[:, 1], line, marker=marker, markersize=5 if method == "pd" else 3,
             color=colours[s], label=f"{method.upper()}, {s} step{'s' if s > 1 else ''}")
-    if rows[:, 4].max() > 1:
+    if rows[:, 4].max() > 1 and len(rows) > 1:
       ax.fill_between(rows[:, 0], rows[:, 2], rows[:, 3], color=colours[s], alpha=0.15,
                       linewidth=0)
+    elif rows[:, 4].max() > 1:  # one point (a PD student): its seeds' range as a bar
+      ax.errorbar(rows[:, 0], rows[:, 1], yerr=[rows[:, 1] - rows[:, 2], rows[:, 3] - rows[:, 1]],
+                  fmt="none", ecolor=colours[s], capsize=4)
   ax.set_xscale("log")
   ax.set_yscale("log")
   for axis in (ax.xaxis, ax.yaxis):

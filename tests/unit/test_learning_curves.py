@@ -67,6 +67,11 @@ def test_seeds_give_the_mean_band_and_flattening(two_seeds):
   table = learning_curves.equal_compute_markdown(curve, "fd")
   assert "| 1 | 200 | 41.0 (40.0 – 42.0) | cd 51.0 (50.0 – 52.0); cd/ddim 60.0 (60.0 – 60.0) |" in table
   assert "| 2 | 100 | 31.0 (30.0 – 32.0) | – |" in table
+  # A PD point between two CD evaluations meets CD's last one before it.
+  late = learning_curves.curves([learning_curves.Point("a", "pd", 1, 300, 7.0),
+                                 *learning_curves.run_points(two_seeds[0])])
+  assert "| 1 | 300 | 7.00 (7.00 – 7.00) | cd at 200 50.0 (50.0 – 50.0)" in (
+      learning_curves.equal_compute_markdown(late, "fd"))
 
 
 def test_the_command_writes_figure_table_and_record(two_seeds, tmp_path):
