@@ -107,7 +107,8 @@ def config_disagreement(name: str, data_dir: str | None, values: dict) -> str | 
 
 @dataclasses.dataclass(frozen=True)
 class Vae:
-  """A converted VAE file with its jitted encoder and decoder (replicated on every device)."""
+  """A converted VAE file with its jitted encoder and decoder, its weights on the default
+  device (uncommitted: a call may place them with its other arguments)."""
   path: str
   module: object
   params: dict
