@@ -156,7 +156,7 @@ def main(argv=None) -> int:
   own.add_argument("--skip_bad", action="store_true",
                    help="leave out unreadable or truncated images (counted) instead of stopping")
   latent = parser.add_argument_group("VAE latents of a prepared dataset (instead of --dataset; "
-                                      "with --name, --vae and --image_size)")
+                                      "with --name and --vae)")
   latent.add_argument("--latents", default=None,
                       help="the image dataset as a config names it: folder:NAME, tfds:NAME or "
                       "an ImageNet name")
@@ -220,6 +220,11 @@ def main(argv=None) -> int:
 def _latents(parser, args) -> int:
   if args.name is None or args.vae is None:
     parser.error("--latents needs --vae and --name")
+  try:
+    inputs.check_writable(image_folder.data_dir_or_default(args.data_dir), "--data_dir")
+  except inputs.InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.code
   try:
     path, record = latents.build(args.latents, args.vae, args.name, args.data_dir,
                                  args.image_size, args.batch_size)

@@ -104,16 +104,11 @@ def curves(points: Sequence[Point]) -> dict:
   return out
 
 
-def _order(key):
-  method, s = key
-  return (method, s)
-
-
 def summary(curve: dict, num_runs: int) -> list[dict]:
   """Per curve: the last step all `num_runs` runs reached, its mean and spread, the change
   over the last doubling, and whether the curve has flattened (change < spread)."""
   rows = []
-  for key in sorted(curve, key=_order):
+  for key in sorted(curve):
     full = [r for r in curve[key] if r[4] == num_runs] or curve[key]
     step, mean, lo, hi, n = full[-1]
     half = [r for r in full if r[0] <= step // 2]
@@ -152,12 +147,12 @@ def equal_compute_markdown(curve: dict, metric: str, other: str = "pd") -> str:
   """Each `other` point (PD) beside every consistency curve of the same S at the same step."""
   lines = [f"| S | optimizer steps | {other} {metric} | consistency students at that step |",
            "|---|---|---|---|"]
-  for (method, s), rows in sorted(curve.items(), key=lambda kv: _order(kv[0])):
+  for (method, s), rows in sorted(curve.items()):
     if method != other:
       continue
     for step, mean, lo, hi, n in rows:
       peers = []
-      for (m2, s2), rows2 in sorted(curve.items(), key=lambda kv: _order(kv[0])):
+      for (m2, s2), rows2 in sorted(curve.items()):
         if s2 == s and m2 != other:
           # Its last point at or before this compute (none: not yet scored).
           at = [r for r in rows2 if r[0] <= step]
@@ -181,7 +176,7 @@ def figure(curve: dict, metric: str, title: str):
   counts = sorted({s for _, s in curve})
   colours = {s: f"C{i}" for i, s in enumerate(counts)}
   styles = {"cd": ("-", "o"), "cd/ddim": (":", "s"), "ct": ("-.", "^"), "pd": ("--", "D")}
-  for (method, s) in sorted(curve, key=_order):
+  for (method, s) in sorted(curve):
     rows = np.asarray(curve[(method, s)])
     line, marker = styles.get(method, ("-", "x"))
     ax.plot(rows[:, 0], rows[:, 1], line, marker=marker, markersize=5 if method == "pd" else 3,

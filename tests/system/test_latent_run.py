@@ -31,6 +31,11 @@ def test_prepare_latents_train_score_and_sample(tmp_path):
   assert ("--config.data.dataset=latent:shapes_sd --config.data.image_size=8 "
           "--config.data.num_channels=4 --config.data.num_classes=2") in proc.stderr
 
+  # A --data_dir that cannot be written: one line, exit 6 (docs/operations.md), nothing made.
+  proc = run_module("multistep_cm.data.prepare", "--latents=folder:shapes", f"--vae={vae}",
+                    "--name=other", f"--data_dir={vae}", check=False)
+  assert_one_line_error(proc, 6, "--data_dir: cannot write to", "not a directory")
+
   data = {"data.dataset": "latent:shapes_sd", "data.data_dir": data_dir,
           "data.image_size": 8, "data.num_channels": 4, "data.num_classes": 2,
           "num_train_steps": 4, "checkpoint_every_steps": 4, "evals.every_steps": 4,
