@@ -13,8 +13,10 @@ the `eval/<metric>` scalars of their event files). A stage is one curve point pe
     axis of training compute (each step costs both three network forwards and one backward,
     docs/results.md).
 Curves are named by method and S: `cd` (aDDIM teacher step, the paper's), `cd/ddim` (Table 4's
-other arm), `pd`. Seeds are the runs: a point's value is the mean over the runs that have it,
-with their minimum and maximum (the band of the figure).
+other arm), `pd`. Seeds are the runs, named by their last path component: runs that share it
+(`/tmp/a/seed0,/tmp/b/seed0`) are parts of one seed, say its S = 1, 2 and S = 4, 8 stages trained
+by two commands, and may not both hold a student of the same method and S. A point's value is
+the mean over the seeds that have it, with their minimum and maximum (the band of the figure).
 
 The table gives, per curve, the last step every seed reached, its mean, its spread (max - min
 over seeds) and the change over the last doubling (the value at the last step minus the value
@@ -87,6 +89,21 @@ def run_points(run: str, metric: str = "fd") -> list[Point]:
       points.append(Point(os.path.basename(run.rstrip("/")), method, s, offset + int(step),
                           float(value)))
   return points
+
+
+def gather(runs: Sequence[str], metric: str = "fd") -> tuple[list[Point], int]:
+  """The points of every run and the number of seeds (distinct run names): a seed's parts
+  may not repeat a curve (ValueError naming both runs)."""
+  points, owner = [], {}
+  for run in runs:
+    mine = run_points(run, metric)
+    for key in sorted({(p.run, p.method, p.steps) for p in mine}):
+      if key in owner:
+        raise ValueError(f"--runs: {owner[key]} and {run} both hold seed {key[0]}'s "
+                         f"{key[1]} student of S = {key[2]}")
+      owner[key] = run
+    points += mine
+  return points, len({os.path.basename(r.rstrip("/")) for r in runs})
 
 
 def curves(points: Sequence[Point]) -> dict:
@@ -201,7 +218,8 @@ def figure(curve: dict, metric: str, title: str):
   return fig
 
 
-_RUNS = flags.DEFINE_list("runs", None, "Staged workdirs, one per seed.")
+_RUNS = flags.DEFINE_list("runs", None, "Staged workdirs, one per seed (or several parts of a "
+                          "seed sharing its last path component).")
 _METRIC = flags.DEFINE_string("metric", "fd", "The eval/<metric> scalar to plot (fd, ode_error).")
 _OUT = flags.DEFINE_string("out", None, "Output prefix: <out>.png, <out>.json, <out>.md.")
 _TITLE = flags.DEFINE_string("title", "", "The figure's title (default: the runs).")
@@ -212,14 +230,14 @@ def main(argv):
   if not _RUNS.value:
     inputs.fail(COMMAND, 2, "--runs=DIR[,DIR...] is required (the staged workdirs, one per seed)")
   try:
-    points = [p for run in _RUNS.value for p in run_points(run, _METRIC.value)]
+    points, num_seeds = gather(_RUNS.value, _METRIC.value)
   except (OSError, KeyError, ValueError) as e:
     inputs.fail(COMMAND, 2, str(e))
   if not points:
     inputs.fail(COMMAND, 2, f"no eval/{_METRIC.value} scalars in {','.join(_RUNS.value)} (do "
                 "its stages set evals.every_steps?)")
   curve = curves(points)
-  rows = summary(curve, len(_RUNS.value))
+  rows = summary(curve, num_seeds)
   text = (summary_markdown(rows, _METRIC.value) + "\nAt equal compute:\n\n"
           + equal_compute_markdown(curve, _METRIC.value))
   print(text)

@@ -74,6 +74,23 @@ def test_seeds_give_the_mean_band_and_flattening(two_seeds):
       learning_curves.equal_compute_markdown(late, "fd"))
 
 
+def test_a_seeds_parts_in_two_runs_are_one_seed_and_may_not_repeat_a_curve(two_seeds, tmp_path):
+  part = str(tmp_path / "more" / "seed0")  # seed 0's S = 4 student, trained by another command
+  os.makedirs(part)
+  _stage(part, "cd4", "cd", 4, 200, {100: 20.0, 200: 10.0})
+  points, seeds = learning_curves.gather([*two_seeds, part])
+  assert seeds == 2
+  curve = learning_curves.curves(points)
+  assert curve[("cd", 4)] == [(100, 20.0, 20.0, 20.0, 1), (200, 10.0, 10.0, 10.0, 1)]
+  assert curve[("cd", 1)][-1] == (400, 50.0, 49.0, 51.0, 2)  # seed 0's own curve is unchanged
+  twice = str(tmp_path / "again" / "seed0")
+  os.makedirs(twice)
+  _stage(twice, "cd1", "cd", 1, 400, {400: 1.0})
+  with pytest.raises(ValueError, match=f"{two_seeds[0]} and {twice} both hold seed seed0's cd "
+                                       "student of S = 1"):
+    learning_curves.gather([*two_seeds, twice])
+
+
 def test_the_command_writes_figure_table_and_record(two_seeds, tmp_path):
   out = str(tmp_path / "fd")
   proc = subprocess.run([sys.executable, "-m", "multistep_cm.evaluation.learning_curves",
