@@ -244,7 +244,8 @@ def main(argv):
   if _OUT.value:
     try:
       os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-      title = _TITLE.value or ", ".join(os.path.basename(r.rstrip("/")) for r in _RUNS.value)
+      names = dict.fromkeys(os.path.basename(r.rstrip("/")) for r in _RUNS.value)  # the seeds
+      title = _TITLE.value or ", ".join(names)
       figure(curve, _METRIC.value, title).savefig(_OUT.value + ".png")
       with open(_OUT.value + ".json", "w") as f:
         json.dump({"runs": _RUNS.value, "metric": _METRIC.value, "summary": rows,
