@@ -62,6 +62,11 @@ def _method(config: dict) -> str:
   return mode
 
 
+def seed_name(run: str) -> str:
+  """The seed a run belongs to: its last path component."""
+  return os.path.basename(run.rstrip("/"))
+
+
 def run_points(run: str, metric: str = "fd") -> list[Point]:
   """The curve points of every scored student stage of the staged workdir `run`."""
   if not os.path.isdir(run):
@@ -86,14 +91,13 @@ def run_points(run: str, metric: str = "fd") -> list[Point]:
     offset = (sum(k for n, k in chain[method].items() if n > s) if loss["mode"] == "pd" else 0)
     scalars, _ = metric_log.read_scalars(path)
     for step, value in scalars.get(tag, ()):
-      points.append(Point(os.path.basename(run.rstrip("/")), method, s, offset + int(step),
-                          float(value)))
+      points.append(Point(seed_name(run), method, s, offset + int(step), float(value)))
   return points
 
 
-def gather(runs: Sequence[str], metric: str = "fd") -> tuple[list[Point], int]:
-  """The points of every run and the number of seeds (distinct run names): a seed's parts
-  may not repeat a curve (ValueError naming both runs)."""
+def gather(runs: Sequence[str], metric: str = "fd") -> tuple[list[Point], list[str]]:
+  """The points of every run and the seeds (the distinct run names, in order): a seed's
+  parts may not repeat a curve (ValueError naming both runs)."""
   points, owner = [], {}
   for run in runs:
     mine = run_points(run, metric)
@@ -103,7 +107,7 @@ def gather(runs: Sequence[str], metric: str = "fd") -> tuple[list[Point], int]:
                          f"{key[1]} student of S = {key[2]}")
       owner[key] = run
     points += mine
-  return points, len({os.path.basename(r.rstrip("/")) for r in runs})
+  return points, list(dict.fromkeys(seed_name(r) for r in runs))
 
 
 def curves(points: Sequence[Point]) -> dict:
@@ -222,7 +226,7 @@ _RUNS = flags.DEFINE_list("runs", None, "Staged workdirs, one per seed (or sever
                           "seed sharing its last path component).")
 _METRIC = flags.DEFINE_string("metric", "fd", "The eval/<metric> scalar to plot (fd, ode_error).")
 _OUT = flags.DEFINE_string("out", None, "Output prefix: <out>.png, <out>.json, <out>.md.")
-_TITLE = flags.DEFINE_string("title", "", "The figure's title (default: the runs).")
+_TITLE = flags.DEFINE_string("title", "", "The figure's title (default: the seeds).")
 
 
 def main(argv):
@@ -230,22 +234,21 @@ def main(argv):
   if not _RUNS.value:
     inputs.fail(COMMAND, 2, "--runs=DIR[,DIR...] is required (the staged workdirs, one per seed)")
   try:
-    points, num_seeds = gather(_RUNS.value, _METRIC.value)
+    points, seeds = gather(_RUNS.value, _METRIC.value)
   except (OSError, KeyError, ValueError) as e:
     inputs.fail(COMMAND, 2, str(e))
   if not points:
     inputs.fail(COMMAND, 2, f"no eval/{_METRIC.value} scalars in {','.join(_RUNS.value)} (do "
                 "its stages set evals.every_steps?)")
   curve = curves(points)
-  rows = summary(curve, num_seeds)
+  rows = summary(curve, len(seeds))
   text = (summary_markdown(rows, _METRIC.value) + "\nAt equal compute:\n\n"
           + equal_compute_markdown(curve, _METRIC.value))
   print(text)
   if _OUT.value:
     try:
       os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-      names = dict.fromkeys(os.path.basename(r.rstrip("/")) for r in _RUNS.value)  # the seeds
-      title = _TITLE.value or ", ".join(names)
+      title = _TITLE.value or ", ".join(seeds)
       figure(curve, _METRIC.value, title).savefig(_OUT.value + ".png")
       with open(_OUT.value + ".json", "w") as f:
         json.dump({"runs": _RUNS.value, "metric": _METRIC.value, "summary": rows,

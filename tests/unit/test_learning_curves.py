@@ -79,7 +79,7 @@ def test_a_seeds_parts_in_two_runs_are_one_seed_and_may_not_repeat_a_curve(two_s
   os.makedirs(part)
   _stage(part, "cd4", "cd", 4, 200, {100: 20.0, 200: 10.0})
   points, seeds = learning_curves.gather([*two_seeds, part])
-  assert seeds == 2
+  assert seeds == ["seed0", "seed1"]
   curve = learning_curves.curves(points)
   assert curve[("cd", 4)] == [(100, 20.0, 20.0, 20.0, 1), (200, 10.0, 10.0, 10.0, 1)]
   assert curve[("cd", 1)][-1] == (400, 50.0, 49.0, 51.0, 2)  # seed 0's own curve is unchanged
