@@ -1,4 +1,4 @@
-"""Test session set-up: 8 simulated CPU devices, quiet TensorFlow.
+"""Test session set-up: 8 simulated CPU devices, XLA at optimisation level 0, quiet TensorFlow.
 
 XLA reads its flags when the backend starts, so they are set here, before any
 test module imports jax.
@@ -11,7 +11,16 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+# The suite's programs are tiny and run a few steps: LLVM's optimisation of them costs more
+# than it saves (level 0 compiled a tiny train step in ~55% of the time, and test_toy.py plus
+# test_diffusion.py ran in 86 s against 119 s, 2026-12-07, 2-core CPU). Child processes
+# inherit it (helpers.child_env); the commands themselves keep XLA's default. Float32
+# rounding differs between the levels by an ulp or so, so a test that measures rounding
+# itself runs its check in a child at the default level (test_samplers.py).
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The digits classifier is trained once per session into a private cache, not ~/.cache:
 # made by the first process (xdist's workers inherit it) and removed when that one exits.

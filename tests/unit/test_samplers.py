@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from multistep_cm.data import mixture as mixture_lib
 from multistep_cm.diffusion import sampling
 from multistep_cm.diffusion import schedules
@@ -33,8 +35,7 @@ def _rms(a, b):
   return float(jnp.sqrt(jnp.mean(jnp.sum(jnp.square(a - b), -1))))
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: type(s).__name__)
-def test_t_from_logsnr_inverts_logsnr(schedule):
+def _check_inverse(schedule):
   t = jnp.linspace(0.0, 1.0, 201)
   np.testing.assert_allclose(schedule.t_from_logsnr(schedule.logsnr(t)), t, atol=3e-7)
   # logSNR -> t -> logSNR: exact to the resolution of t in float32 (near t = 1 one ulp of
@@ -46,7 +47,15 @@ def test_t_from_logsnr_inverts_logsnr(schedule):
   above = np.asarray(schedule.logsnr(jnp.asarray(t - 4 * ulp)))
   below = np.asarray(schedule.logsnr(jnp.asarray(t + 4 * ulp)))
   target = logsnr.astype(np.float32)
-  assert np.all((below <= target) & (target <= above)), (below, target, above)
+  assert np.all((below <= target) & (target <= above)), (type(schedule).__name__, below,
+                                                         target, above)
+
+
+def test_t_from_logsnr_inverts_logsnr():
+  """Checked as the commands run it, at XLA's default optimisation level: the suite runs at
+  level 0 (tests/conftest.py), whose float32 rounding of these functions differs by a few
+  ulp, so the check runs in a child process (`python -m unit.test_samplers`)."""
+  helpers.run_module("unit.test_samplers", devices=1, env={"XLA_FLAGS": ""})
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES[:3], ids=lambda s: type(s).__name__)
@@ -170,3 +179,8 @@ def test_network_evaluations(mix, sampler, num_steps):
   jax.effects_barrier()
   want = 2 * num_steps - 1 if sampler == "heun" else num_steps
   assert len(calls) == want and sampling.nfe(sampler, num_steps) == want
+
+
+if __name__ == "__main__":
+  for each in SCHEDULES:
+    _check_inverse(each)
