@@ -26,8 +26,10 @@ each PD point beside the CD curve of the same S at the same step (or its last po
 before it).
 """
 import dataclasses
+import datetime
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -251,7 +253,10 @@ def main(argv):
       title = _TITLE.value or ", ".join(seeds)
       figure(curve, _METRIC.value, title).savefig(_OUT.value + ".png")
       with open(_OUT.value + ".json", "w") as f:
-        json.dump({"runs": _RUNS.value, "metric": _METRIC.value, "summary": rows,
+        json.dump({"command": " ".join(["python -m multistep_cm.evaluation.learning_curves",
+                                         *sys.argv[1:]]),
+                   "date": datetime.date.today().isoformat(),
+                   "runs": _RUNS.value, "metric": _METRIC.value, "summary": rows,
                    "curves": {f"{m} {s}": r for (m, s), r in curve.items()}}, f, indent=1)
       with open(_OUT.value + ".md", "w") as f:
         f.write(text)

@@ -99,6 +99,8 @@ def test_the_command_writes_figure_table_and_record(two_seeds, tmp_path):
   assert "| cd | 1 | 400 | 50.0 (49.0 – 51.0) | 2 |" in proc.stdout
   record = json.load(open(out + ".json"))
   assert record["curves"]["pd 1"] == [[200, 41.0, 40.0, 42.0, 2]]
+  assert record["command"] == ("python -m multistep_cm.evaluation.learning_curves "
+                               f"--runs={','.join(two_seeds)} --out={out}")
   assert os.path.getsize(out + ".png") > 0 and open(out + ".md").read() in proc.stdout
   missing = subprocess.run([sys.executable, "-m", "multistep_cm.evaluation.learning_curves",
                             f"--runs={tmp_path / 'nope'}"], capture_output=True, text=True,
