@@ -10,7 +10,8 @@ Both write TensorBoard logs and sample grids (also as PNG files) into their
 directories: `tensorboard --logdir /tmp/mcm_digits`. Re-running resumes (finished
 stages are skipped).
 
-Variants: size=8|16, steps=S, mode=cd|ct, frame=vp|flow, arch=uvit|adm|dit. `frame=flow`
+Variants: size=8|16, steps=S, mode=cd|ct, frame=vp|flow, arch=uvit|adm|dit,
+latents=NAME,data_dir=DIR. `frame=flow`
 makes both stages flow-matching networks (loss.prediction='velocity' on the flow_matching
 schedule, docs/maths.md §17.5): a rectified-flow teacher, distilled through the adapter into
 a student of the same parameterisation (the comparison with the VP pipeline:
@@ -19,6 +20,10 @@ our UViT, each in its own frame through the adapter (docs/teachers.md): EDM's AD
 (`models/adm.py: edm_digits_8px`, x-prediction in the VE frame, EDM's schedule) or a DiT
 (`models/dit.py: dit_digits_8px`, ε-prediction on DDPM's linear schedule, t in 0..999); the
 student is the teacher's own module, starting from its weights (size 8, mode cd, frame vp).
+`latents=NAME` trains both stages on the latent dataset `latent:NAME` instead (prepared in
+`data_dir`; its latents 8x8, as a VAE of `python -m multistep_cm.data.train_vae` makes them
+of the 16x16 digits), decoding their samples for the digits metric: latent diffusion end to
+end on the CPU (docs/teachers.md).
 """
 import ml_collections
 
@@ -26,13 +31,16 @@ from multistep_cm.config import base as config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, size=8, steps=4, mode="cd", frame="vp", arch="uvit")
+  a = config_base.parse_arg(arg, size=8, steps=4, mode="cd", frame="vp", arch="uvit",
+                            latents="", data_dir="")
   if a.frame not in ("vp", "flow"):
     raise ValueError(f"frame must be 'vp' or 'flow', got {a.frame!r}")
   if a.arch not in ("uvit", *ARCHES):
     raise ValueError(f"arch must be one of {('uvit', *ARCHES)}, got {a.arch!r}")
   if a.arch != "uvit" and (a.size, a.mode, a.frame) != (8, "cd", "vp"):
     raise ValueError(f"arch={a.arch} is made for size=8, mode=cd, frame=vp")
+  if a.latents and (a.size, a.frame, a.arch) != (8, "vp", "uvit"):
+    raise ValueError("latents= is made for size=8, frame=vp, arch=uvit")
   student = f"{a.mode}{a.steps}"
   c = ml_collections.ConfigDict()
   c.stage_order = ("teacher", student)
@@ -58,6 +66,8 @@ def get_config(arg=None):
     stage.evals.num_samples = 500
   c.stages.teacher.evals.sample_steps = 8
   c.stages[student].evals.ode_steps = 32
+  if a.latents:
+    _on_latents(c, a.latents, a.data_dir or None)
   if a.arch != "uvit":
     schedule, teacher = ARCHES[a.arch]
     for stage in (c.stages.teacher, c.stages[student]):
@@ -70,6 +80,24 @@ def get_config(arg=None):
       c.stages.teacher.loss.diffusion_weighting = "snr"
     c.stages[student].init_from = ""  # it starts from the teacher's weights
   return c
+
+
+def _on_latents(c, latent, data_dir):
+  """Every stage on `latent:<latent>` (its record's latent shape), no flips (data/latents.py)."""
+  from multistep_cm.data import latents  # pylint: disable=g-import-not-at-top
+  try:
+    record = latents.read_record(latent, data_dir)
+  except latents.DatasetError as e:
+    raise ValueError(" ".join(str(e).split())) from None
+  if record["latent_size"] != 8:
+    raise ValueError(f"latents={latent} holds {record['latent_size']}x{record['latent_size']} "
+                     "latents; the digits8 UViT takes 8x8 (a VAE of two levels on the 16x16 "
+                     "digits)")
+  for stage in c.stage_order:
+    data = c.stages[stage].data
+    data.dataset, data.data_dir = record["dataset"], data_dir
+    data.image_size, data.num_channels = 8, int(record["latent_channels"])
+    data.num_classes, data.random_flip = int(record["num_classes"]), False
 
 
 # The network and the teacher.* keys of each outside architecture, and the schedule its

@@ -10,7 +10,7 @@ made on the spot, for tests and benchmarks), `text_image` (text-image datasets b
 the user's captions and text-encoder outputs), `image_folder` (image datasets built from
 the user's folders or EDM-style zips of images, and their record), `latents` (a prepared
 image dataset encoded once by a VAE for latent diffusion, its source and the decoder of its
-samples), `pipeline` (the
+samples), `train_vae` (the command that trains a small VAE for them), `pipeline` (the
 deterministic multi-host order, decoding ahead, global batches). `config.build.make_source` picks the source a
 config names.
 """

@@ -3,8 +3,8 @@
   python -m multistep_cm.data.prepare --latents=folder:shapes --vae=sd_vae_ft_ema.safetensors \
       --name=shapes_sd --data_dir=DATA_DIR [--image_size=256] [--batch_size=32]
 
-reads the training split of the image dataset (`folder:NAME`, `tfds:NAME` or an ImageNet name
-the trainer knows, at `--image_size`: default the dataset's own), encodes every image with the
+reads the training split of the image dataset (`folder:NAME`, `tfds:NAME`, an ImageNet name
+the trainer knows, or the embedded `digits`, at `--image_size`: default the dataset's own), encodes every image with the
 VAE (models/vae.py: the SD VAE `convert --from=sd-vae` writes, with its settings JSON beside
 it), and writes the TFDS dataset `latents/NAME` (array_record, split 'train') and beside it
 `RECORD`: the source dataset and its image shape, the latent shape, the VAE file (its path and
@@ -24,7 +24,8 @@ is refused before anything compiles). Then:
     scored: the grids, `sample`, `evaluate`, the evaluation during training and the Python
     API; `--vae` of those commands is not needed;
   - the metric is the source dataset's (`pixel_config`), on the decoded images: FID for
-    ImageNet, the folder metric (against the folder's held-out split) for `folder:NAME`.
+    ImageNet, the folder metric (against the folder's held-out split) for `folder:NAME`, the
+    digits metric for `digits`.
 """
 import dataclasses
 import functools
@@ -37,6 +38,7 @@ import time
 import ml_collections
 import numpy as np
 
+from multistep_cm.data import digits
 from multistep_cm.data import image_folder
 from multistep_cm.data import tfds_source
 from multistep_cm.data.sources import DatasetError
@@ -226,17 +228,26 @@ class LatentSource(Source):
             STD: np.asarray(record["std"], np.float32), "label": label}
 
 
-def _image_source(dataset: str, data_dir: str | None, image_size: int | None):
-  """The training split of an image dataset a config could name, at `image_size`."""
+def image_source(dataset: str, data_dir: str | None, image_size: int | None,
+                 split: str = "train", flag: str = "--latents"):
+  """Split `split` of an image dataset a config could name, at `image_size` (default: its
+  own; the embedded digits': 8). The digits' held-out split is 'test', a folder's
+  'validation'. Refusals (InputError) name the dataset as `flag`."""
+  if dataset == "digits":
+    try:
+      return digits.DigitsSource(split, image_size or 8)
+    except ValueError as e:
+      raise InputError(f"{flag}=digits: {e}") from None
   folder = image_folder.folder_name(dataset)
   if folder is not None:
-    return tfds_source.TfdsSource(f"{image_folder.BUILDER}/{folder}", "train", data_dir,
+    return tfds_source.TfdsSource(f"{image_folder.BUILDER}/{folder}", split, data_dir,
                                   image_size)
   if dataset in tfds_source.TFDS_DATASETS or dataset.startswith("tfds:"):
-    return tfds_source.TfdsSource(dataset.removeprefix("tfds:"), "train", data_dir, image_size)
-  raise InputError(f"--latents={dataset}: give a prepared image dataset as a config names it "
-                   f"('folder:NAME', 'tfds:NAME' or one of {tfds_source.TFDS_DATASETS}); the "
-                   "embedded ones are too small for a VAE's 8x downsampling")
+    return tfds_source.TfdsSource(dataset.removeprefix("tfds:"), split, data_dir, image_size)
+  raise InputError(f"{flag}={dataset}: give a prepared image dataset as a config names it "
+                   f"('folder:NAME', 'tfds:NAME' or one of {tfds_source.TFDS_DATASETS}), or "
+                   "'digits' (the embedded digits, for a VAE as small as they are: "
+                   "`python -m multistep_cm.data.train_vae`)")
 
 
 @functools.cache
@@ -344,7 +355,7 @@ def build(dataset: str, vae_path: str, name: str, data_dir: str | None = None,
     vae = load_vae(os.path.abspath(vae_path))
   except DatasetError as e:
     raise InputError(f"--vae={vae_path}: {e}") from None
-  plan = _Plan(_image_source(dataset, data_dir, image_size), dataset, vae, batch_size, progress)
+  plan = _Plan(image_source(dataset, data_dir, image_size), dataset, vae, batch_size, progress)
   record = image_folder.write_in_place(lambda where: _builder_class()(
       name=name, plan=plan, data_dir=where, file_format="array_record"),
       lambda: plan.record(name), BUILDER, name, RECORD, data_dir, InputError)

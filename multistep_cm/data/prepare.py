@@ -158,8 +158,8 @@ def main(argv=None) -> int:
   latent = parser.add_argument_group("VAE latents of a prepared dataset (instead of --dataset; "
                                       "with --name and --vae)")
   latent.add_argument("--latents", default=None,
-                      help="the image dataset as a config names it: folder:NAME, tfds:NAME or "
-                      "an ImageNet name")
+                      help="the image dataset as a config names it: folder:NAME, tfds:NAME, "
+                      "an ImageNet name, or digits (for a VAE of data.train_vae)")
   latent.add_argument("--vae", default=None,
                       help="the VAE `convert --from=sd-vae` wrote (.safetensors or .npz, its "
                       "settings .json beside it)")

@@ -100,7 +100,8 @@ ORDER = ("diffusion", "models", "teachers", "data", "runtime", "config", "sampli
          "evaluation", "training")
 COMMANDS = ("main", "sample", "evaluate", "compile_report", "toy", "sampler_comparison",
             "t2i_demo", "convert")
-SUBPACKAGE_COMMANDS = ("models.summary", "data.prepare", "evaluation.convert_inception",
+SUBPACKAGE_COMMANDS = ("models.summary", "data.prepare", "data.train_vae",
+                       "evaluation.convert_inception",
                        "evaluation.convert_dinov2", "evaluation.convert_clip",
                        "evaluation.reference_stats", "evaluation.digits_metric",
                        "evaluation.prompt_metric", "evaluation.folder_metric",
