@@ -4,10 +4,10 @@
       --name=shapes_sd --data_dir=DATA_DIR [--image_size=256] [--batch_size=32]
 
 reads the training split of the image dataset (`folder:NAME`, `tfds:NAME`, an ImageNet name
-the trainer knows, or the embedded `digits`, at `--image_size`: default the dataset's own), encodes every image with the
-VAE (models/vae.py: the SD VAE `convert --from=sd-vae` writes, with its settings JSON beside
-it), and writes the TFDS dataset `latents/NAME` (array_record, split 'train') and beside it
-`RECORD`: the source dataset and its image shape, the latent shape, the VAE file (its path and
+the trainer knows, or the embedded `digits`, at `--image_size`: default the dataset's own),
+encodes every image with the VAE (models/vae.py: the SD VAE `convert --from=sd-vae` writes,
+or one `data.train_vae` trained, with its settings JSON beside it), and writes the TFDS
+dataset `latents/NAME` (array_record, split 'train') and beside it `RECORD`: the source dataset and its image shape, the latent shape, the VAE file (its path and
 SHA-256) and its scaling factor, the classes. Each example holds the VAE posterior's mean and
 standard deviation of one image, both times the scaling factor: the model's space, float32
 [S/8, S/8, C] for the SD VAE, and the image's label. Nothing half-written is left (as
