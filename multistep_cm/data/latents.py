@@ -7,8 +7,9 @@ reads the training split of the image dataset (`folder:NAME`, `tfds:NAME`, an Im
 the trainer knows, or the embedded `digits`, at `--image_size`: default the dataset's own),
 encodes every image with the VAE (models/vae.py: the SD VAE `convert --from=sd-vae` writes,
 or one `data.train_vae` trained, with its settings JSON beside it), and writes the TFDS
-dataset `latents/NAME` (array_record, split 'train') and beside it `RECORD`: the source dataset and its image shape, the latent shape, the VAE file (its path and
-SHA-256) and its scaling factor, the classes. Each example holds the VAE posterior's mean and
+dataset `latents/NAME` (array_record, split 'train') and beside it `RECORD`: the source
+dataset and its image shape, the latent shape, the VAE file (its path and SHA-256) and its
+scaling factor, the classes. Each example holds the VAE posterior's mean and
 standard deviation of one image, both times the scaling factor: the model's space, float32
 [S/8, S/8, C] for the SD VAE, and the image's label. Nothing half-written is left (as
 data/image_folder.py: a hidden folder renamed into place at the end).
