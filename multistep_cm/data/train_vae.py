@@ -14,7 +14,8 @@ The loss, per example: the mean squared error of the reconstruction of the image
 [-1, 1]) from a draw of the posterior, plus `--kl_weight` times the KL divergence of the
 posterior from N(0, I) averaged over the latent's elements. (The SD VAE adds a perceptual
 and an adversarial loss, with a KL weight of 1e-6; for small images the squared error alone
-does.) Adam with a cosine learning rate and 100 steps of warm-up, one device.
+does.) Adam with a cosine learning rate and 100 steps of warm-up (a tenth of a shorter
+run), one device.
 
 At the end the scaling factor is set, as the SD VAE's 0.18215 was: one over the standard
 deviation of the posterior means of the training images, so that a diffusion model sees
