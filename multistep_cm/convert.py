@@ -49,6 +49,7 @@ from multistep_cm.models import adm as adm_lib
 from multistep_cm.models import dit as dit_lib
 from multistep_cm.models import partitioning
 from multistep_cm.models import vae as vae_lib
+from multistep_cm.sampling import inputs
 from multistep_cm.teachers import weights as weights_lib
 
 KINDS = ("dit", "sit", "sd-vae", "edm")
@@ -489,12 +490,6 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
-def _bool(text: str) -> bool:
-  if text.lower() not in ("true", "false", "1", "0"):
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-  return text.lower() in ("true", "1")
-
-
 def main(argv: Sequence[str] | None = None):
   parser = argparse.ArgumentParser(prog="python -m multistep_cm.convert",
                                    description=__doc__.split("\n", 1)[0])
@@ -510,7 +505,7 @@ def main(argv: Sequence[str] | None = None):
                       help="DiT/SiT: classes (default: the embedding's rows less the null one)")
   parser.add_argument("--forward", default="original", choices=sorted(FORWARDS),
                       help="DiT: the authors' forward or diffusers' (models/dit.py)")
-  parser.add_argument("--scan", type=_bool, default=True,
+  parser.add_argument("--scan", type=inputs.parse_bool, default=True,
                       help="DiT/SiT: blocks stacked for nn.scan (true) or one per block")
   parser.add_argument("--norm_num_groups", type=int, default=32, help="VAE: GroupNorm groups")
   parser.add_argument("--scaling_factor", type=float, default=0.18215,

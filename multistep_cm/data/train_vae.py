@@ -105,9 +105,9 @@ def scaling_factor(module, params, source, batch_size=256) -> float:
 def reconstruction_rmse(module, params, source, batch_size=256) -> tuple[float, float]:
   """(the VAE's RMS error of decode(encode(x)), that of the data's mean image), in [-1, 1]."""
   apply = jax.jit(lambda x: module.apply({"params": params}, x))
-  images = np.concatenate(list(_batches(source, batch_size)))
-  recon = np.concatenate([np.asarray(apply(jnp.asarray(b))) for b in _batches(source,
-                                                                             batch_size)])
+  batches = list(_batches(source, batch_size))
+  images = np.concatenate(batches)
+  recon = np.concatenate([np.asarray(apply(jnp.asarray(b))) for b in batches])
   mean_image = images.mean(0, keepdims=True)
   return (float(np.sqrt(np.mean(np.square(recon - images)))),
           float(np.sqrt(np.mean(np.square(mean_image - images)))))
@@ -127,7 +127,7 @@ def _parser():
   parser.add_argument("--layers_per_block", default=1, type=int)
   parser.add_argument("--latent_channels", default=4, type=int)
   parser.add_argument("--groups", default=8, type=int, help="GroupNorm groups")
-  parser.add_argument("--attention", default=True, type=_bool,
+  parser.add_argument("--attention", default=True, type=inputs.parse_bool,
                       help="self-attention in the mid blocks (true|false)")
   parser.add_argument("--steps", default=3000, type=int)
   parser.add_argument("--batch_size", default=64, type=int)
@@ -135,14 +135,6 @@ def _parser():
   parser.add_argument("--kl_weight", default=1e-3, type=float)
   parser.add_argument("--seed", default=0, type=int)
   return parser
-
-
-def _bool(text):
-  if text.lower() in ("true", "1", "yes"):
-    return True
-  if text.lower() in ("false", "0", "no"):
-    return False
-  raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def _settings(args, channels) -> dict:
@@ -188,7 +180,6 @@ def _heldout(args):
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
-    inputs.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
     source = latents.image_source(args.dataset, args.data_dir, args.image_size, "train",
                                   "--dataset")
     shape = source[0]["image"].shape
@@ -201,6 +192,8 @@ def main(argv=None) -> int:
     if args.batch_size > len(source):
       raise inputs.InputError(f"--batch_size={args.batch_size} is more than the "
                               f"{len(source)} training images")
+    # Last: it makes --out's folder, which a refused flag above leaves unmade.
+    inputs.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
   except (inputs.InputError, latents.InputError, latents.DatasetError) as e:
     inputs.fail(None, getattr(e, "code", 2), " ".join(str(e).split()))
   print(f"{COMMAND}: {len(source)} images {shape[0]}x{shape[1]}x{shape[2]} of {args.dataset}; "

@@ -3,6 +3,7 @@
 flag, 4 a checkpoint that cannot be read, 6 an output that cannot be written), never a
 traceback. Imports no JAX, so a bad flag is refused in the time it takes to parse it.
 """
+import argparse
 import contextlib
 import math
 import os
@@ -115,6 +116,13 @@ def numbers(flag: str, values: Sequence[str], kind=int, minimum=None) -> list:
     raise InputError(f"--{flag}={','.join(values)}: expected {what}{bound}, got "
                      f"{wrong or 'nothing'}")
   return [kind(v) for v in values]
+
+
+def parse_bool(text: str) -> bool:
+  """An argparse `type=` for a true|false flag (also 1|0)."""
+  if text.lower() not in ("true", "false", "1", "0"):
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+  return text.lower() in ("true", "1")
 
 
 def check_writable(directory: str, flag: str):
