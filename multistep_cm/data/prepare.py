@@ -183,6 +183,8 @@ def main(argv=None) -> int:
   if args.images is not None:
     if args.name is None:
       parser.error("--images needs --name")
+    if (code := _unwritable_data_dir(args)) is not None:
+      return code
     try:
       path, record = image_folder.build(args.images, args.name, args.data_dir,
                                         args.image_size, args.crop, args.holdout,
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
     return 0
   if args.embeddings is None or args.name is None:
     parser.error("--text_images needs --embeddings and --name")
+  if (code := _unwritable_data_dir(args)) is not None:
+    return code
   try:
     path = text_image.build(args.text_images, args.embeddings, args.name, args.data_dir,
                             args.embedding_dtype, args.channels or 3)
@@ -217,14 +221,22 @@ def main(argv=None) -> int:
   return 0
 
 
-def _latents(parser, args) -> int:
-  if args.name is None or args.vae is None:
-    parser.error("--latents needs --vae and --name")
+def _unwritable_data_dir(args) -> int | None:
+  """Exit 6 with one line unless a file can be made in the data_dir the dataset goes to:
+  found before any image is read, not after all of them are."""
   try:
     inputs.check_writable(image_folder.data_dir_or_default(args.data_dir), "--data_dir")
   except inputs.InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.code
+  return None
+
+
+def _latents(parser, args) -> int:
+  if args.name is None or args.vae is None:
+    parser.error("--latents needs --vae and --name")
+  if (code := _unwritable_data_dir(args)) is not None:
+    return code
   try:
     path, record = latents.build(args.latents, args.vae, args.name, args.data_dir,
                                  args.image_size, args.batch_size)

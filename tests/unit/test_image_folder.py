@@ -99,6 +99,21 @@ def test_a_corrupt_file_is_refused_without_skip_bad(tmp_path, capsys):
   assert not os.path.exists(data_dir) or os.listdir(data_dir) == []
 
 
+@pytest.mark.parametrize("source", ["--images", "--text_images"])
+def test_a_data_dir_that_cannot_be_written_exits_6_before_any_image_is_read(
+    tmp_path, capsys, source):
+  # The folder holds an unreadable image (and no captions): reading it would exit 2, so a 6
+  # shows the data_dir was checked first.
+  _class_folder(str(tmp_path / "in"))
+  (tmp_path / "file").write_text("")
+  data_dir = tmp_path / "file" / "tfds"
+  extra = [f"--embeddings={tmp_path / 'none.npz'}"] if source == "--text_images" else []
+  assert prepare.main([f"{source}={tmp_path / 'in'}", "--name=shapes",
+                       f"--data_dir={data_dir}", *extra]) == 6
+  (line,) = _errors(capsys)
+  assert line.startswith("error: --data_dir: cannot write to") and str(data_dir) in line
+
+
 def test_class_folder_reads_back_the_files_pixels_and_folder_labels(classes):
   expected, data_dir = classes["expected"], classes["data_dir"]
   record = image_folder.read_record("shapes", data_dir)
