@@ -17,6 +17,8 @@ Exit codes:
   4   checkpoint missing or incompatible (teacher, init_from, or the workdir's own)
   5   stopped on a non-finite loss or gradient (config.nonfinite='stop')
   6   the workdir cannot be written (read-only, full, over quota)
+  7   another run is training in the workdir (it holds <workdir>/.lock; the lock goes
+      with that process, however it ends): nothing was changed
   75  stopped by SIGTERM/SIGINT after saving a checkpoint at the current step (in
       multi-process jobs: a SIGTERM to any process, through JAX's preemption sync
       point, stops all at one step): run the same command again to resume (75 is
@@ -39,6 +41,7 @@ from ml_collections import config_flags
 from multistep_cm.sampling import inputs
 
 EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_WORKDIR = 2, 3, 4, 5, 6
+EXIT_IN_USE = 7
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
@@ -256,6 +259,8 @@ def main(argv):
     _fail(EXIT_CHECKPOINT, str(e))
   except train.NonFiniteError as e:
     _fail(EXIT_NONFINITE, str(e))
+  except checkpointing.WorkdirInUseError as e:
+    _fail(EXIT_IN_USE, str(e))
   except OSError as e:
     if e.errno in checkpointing.WORKDIR_ERRNOS:
       path = str(e.filename or workdir)

@@ -36,9 +36,11 @@ errno (ENOSPC, EROFS, ...), also when the write failed in orbax's background thr
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import logging as std_logging
 import os
 import re
+import socket
 import tempfile
 from typing import Any
 
@@ -168,6 +170,53 @@ def probe_writable(directory: str):
   fd, path = tempfile.mkstemp(prefix=".write_test.", dir=directory)
   os.close(fd)
   os.remove(path)
+
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another process is training in this workdir (it holds `<workdir>/.lock`)."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive lock on the local `workdir` while a run trains in it.
+
+  Two trainers in one workdir would interleave their checkpoints and logs; the second one
+  raises `WorkdirInUseError` here instead, naming the process that holds the lock. The lock
+  is `flock` on `<workdir>/.lock`, which the kernel releases when its holder exits however it
+  exits (a SIGKILL or a crash included), so a stale lock cannot block a resume; the file
+  itself stays, holding the last holder's pid and host. GCS workdirs (`://`) and processes
+  other than 0 of a multi-process job take no lock; a filesystem without `flock` (some NFS
+  mounts) gets a warning and no lock.
+  """
+  if "://" in workdir or jax.process_index() != 0:
+    yield
+    return
+  handle = open(os.path.join(workdir, LOCK_FILE), "a+", encoding="utf-8")
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "a process"
+      raise WorkdirInUseError(
+          f"the workdir {workdir!r} is in use: {holder} is training in it (it holds "
+          f"{os.path.join(workdir, LOCK_FILE)}). Wait for that run or stop it, then run the "
+          "same command to resume; or give this run another --workdir") from None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+      logging.warning("workdir %s: no lock (%s); make sure no other run trains in it",
+                      workdir, e.strerror)
+      yield
+      return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()
 
 
 def checkpoint_dir(workdir: str) -> str:

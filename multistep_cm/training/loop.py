@@ -139,11 +139,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   # Multi-process: no handler (see StopSignal); a stop on one process alone would hang.
   signals = () if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
-  with StopSignal(signals) as stop:
-    return _train_and_evaluate(config, workdir, stop_after, stop, stage_refs or {})
+  with StopSignal(signals) as stop, contextlib.ExitStack() as held:
+    return _train_and_evaluate(config, workdir, stop_after, stop, stage_refs or {}, held)
 
 
-def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
+def _train_and_evaluate(config, workdir, stop_after, stop, refs, held) -> TrainResult:
   # 1. Config and the static step: nothing allocated yet.
   config_checks.validate(config, num_devices=jax.device_count(),
                          num_processes=jax.process_count())
@@ -161,6 +161,8 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs) -> TrainResult:
     os.makedirs(workdir, exist_ok=True)
     # A read-only workdir fails here, before anything is built.
     checkpointing.probe_writable(workdir)
+    # One trainer per workdir, held until this run returns (WorkdirInUseError).
+    held.enter_context(checkpointing.workdir_lock(workdir))
   builder = train_step_lib.StepBuilder(plan)
   logging.info("Mesh %s over %d devices (%d processes): %s", dict(builder.mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)

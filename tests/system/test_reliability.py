@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -438,6 +439,39 @@ def test_read_only_workdir_exits_6_and_keeps_its_checkpoints(tmp_path, jax_cache
     assert_one_line_error(proc, 6, str(workdir), os.strerror(errno.EROFS))
     assert checkpoint_dirs(workdir) == ([4], [])
     assert_finite(restore_all(workdir, config)[4])
+
+
+def test_a_workdir_in_use_exits_7_naming_its_holder_and_writes_nothing(tmp_path, jax_cache):
+  """A second main on a workdir another run holds: exit 7 in one line naming the holder,
+  before any config record or checkpoint is written."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  with checkpointing.workdir_lock(str(workdir)):
+    proc = run_main(MIXTURE, workdir, dict(TINY, num_train_steps=4), check=False,
+                    cache=jax_cache)
+  assert_one_line_error(proc, 7, str(workdir), f"pid {os.getpid()}", "in use")
+  assert sorted(os.listdir(workdir)) == [checkpointing.LOCK_FILE]
+
+
+def test_the_workdir_lock_excludes_a_second_holder_and_dies_with_its_process(tmp_path):
+  """While another process holds the lock, taking it raises WorkdirInUseError; once that
+  process is SIGKILLed the lock is free again, with nothing to clean up."""
+  workdir = str(tmp_path)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+       "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+       os.path.join(workdir, checkpointing.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(checkpointing.WorkdirInUseError, match="is in use"):
+      with checkpointing.workdir_lock(workdir):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with checkpointing.workdir_lock(workdir):
+    with open(os.path.join(workdir, checkpointing.LOCK_FILE), encoding="utf-8") as f:
+      assert f.read().startswith(f"pid {os.getpid()} on ")
 
 
 def test_full_disk_exits_6_keeps_earlier_checkpoints_and_resumes_once_freed(tmp_path, jax_cache):
