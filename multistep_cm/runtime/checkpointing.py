@@ -196,6 +196,7 @@ def workdir_lock(workdir: str):
     return
   handle = open(os.path.join(workdir, LOCK_FILE), "a+", encoding="utf-8")
   try:
+    locked = True
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -208,12 +209,12 @@ def workdir_lock(workdir: str):
     except OSError as e:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
       logging.warning("workdir %s: no lock (%s); make sure no other run trains in it",
                       workdir, e.strerror)
-      yield
-      return
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
+      locked = False
+    if locked:
+      handle.seek(0)
+      handle.truncate()
+      handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+      handle.flush()
     yield
   finally:
     handle.close()
