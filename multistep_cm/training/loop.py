@@ -161,8 +161,6 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs, held) -> TrainR
     os.makedirs(workdir, exist_ok=True)
     # A read-only workdir fails here, before anything is built.
     checkpointing.probe_writable(workdir)
-    # One trainer per workdir, held until this run returns (WorkdirInUseError).
-    held.enter_context(checkpointing.workdir_lock(workdir))
   builder = train_step_lib.StepBuilder(plan)
   logging.info("Mesh %s over %d devices (%d processes): %s", dict(builder.mesh.shape),
                jax.device_count(), jax.process_count(), jax.devices()[0].device_kind)
@@ -180,6 +178,10 @@ def _train_and_evaluate(config, workdir, stop_after, stop, refs, held) -> TrainR
                                  config.teacher_weights, key="config.teacher_checkpoint")
       _check_teacher_objective(plan)
   source = open_source(plan)
+  # One trainer per workdir (WorkdirInUseError), held until this run returns: taken after
+  # the checks above, so a run they refuse leaves no lock behind, and before the first write
+  # (opening the checkpoints deletes an unfinished save).
+  held.enter_context(checkpointing.workdir_lock(workdir))
 
   # 2. The train state, sharded.
   ckpt = checkpointing.Checkpointer(

@@ -35,13 +35,10 @@ TINY_DIGITS = {"num_train_steps": 2, "batch_size": 16, "sample_every_steps": 0,
 
 
 def file_hashes(root) -> dict[str, str]:
-  """`{relative path: sha1}` of every file under `root` but the lock file, which names the
-  last process that held the workdir (docs/operations.md, "One trainer per workdir")."""
+  """`{relative path: sha1}` of every file under `root`."""
   out = {}
   for folder, _, files in os.walk(root):
     for name in files:
-      if name == checkpointing.LOCK_FILE:
-        continue
       path = os.path.join(folder, name)
       with open(path, "rb") as fh:
         out[os.path.relpath(path, root)] = hashlib.sha1(fh.read()).hexdigest()
@@ -93,8 +90,7 @@ def test_a_run_refused_in_a_new_workdir_leaves_no_config_json(tmp_path):
                                          "teacher_checkpoint": str(tmp_path / "no")})
   with pytest.raises(checkpointing.CheckpointError, match="no complete checkpoint"):
     train.train_and_evaluate(file_config(MIXTURE, student), str(tmp_path / "s"))
-  assert [n for n in os.listdir(tmp_path / "s")
-          if n not in ("checkpoints", checkpointing.LOCK_FILE)] == []
+  assert [n for n in os.listdir(tmp_path / "s") if n != "checkpoints"] == []
 
 
 def test_a_refused_run_keeps_an_existing_workdirs_files(tmp_path):
